@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs sdrt and what it needs, in the order that keeps the CPU build of torch:
+#   scripts/setup.sh         the runtime
+#   scripts/setup.sh test    the runtime and the test dependencies (k-diffusion for parity tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip install "torch==2.13.0"
+# the CLIP BPE vocabulary ships in this wheel; its dependencies (torchvision) would break torch
+pip install --no-deps "open_clip_torch==3.3.0"
+if [ "${1:-}" = "test" ]; then
+  # k-diffusion's own dependencies include training packages; the parity tests need only these
+  pip install --no-deps "k-diffusion==0.1.1.post1"
+  pip install -e ".[test]"
+else
+  pip install -e .
+fi

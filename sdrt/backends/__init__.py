@@ -1,0 +1,64 @@
+"""Backends run the three networks; the denoising loop never asks which one it has.
+
+A backend implements::
+
+    encode_text(input_ids, clip_skip) -> (B, 77k, C)   # input_ids (B, 77k) int64
+    unet(sample, t, context) -> model output (eps or v), same shape as sample
+    decode(latents) -> (B, 3, 8h, 8w) float32 in [-1, 1]
+
+and exposes ``device`` (a torch.device) and ``dtype`` (the networks' torch dtype).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class Backend(Protocol):
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor: ...
+    def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def parse_device(device) -> torch.device:
+    """``device`` as a torch.device, checking that a requested GPU exists."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is invalid; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def create_backend(name: str, components, device, dtype, engine_dir=None) -> Backend:
+    """The backend called ``name`` for a loaded model."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is unknown; valid backends: {', '.join(BACKENDS)}")
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    if dt == torch.float16 and dev.type == "cpu":
+        raise ValueError("dtype 'float16' needs a CUDA device; on a CPU use dtype='float32'")
+    if name == "torch":
+        from .torch_backend import TorchBackend
+        return TorchBackend(components, dev, dt)
+    raise ValueError(f"backend {name!r} is not available in this build yet; use backend='torch'")

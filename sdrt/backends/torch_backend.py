@@ -1,0 +1,53 @@
+"""The PyTorch reference backend: the diffusers/transformers modules, eager, CPU or CUDA."""
+from __future__ import annotations
+
+import torch
+
+from ..tokenizer import MAX_LENGTH
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module
+
+
+class TorchBackend:
+    """Runs the model's own modules; the reference every compiled backend is compared with."""
+
+    def __init__(self, components, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.text_encoder = _place(components.text_encoder, device, dtype)
+        self.unet_module = _place(components.unet, device, dtype)
+        self.vae = _place(components.vae, device, dtype)
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        self.num_text_layers = int(self.text_encoder.config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """input_ids: (B, 77k) -> hidden states (B, 77k, C); each 77-token window is encoded
+        on its own. clip_skip n > 1 takes the hidden state n layers from the end, then the
+        final layer norm."""
+        b, n = input_ids.shape
+        if n % MAX_LENGTH:
+            raise ValueError(f"input_ids length {n} is not a multiple of {MAX_LENGTH}")
+        if not 1 <= clip_skip <= self.num_text_layers:
+            raise ValueError(f"clip_skip must be in 1..{self.num_text_layers}, got {clip_skip}")
+        ids = input_ids.reshape(b * (n // MAX_LENGTH), MAX_LENGTH).to(self.device)
+        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip > 1:
+            hidden = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+        else:
+            hidden = out.last_hidden_state
+        return hidden.reshape(b, n, hidden.shape[-1])
+
+    @torch.inference_mode()
+    def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype),
+                                return_dict=False)[0]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor, return_dict=False)[0]
+        return out.float()

@@ -1,0 +1,99 @@
+"""The classifier-free-guidance denoiser: adapts a backend's UNet to ``D(x, sigma)``.
+
+Conditional and unconditional inputs go through the UNet in one call. The batch holds, in
+order, every cond part of image 0, of image 1, ..., then the B unconditional rows (the web
+UI's layout). Which conditioning each model call uses comes from per-image schedules of
+``(end_at_step, context)``, where steps count model calls as the web UI counts them. All
+contexts the loop will need are assembled before it starts; a call only copies ``x`` into a
+preallocated input buffer, fills the timestep buffer and runs the UNet.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .schedules import DiscreteSchedule
+
+# A schedule is a list of (end_at_step, context (L, C)); a cond part adds a weight.
+Schedule = Sequence[tuple[int, torch.Tensor]]
+
+
+def _entry(schedule: Schedule, step: int) -> int:
+    """Index of the schedule entry used at model call ``step`` (0-based)."""
+    for i, (end_at, _) in enumerate(schedule):
+        if step <= end_at:
+            return i
+    return len(schedule) - 1
+
+
+class CFGDenoiser:
+    """k-diffusion style denoiser with CFG over a backend.
+
+    conds: per image, a list of (weight, schedule) parts (one part with weight 1 for a plain
+    prompt; several for ``AND``). uncond: per image, a schedule. x is (B, C, h, w) float32.
+    """
+
+    def __init__(self, backend, schedule: DiscreteSchedule, conds, uncond, cfg_scale: float,
+                 latent_shape, max_calls: int):
+        self.backend, self.schedule = backend, schedule
+        self.cfg_scale = float(cfg_scale)
+        self.v_prediction = schedule.prediction_type == "v_prediction"
+        self.batch = len(uncond)
+        self.parts = [len(c) for c in conds]
+        self.weights = [[float(w) for w, _ in c] for c in conds]
+        n_rows = sum(self.parts) + self.batch
+        dev = backend.device
+        self._scaled = torch.empty((self.batch, *latent_shape), device=dev, dtype=torch.float32)
+        self._x_in = torch.empty((n_rows, *latent_shape), device=dev, dtype=backend.dtype)
+        self._t = torch.empty((n_rows,), device=dev, dtype=torch.float32)
+        # rows of x_in that hold each image: its cond parts, then its uncond row
+        self._rows, start = [], 0
+        for i, n in enumerate(self.parts):
+            self._rows.append((start, start + n))
+            start += n
+        self._contexts = self._plan_contexts(conds, uncond, max_calls)
+        self.step = 0
+
+    def _plan_contexts(self, conds, uncond, max_calls):
+        """The (rows, L, C) context for every model call, built once; calls that use the same
+        schedule entries share one tensor."""
+        built: dict[tuple, torch.Tensor] = {}
+        plan = []
+        for step in range(max_calls):
+            key = tuple(_entry(s, step) for c in conds for _, s in c) + tuple(_entry(s, step) for s in uncond)
+            if key not in built:
+                rows = [s[_entry(s, step)][1] for c in conds for _, s in c]
+                rows += [s[_entry(s, step)][1] for s in uncond]
+                built[key] = torch.stack(rows).to(self.backend.device, self.backend.dtype)
+            plan.append(built[key])
+        return plan
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        sigma = float(sigma)
+        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        torch.mul(x, c_in, out=self._scaled)
+        for i, (a, b) in enumerate(self._rows):
+            self._x_in[a:b].copy_(self._scaled[i:i + 1].expand(b - a, *x.shape[1:]))
+        self._x_in[-self.batch:].copy_(self._scaled)
+        self._t.fill_(self.schedule.sigma_to_t(sigma))
+        ctx = self._contexts[min(self.step, len(self._contexts) - 1)]
+        self.step += 1
+        out = self.backend.unet(self._x_in, self._t, ctx).float()
+        guided = self._combine(out)
+        if self.v_prediction:  # k-diffusion's DiscreteVDDPMDenoiser scalings
+            return x * (1.0 / (sigma * sigma + 1.0)) + guided * (-sigma * c_in)
+        return x - guided * sigma
+
+    def _combine(self, out: torch.Tensor) -> torch.Tensor:
+        """uncond + cfg_scale * sum_j w_j (cond_j - uncond), on the model output (linear, so the
+        same as combining denoised predictions)."""
+        uncond = out[-self.batch:]
+        if all(n == 1 for n in self.parts) and all(w == [1.0] for w in self.weights):
+            return uncond + self.cfg_scale * (out[:self.batch] - uncond)
+        guided = uncond.clone()
+        for i, (a, b) in enumerate(self._rows):
+            for j in range(a, b):
+                guided[i] += (out[j] - uncond[i]) * (self.cfg_scale * self.weights[i][j - a])
+        return guided

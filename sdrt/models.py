@@ -1,0 +1,173 @@
+"""Loading a Stable Diffusion model: a diffusers folder or a built-in random model.
+
+``random:tiny`` and ``random:sd15`` are seeded, randomly initialised models with the Stable
+Diffusion 1.x architecture (tiny for tests, the real SD 1.5 sizes for timing) and the real
+CLIP tokenizer. Nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .schedules import DiscreteSchedule
+from .tokenizer import clip_tokenizer
+
+SD1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     num_train_timesteps=1000, prediction_type="epsilon")
+
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        seed=0,
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                  attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        # four blocks: a scale factor of 8, as in the real VAE
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                 block_out_channels=(8, 8, 16, 16), norm_num_groups=4, sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                  hidden_act="quick_gelu"),
+    ),
+    "sd15": dict(
+        seed=0,
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                  attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                 block_out_channels=(128, 256, 512, 512), sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                  hidden_act="quick_gelu"),
+    ),
+}
+
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelError(ValueError):
+    """The model argument does not name a usable Stable Diffusion model."""
+
+
+@dataclass
+class Components:
+    """The networks and configuration of one Stable Diffusion model."""
+
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    schedule: DiscreteSchedule
+    model_hash: str            # first 10 hex digits of a sha256 over the weights (names, shapes, values)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def _weights_hash(*modules: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(str(tuple(v.shape)).encode())
+    return h.hexdigest()[:10]
+
+
+def build_random(kind: str) -> Components:
+    """A seeded, randomly initialised model (``random:tiny`` or ``random:sd15``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if kind not in RANDOM_MODELS:
+        raise ModelError(f"random model {kind!r} is unknown; valid: "
+                         + ", ".join(f"random:{k}" for k in RANDOM_MODELS))
+    cfg = RANDOM_MODELS[kind]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+        text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                            **cfg["text"]))
+    for m in (unet, vae, text):
+        m.eval().requires_grad_(False)
+    return Components(name=f"random:{kind}", unet=unet, vae=vae, text_encoder=text,
+                      tokenizer=clip_tokenizer(), schedule=DiscreteSchedule.from_config(**SD1_SCHEDULER),
+                      model_hash=_weights_hash(unet, vae, text))
+
+
+def load_diffusers_folder(path: str | Path) -> Components:
+    """A Stable Diffusion 1.x/2.x model saved by diffusers (``save_pretrained``) at ``path``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    missing = [p for p in REQUIRED_PARTS if not (root / p).is_dir()]
+    if missing:
+        raise ModelError(f"{str(path)!r} is not a Stable Diffusion model in diffusers format: "
+                         f"missing {', '.join(p + '/' for p in missing)} "
+                         f"(expected {', '.join(p + '/' for p in REQUIRED_PARTS)})")
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise ModelError(f"{str(path)!r}: missing scheduler/scheduler_config.json "
+                         "(it gives the beta schedule and the prediction type)")
+    try:
+        sched_cfg = json.loads(sched_file.read_text())
+        schedule = DiscreteSchedule.from_config(**{k: sched_cfg[k] for k in SD1_SCHEDULER if k in sched_cfg})
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+        text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelError(f"{str(path)!r}: could not load the model: {e}") from e
+    if "CrossAttn" not in "".join(unet.config.down_block_types):
+        raise ModelError(f"{str(path)!r}: the UNet has no cross-attention blocks; "
+                         "it is not a text-to-image Stable Diffusion UNet")
+    for m in (unet, vae, text):
+        m.eval().requires_grad_(False)
+    return Components(name=root.name, unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                      schedule=schedule, model_hash=_weights_hash(unet, vae, text))
+
+
+def load_model(model: str | Path) -> Components:
+    """Resolve the ``model`` argument of ``Pipeline.from_pretrained``."""
+    text = str(model)
+    if text.startswith("random:"):
+        return build_random(text.split(":", 1)[1])
+    path = Path(text)
+    if path.is_dir():
+        return load_diffusers_folder(path)
+    if path.suffix in (".safetensors", ".ckpt"):
+        raise ModelError(f"{text!r}: single-file checkpoints are not supported yet; convert it to a "
+                         "diffusers folder (diffusers' StableDiffusionPipeline.from_single_file(...)"
+                         ".save_pretrained(DIR)) and pass that folder")
+    raise ModelError(f"model {text!r} was not found: pass a diffusers folder, random:tiny or random:sd15")
+
+
+def save_diffusers_folder(c: Components, path: str | Path) -> None:
+    """Write ``c`` as a diffusers folder that ``load_diffusers_folder`` (and diffusers) can read."""
+    root = Path(path)
+    c.unet.save_pretrained(root / "unet")
+    c.vae.save_pretrained(root / "vae")
+    c.text_encoder.save_pretrained(root / "text_encoder")
+    c.tokenizer.save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    cfg = dict(SD1_SCHEDULER, _class_name="PNDMScheduler", prediction_type=c.schedule.prediction_type,
+               set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))

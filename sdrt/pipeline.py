@@ -1,0 +1,220 @@
+"""``sdrt.Pipeline``: text to images through any backend, with the web UI's settings."""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from . import __version__, infotext
+from .backends import create_backend
+from .conditioning import encode_texts
+from .denoiser import CFGDenoiser
+from .models import Components, load_model
+from .rng import SOURCES, BrownianNoise, ImageRNG, check_seed
+from .samplers import resolve_sampler
+from .schedules import get_sigmas, normalize_schedule
+
+MAX_SIDE = 8192
+RNG_INFOTEXT = {"cpu": "CPU", "nv": "NV", "gpu": None}
+
+
+@dataclass
+class GenerationResult:
+    images: list                       # PIL.Image.Image, one per image
+    infotexts: list[str]
+    seeds: list[int]
+    timings: dict[str, float]          # seconds: text_encoder, unet (the whole loop), vae, total
+    pixels: np.ndarray = field(repr=False, default=None)   # (B, H, W, 3) float32 in [0, 1]
+
+    def save(self, path: str | Path, index: int = 0) -> Path:
+        """Write image ``index`` as a PNG with its infotext in a ``parameters`` text chunk."""
+        return save_png(self.images[index], path, self.infotexts[index])
+
+
+def save_png(image: Image.Image, path: str | Path, text: str) -> Path:
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    path = Path(path)
+    image.save(path, format="PNG", pnginfo=meta)
+    return path
+
+
+def _int_arg(name, value, lo, hi=None, multiple=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    if multiple and value % multiple:
+        raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
+    return value
+
+
+def _float_arg(name, value, lo=None, hi=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _prompt_list(name, value, batch_size) -> list[str]:
+    values = [value] * batch_size if isinstance(value, str) else list(value)
+    if len(values) != batch_size or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a string or a list of {batch_size} strings")
+    return values
+
+
+class Pipeline:
+    """Stable Diffusion text-to-image over one backend. See DESIGN.md for the public API."""
+
+    def __init__(self, components: Components, backend):
+        self.components, self.backend = components, backend
+
+    @classmethod
+    def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
+                        engine_dir=None) -> "Pipeline":
+        """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend."""
+        from .backends import parse_device, parse_dtype
+        parse_device(device), parse_dtype(dtype)  # fail before loading weights
+        components = load_model(model)
+        return cls(components, create_backend(backend, components, device, dtype, engine_dir))
+
+    def _check(self, a: dict) -> dict:
+        """Validate every argument before any network runs; returns the normalised values."""
+        c = self.components
+        a["steps"] = _int_arg("steps", a["steps"], 1, 10000)
+        a["batch_size"] = _int_arg("batch_size", a["batch_size"], 1, 256)
+        factor = c.latent_factor
+        a["width"] = _int_arg("width", a["width"], factor, MAX_SIDE, multiple=factor)
+        a["height"] = _int_arg("height", a["height"], factor, MAX_SIDE, multiple=factor)
+        a["cfg_scale"] = _float_arg("cfg_scale", a["cfg_scale"])
+        a["clip_skip"] = _int_arg("clip_skip", a["clip_skip"], 1, c.text_encoder.config.num_hidden_layers)
+        a["spec"], sched = resolve_sampler(a["sampler"], a["schedule"])
+        a["schedule"] = normalize_schedule(sched)
+        if a["rng"] not in SOURCES:
+            raise ValueError(f"rng {a['rng']!r} is unknown; valid: {', '.join(SOURCES)}")
+        a["eta_noise_seed_delta"] = _int_arg("eta_noise_seed_delta", a["eta_noise_seed_delta"], 0, 2 ** 32 - 1)
+        a["subseed_strength"] = _float_arg("subseed_strength", a["subseed_strength"], 0.0, 1.0)
+        if a["eta"] is not None:
+            a["eta"] = _float_arg("eta", a["eta"], 0.0, 10.0)
+        if a["seed_resize_from"] is not None:
+            w, h = a["seed_resize_from"]
+            a["seed_resize_from"] = (_int_arg("seed_resize_from width", w, 0, MAX_SIDE),
+                                     _int_arg("seed_resize_from height", h, 0, MAX_SIDE))
+        a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"]) \
+            if isinstance(a["prompt"], str) else _prompt_list("prompt", a["prompt"], len(list(a["prompt"])))
+        a["batch_size"] = len(a["prompts"])
+        a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
+        seed = check_seed(a["seed"])
+        a["seeds"] = [(seed + i) % 2 ** 32 for i in range(a["batch_size"])]
+        subseed = check_seed(a["subseed"], "subseed")
+        a["subseeds"] = [(subseed + i) % 2 ** 32 for i in range(a["batch_size"])]
+        if a["sigmas"] is not None:
+            s = np.asarray(a["sigmas"], dtype=np.float64)
+            if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
+                raise ValueError("sigmas must be a decreasing list of at least 2 finite values >= 0")
+            a["sigmas"] = s
+        return a
+
+    def __call__(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
+                 schedule="Automatic", seed=-1, width=512, height=512, batch_size=1, clip_skip=1,
+                 rng="gpu", eta_noise_seed_delta=0, subseed=-1, subseed_strength=0.0,
+                 seed_resize_from=None, eta=None, sigmas: Sequence[float] | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Generate ``batch_size`` images (seeds seed, seed+1, ...).
+
+        Args:
+            prompt: text, or a list of texts (one per image; then it sets the batch size).
+            sampler / schedule: web UI names ("DPM++ 2M", "Karras"; "DPM++ 2M Karras" too).
+            rng: noise source, "gpu" (the device's generator), "cpu" or "nv".
+            sigmas: explicit decreasing sigmas, overriding ``schedule`` and ``steps``.
+            callback: called as ``callback(step, total_steps)`` after each step.
+        """
+        a = self._check(dict(locals()))
+        t_start = time.perf_counter()
+        c, be, spec = self.components, self.backend, a["spec"]
+        sig = a["sigmas"] if a["sigmas"] is not None else get_sigmas(
+            a["schedule"], a["steps"], c.schedule, default=spec.schedule,
+            discard_penultimate=spec.discard_penultimate)
+        n_steps = len(sig) - 1
+        calls = n_steps * 2 if spec.second_order else n_steps
+
+        # text: each distinct text encoded once
+        t0 = time.perf_counter()
+        emb = encode_texts(be, c.tokenizer, a["prompts"] + a["negative_prompts"], a["clip_skip"])
+        conds = [[(1.0, [(calls, emb[p])])] for p in a["prompts"]]
+        uncond = [[(calls, emb[p])] for p in a["negative_prompts"]]
+        self._sync()
+        t_text = time.perf_counter() - t0
+
+        # denoising loop
+        t0 = time.perf_counter()
+        f = c.latent_factor
+        latent_shape = (c.latent_channels, a["height"] // f, a["width"] // f)
+        gen = ImageRNG(latent_shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
+                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
+                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
+        x = gen.next().float()
+        x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
+        denoiser = CFGDenoiser(be, c.schedule, conds, uncond, a["cfg_scale"], latent_shape, calls + 2)
+        noise = None
+        if spec.noise == "rng":
+            noise = lambda s, s_next: gen.next().float()  # noqa: E731
+        elif spec.noise == "brownian":
+            positive = sig[sig > 0]
+            noise = BrownianNoise(x, float(positive.min()), float(positive.max()), a["seeds"])
+        kwargs = dict(spec.options)
+        eta_value = spec.eta_default if a["eta"] is None else a["eta"]
+        if spec.eta_default is not None:
+            kwargs["eta"] = eta_value
+        step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
+        x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
+        latents = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
+        self._sync()
+        t_unet = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        decoded = be.decode(latents)
+        pixels = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
+        t_vae = time.perf_counter() - t0
+        if not np.all(np.isfinite(pixels)):
+            raise FloatingPointError("the decoded image holds NaN or Inf values (the model overflowed "
+                                     f"in {be.dtype}); try dtype='float32'")
+        # the web UI truncates to uint8 rather than rounding
+        images = [Image.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
+        texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]
+        timings = dict(text_encoder=t_text, unet=t_unet, vae=t_vae, total=time.perf_counter() - t_start)
+        return GenerationResult(images=images, infotexts=texts, seeds=a["seeds"], timings=timings, pixels=pixels)
+
+    def _sync(self):
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
+    def _infotext(self, a: dict, i: int, eta_value) -> str:
+        spec = a["spec"]
+        params = {
+            "Prompt": a["prompts"][i], "Negative prompt": a["negative_prompts"][i],
+            "Steps": a["steps"], "Sampler": spec.name, "Schedule type": a["schedule"],
+            "CFG scale": a["cfg_scale"], "Seed": a["seeds"][i], "Size": f"{a['width']}x{a['height']}",
+            "Model hash": self.components.model_hash, "Model": self.components.name,
+            "Variation seed": a["subseeds"][i] if a["subseed_strength"] else None,
+            "Variation seed strength": a["subseed_strength"] or None,
+            "Seed resize from": (f"{a['seed_resize_from'][0]}x{a['seed_resize_from'][1]}"
+                                 if a["seed_resize_from"] and min(a["seed_resize_from"]) > 0 else None),
+            "Clip skip": a["clip_skip"] if a["clip_skip"] > 1 else None,
+            "ENSD": a["eta_noise_seed_delta"] if a["eta_noise_seed_delta"] and spec.noise == "rng" else None,
+            "RNG": RNG_INFOTEXT[a["rng"]],
+            ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
+                eta_value if a["eta"] is not None and eta_value != spec.eta_default else None,
+            "Version": f"sdrt {__version__}",
+        }
+        return infotext.format(params)

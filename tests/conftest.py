@@ -1,0 +1,40 @@
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The random:tiny pipeline on the torch backend (CPU, float32), shared by the session."""
+    import sdrt
+    return sdrt.Pipeline.from_pretrained("random:tiny")
+
+
+@pytest.fixture(scope="session")
+def ksampling():
+    """``k_diffusion.sampling`` from the PyPI package k-diffusion, installed without its training
+    dependencies: its package __init__ and utils import torchvision and more, so an empty package
+    module is registered and utils gets a stand-in for torchvision's transforms."""
+    import diffusers  # noqa: F401 - diffusers inspects torchvision's spec; import it first
+
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.fail("k-diffusion is not installed: run scripts/setup.sh test")
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["k_diffusion"] = pkg
+    if importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.__path__ = []
+        tr = types.ModuleType("torchvision.transforms")
+        tr.__path__ = []
+        trf = types.ModuleType("torchvision.transforms.functional")
+        tv.transforms, tr.functional = tr, trf
+        sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
+                            "torchvision.transforms.functional": trf})
+    import k_diffusion.sampling as sampling
+    return sampling
