@@ -146,3 +146,24 @@ def test_unknown_sampler_lists_valid_names():
     with pytest.raises(ValueError) as e:
         S.resolve_sampler("Euler b")
     assert "Euler a" in str(e.value) and "UniPC" in str(e.value)
+
+
+@pytest.mark.parametrize("order,variant,steps", [(1, "bh2", 5), (2, "bh2", 6), (3, "bh2", 7), (2, "bh1", 4)])
+def test_unipc_matches_diffusers_scheduler(order, variant, steps):
+    """UniPC against diffusers' UniPCMultistepScheduler driven by the same toy model in its
+    variance-preserving space (x_vp = x / sqrt(1 + sigma^2))."""
+    from diffusers import UniPCMultistepScheduler
+    final = "zero" if variant == "bh2" else "sigma_min"   # diffusers' bh1 is NaN at sigma 0
+    sched = UniPCMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    solver_order=order, solver_type=variant, final_sigmas_type=final)
+    sched.set_timesteps(steps)
+    sig = sched.sigmas.double().numpy()
+    noise = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    sample = noise.clone()
+    for i, t in enumerate(sched.timesteps):
+        s = float(sig[i])
+        xk = sample * math.sqrt(1 + s * s)
+        sample = sched.step((xk - toy_denoiser(xk, s)) / s, t, sample).prev_sample
+    ours = S.sample_unipc(toy_denoiser, noise * math.sqrt(1 + sig[0] ** 2), sig, order=order, variant=variant)
+    ours = ours / math.sqrt(1 + sig[-1] ** 2)
+    assert (ours - sample).abs().max().item() <= 1e-5
