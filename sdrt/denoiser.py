@@ -43,6 +43,7 @@ class CFGDenoiser:
         self.batch = len(uncond)
         self.parts = [len(c) for c in conds]
         self.weights = [[float(w) for w, _ in c] for c in conds]
+        self._plain = all(n == 1 for n in self.parts) and all(w == [1.0] for w in self.weights)
         n_rows = sum(self.parts) + self.batch
         dev = backend.device
         self._scaled = torch.empty((self.batch, *latent_shape), device=dev, dtype=torch.float32)
@@ -90,7 +91,7 @@ class CFGDenoiser:
         """uncond + cfg_scale * sum_j w_j (cond_j - uncond), on the model output (linear, so the
         same as combining denoised predictions)."""
         uncond = out[-self.batch:]
-        if all(n == 1 for n in self.parts) and all(w == [1.0] for w in self.weights):
+        if self._plain:
             return uncond + self.cfg_scale * (out[:self.batch] - uncond)
         guided = uncond.clone()
         for i, (a, b) in enumerate(self._rows):

@@ -110,9 +110,11 @@ class Pipeline:
             w, h = a["seed_resize_from"]
             a["seed_resize_from"] = (_int_arg("seed_resize_from width", w, 0, MAX_SIDE),
                                      _int_arg("seed_resize_from height", h, 0, MAX_SIDE))
-        a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"]) \
-            if isinstance(a["prompt"], str) else _prompt_list("prompt", a["prompt"], len(list(a["prompt"])))
-        a["batch_size"] = len(a["prompts"])
+        if not isinstance(a["prompt"], str):      # a list of prompts sets the batch size
+            a["prompt"] = list(a["prompt"]) if isinstance(a["prompt"], (list, tuple)) else a["prompt"]
+            a["batch_size"] = _int_arg("number of prompts", len(a["prompt"]) if isinstance(a["prompt"], list) else 0,
+                                       1, 256)
+        a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"])
         a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
         seed = check_seed(a["seed"])
         a["seeds"] = [(seed + i) % 2 ** 32 for i in range(a["batch_size"])]
