@@ -13,7 +13,7 @@ def _generate(args) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir)
-    bar = tqdm(total=None, unit="step", desc="sampling", disable=args.quiet)
+    bar = tqdm(total=args.steps, unit="step", desc="sampling", disable=args.quiet)
 
     def progress(step, total):
         bar.total = total
