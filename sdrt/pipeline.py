@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import __version__, infotext
+from . import __version__, infotext, prompts
 from .backends import create_backend
-from .conditioning import encode_texts
+from .conditioning import EMPHASIS, encode_texts
 from .denoiser import CFGDenoiser
 from .models import Components, load_model
 from .rng import SOURCES, BrownianNoise, ImageRNG, check_seed
@@ -100,6 +100,8 @@ class Pipeline:
         a["clip_skip"] = _int_arg("clip_skip", a["clip_skip"], 1, c.text_encoder.config.num_hidden_layers)
         a["spec"], sched = resolve_sampler(a["sampler"], a["schedule"])
         a["schedule"] = normalize_schedule(sched)
+        if a["emphasis"] not in EMPHASIS:
+            raise ValueError(f"emphasis {a['emphasis']!r} is unknown; valid: {', '.join(EMPHASIS)}")
         if a["rng"] not in SOURCES:
             raise ValueError(f"rng {a['rng']!r} is unknown; valid: {', '.join(SOURCES)}")
         a["eta_noise_seed_delta"] = _int_arg("eta_noise_seed_delta", a["eta_noise_seed_delta"], 0, 2 ** 32 - 1)
@@ -130,7 +132,8 @@ class Pipeline:
     def __call__(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
                  schedule="Automatic", seed=-1, width=512, height=512, batch_size=1, clip_skip=1,
                  rng="gpu", eta_noise_seed_delta=0, subseed=-1, subseed_strength=0.0,
-                 seed_resize_from=None, eta=None, sigmas: Sequence[float] | None = None,
+                 seed_resize_from=None, eta=None, emphasis: str = "Original",
+                 sigmas: Sequence[float] | None = None,
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate ``batch_size`` images (seeds seed, seed+1, ...).
 
@@ -138,6 +141,7 @@ class Pipeline:
             prompt: text, or a list of texts (one per image; then it sets the batch size).
             sampler / schedule: web UI names ("DPM++ 2M", "Karras"; "DPM++ 2M Karras" too).
             rng: noise source, "gpu" (the device's generator), "cpu" or "nv".
+            emphasis: how token weights apply: "Original" (keeps the mean), "No norm", "Ignore".
             sigmas: explicit decreasing sigmas, overriding ``schedule`` and ``steps``.
             callback: called as ``callback(step, total_steps)`` after each step.
         """
@@ -148,13 +152,18 @@ class Pipeline:
             a["schedule"], a["steps"], c.schedule, default=spec.schedule,
             discard_penultimate=spec.discard_penultimate)
         n_steps = len(sig) - 1
-        calls = n_steps * 2 if spec.second_order else n_steps
 
-        # text: each distinct text encoded once
+        # text: the web UI's prompt schedules (counted in model calls), each distinct text encoded once
         t0 = time.perf_counter()
-        emb = encode_texts(be, c.tokenizer, a["prompts"] + a["negative_prompts"], a["clip_skip"])
-        conds = [[(1.0, [(calls, emb[p])])] for p in a["prompts"]]
-        uncond = [[(calls, emb[p])] for p in a["negative_prompts"]]
+        total = n_steps * 2 if spec.second_order else n_steps
+        parts = [prompts.split_and(p) for p in a["prompts"]]
+        pos = prompts.schedules([t for ps in parts for t, _ in ps], total)
+        neg = prompts.schedules(a["negative_prompts"], total)
+        texts = [t for sched in pos + neg for _, t in sched]
+        emb = encode_texts(be, c.tokenizer, texts, a["clip_skip"], a["emphasis"])
+        it = iter(pos)
+        conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
+        uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
         self._sync()
         t_text = time.perf_counter() - t0
 
@@ -167,7 +176,7 @@ class Pipeline:
                        eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
         x = gen.next().float()
         x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
-        denoiser = CFGDenoiser(be, c.schedule, conds, uncond, a["cfg_scale"], latent_shape, calls + 2)
+        denoiser = CFGDenoiser(be, c.schedule, conds, uncond, a["cfg_scale"], latent_shape, 2 * n_steps + 2)
         noise = None
         if spec.noise == "rng":
             noise = lambda s, s_next: gen.next().float()  # noqa: E731
@@ -215,6 +224,7 @@ class Pipeline:
             "Clip skip": a["clip_skip"] if a["clip_skip"] > 1 else None,
             "ENSD": a["eta_noise_seed_delta"] if a["eta_noise_seed_delta"] and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[a["rng"]],
+            "Emphasis": a["emphasis"] if a["emphasis"] != "Original" else None,
             ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
                 eta_value if a["eta"] is not None and eta_value != spec.eta_default else None,
             "Version": f"sdrt {__version__}",

@@ -62,12 +62,3 @@ def test_tokenizer_ids():
     assert t("a photo of a cat").input_ids == [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID]
     assert len(t.get_vocab()) == 49408
     assert t.pad_token_id == EOS_ID and t.model_max_length == 77
-
-
-def test_conditioning_windows():
-    from sdrt.conditioning import to_windows, windows_needed
-    toks = list(range(100, 260))         # 160 tokens -> 3 windows
-    assert windows_needed(toks) == 3 and windows_needed([]) == 1
-    ids = to_windows(toks, 3)
-    assert len(ids) == 231 and ids[0] == BOS_ID and ids[76] == EOS_ID and ids[77] == BOS_ID
-    assert ids[1:76] == toks[:75] and ids[-1] == EOS_ID and ids[154 + 1:154 + 11] == toks[150:160]
