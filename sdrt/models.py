@@ -90,6 +90,17 @@ def _weights_hash(*modules: torch.nn.Module) -> str:
     return h.hexdigest()[:10]
 
 
+def _randomize_norms(module: torch.nn.Module) -> None:
+    """Give every normalisation layer a random affine part. Left at its default (scale 1,
+    shift 0), each token's CLIP output has mean 0 exactly, unlike a trained model's, and the
+    web UI's emphasis (which rescales by a ratio of means) would divide by about zero."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+                m.bias.add_(torch.randn_like(m.bias) * 0.1)
+
+
 def build_random(kind: str) -> Components:
     """A seeded, randomly initialised model (``random:tiny`` or ``random:sd15``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -105,6 +116,8 @@ def build_random(kind: str) -> Components:
         vae = AutoencoderKL(**cfg["vae"])
         text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                                             **cfg["text"]))
+        for m in (unet, vae, text):
+            _randomize_norms(m)
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     return Components(name=f"random:{kind}", unet=unet, vae=vae, text_encoder=text,

@@ -198,8 +198,9 @@ class Pipeline:
         pixels = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
         t_vae = time.perf_counter() - t0
         if not np.all(np.isfinite(pixels)):
-            raise FloatingPointError("the decoded image holds NaN or Inf values (the model overflowed "
-                                     f"in {be.dtype}); try dtype='float32'")
+            hint = "; try dtype='float32'" if be.dtype != torch.float32 else ""
+            raise FloatingPointError(f"the decoded image holds NaN or Inf values (the model overflowed in "
+                                     f"{str(be.dtype).replace('torch.', '')}){hint}")
         # the web UI truncates to uint8 rather than rounding
         images = [Image.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
         texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]

@@ -23,6 +23,9 @@ class TorchBackend:
         self.vae = _place(components.vae, device, dtype)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.num_text_layers = int(self.text_encoder.config.num_hidden_layers)
+        # transformers 5 flattens CLIPTextModel; 4.x keeps the layers under .text_model
+        inner = getattr(self.text_encoder, "text_model", self.text_encoder)
+        self.final_layer_norm = inner.final_layer_norm
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
@@ -37,7 +40,7 @@ class TorchBackend:
         ids = input_ids.reshape(b * (n // MAX_LENGTH), MAX_LENGTH).to(self.device)
         out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
-            hidden = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+            hidden = self.final_layer_norm(out.hidden_states[-clip_skip])
         else:
             hidden = out.last_hidden_state
         return hidden.reshape(b, n, hidden.shape[-1])
