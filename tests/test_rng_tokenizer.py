@@ -62,3 +62,31 @@ def test_tokenizer_ids():
     assert t("a photo of a cat").input_ids == [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID]
     assert len(t.get_vocab()) == 49408
     assert t.pad_token_id == EOS_ID and t.model_max_length == 77
+
+
+ARGS = dict(width=64, height=64, steps=4, seed=11)
+
+
+def test_ensd_changes_only_sampler_noise(tiny):
+    euler = [tiny("x", sampler="Euler", eta_noise_seed_delta=d, **ARGS).pixels for d in (0, 31337)]
+    np.testing.assert_array_equal(euler[0], euler[1])            # no sampler noise: no change
+    ancestral = [tiny("x", sampler="Euler a", eta_noise_seed_delta=d, **ARGS) for d in (0, 31337)]
+    assert np.abs(ancestral[0].pixels - ancestral[1].pixels).max() > 1e-4
+    assert "ENSD: 31337" in ancestral[1].infotexts[0] and "ENSD" not in ancestral[0].infotexts[0]
+
+
+def test_rng_sources_in_the_pipeline(tiny):
+    cpu = tiny("x", sampler="Euler", rng="cpu", **ARGS)
+    gpu = tiny("x", sampler="Euler", rng="gpu", **ARGS)        # on a CPU device: the same generator
+    nv = tiny("x", sampler="Euler", rng="nv", **ARGS)
+    np.testing.assert_array_equal(cpu.pixels, gpu.pixels)
+    assert np.abs(cpu.pixels - nv.pixels).max() > 1e-3
+    assert "RNG: NV" in nv.infotexts[0] and "RNG: CPU" in cpu.infotexts[0] and "RNG" not in gpu.infotexts[0]
+
+
+def test_variation_seed_and_resize_in_the_pipeline(tiny):
+    base = tiny("x", sampler="Euler", **ARGS).pixels
+    var = tiny("x", sampler="Euler", subseed=3, subseed_strength=0.3, **ARGS)
+    assert np.abs(base - var.pixels).max() > 1e-4 and "Variation seed: 3, Variation seed strength: 0.3" in var.infotexts[0]
+    resized = tiny("x", sampler="Euler", seed_resize_from=(32, 32), **ARGS)
+    assert np.abs(base - resized.pixels).max() > 1e-4 and "Seed resize from: 32x32" in resized.infotexts[0]
