@@ -1,4 +1,4 @@
-"""The ``sdrt`` command line: ``sdrt generate`` (more subcommands come with their backends)."""
+"""The ``sdrt`` command line: ``sdrt generate``, ``sdrt build``, ``sdrt info``."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,67 @@ def _generate(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    import time
+
+    from .export import NETWORKS, Profile, build_onnxruntime
+    from .export.specs import default_profile
+    from .models import load_model
+
+    if args.backend != "onnxruntime":
+        raise ValueError(f"backend {args.backend!r} cannot be built here; valid: onnxruntime")
+    networks = tuple(NETWORKS) if args.networks == "all" else tuple(n.strip() for n in args.networks.split(","))
+    print(f"loading {args.model} ...", flush=True)
+    components = load_model(args.model)
+    base = default_profile(components.latent_factor, components.native_size)
+    windows = (1, 1, args.max_windows) if args.max_windows else None
+    profile = Profile.parse(args.min, args.opt, args.max, windows=windows, default=base)
+    print(f"profile: {profile.describe()}")
+    started = {}
+
+    def on_stage(name, stage):
+        now = time.perf_counter()
+        started.setdefault(name, now)
+        print(f"  {name:12s} {stage} ... ({now - started[name]:.1f} s)", flush=True)
+
+    manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
+                                 force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage)
+    _print_table(manifest, networks)
+    return 0
+
+
+def _print_table(manifest, networks=None):
+    rows = [("network", "precision", "size MiB", "build s", "profile")]
+    for name, e in manifest["networks"].items():
+        if networks and name not in networks:
+            continue
+        from .export.specs import Profile
+        size = sum(f["size"] for f in e["files"]) / 2 ** 20
+        rows.append((name, e["key"]["precision"], f"{size:.1f}", f"{sum(e['build_seconds'].values()):.1f}",
+                     Profile.from_json(e["profile"]).describe()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _info(args) -> int:
+    from .export.build import check_artifact, read_manifest
+
+    manifest = read_manifest(Path(args.dir))
+    if not manifest["networks"]:
+        raise ValueError(f"{args.dir} holds no engines (no readable {Path(args.dir) / 'manifest.json'})")
+    print(f"{args.dir}: model {manifest.get('model')} (weights {manifest.get('model_hash')}), "
+          f"backend {manifest.get('backend')}")
+    _print_table(manifest)
+    for name, e in manifest["networks"].items():
+        check = check_artifact(Path(args.dir), e, e["key"])
+        v = e["key"]["versions"]
+        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; opset {e['key']['opset']}, "
+              f"{e['key']['optimization']}, built {e['built_at']} with onnxruntime {v.get('onnxruntime')}, "
+              f"torch {v.get('torch')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
     from .schedules import SCHEDULES
@@ -68,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("build", help="export and compile a model's networks into an engine folder")
+    b.add_argument("model", help="diffusers folder, random:tiny or random:sd15")
+    b.add_argument("--backend", default="onnxruntime")
+    b.add_argument("--out", required=True, help="the engine folder")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--min", default=None, help="smallest request, BxHxW (images x pixel height x width)")
+    b.add_argument("--opt", default=None, help="the request to tune for, BxHxW")
+    b.add_argument("--max", default=None, help="largest request, BxHxW")
+    b.add_argument("--max-windows", type=int, default=None, help="longest prompt, in 75-token windows")
+    b.add_argument("--networks", default="text_encoder,unet,vae_decoder", help="comma list, or 'all'")
+    b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.set_defaults(func=_build)
+
+    i = sub.add_parser("info", help="what an engine folder holds")
+    i.add_argument("dir")
+    i.set_defaults(func=_info)
     return parser
 
 

@@ -79,6 +79,17 @@ class Components:
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
 
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes a traced UNet graph accepts are multiples of this: every downsampling
+        level halves the latent, and the traced graph has no odd-size fix-up (eager diffusers has)."""
+        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at (512 for SD 1.5, 64 for random:tiny)."""
+        return int(self.unet.config.sample_size) * self.latent_factor
+
 
 def _weights_hash(*modules: torch.nn.Module) -> str:
     h = hashlib.sha256()

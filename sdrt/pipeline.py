@@ -118,6 +118,9 @@ class Pipeline:
                                        1, 256)
         a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"])
         a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
+        check = getattr(self.backend, "check_request", None)
+        if check is not None:
+            check(a["batch_size"], a["height"], a["width"])
         seed = check_seed(a["seed"])
         a["seeds"] = [(seed + i) % 2 ** 32 for i in range(a["batch_size"])]
         subseed = check_seed(a["subseed"], "subseed")

@@ -61,4 +61,13 @@ def create_backend(name: str, components, device, dtype, engine_dir=None) -> Bac
     if name == "torch":
         from .torch_backend import TorchBackend
         return TorchBackend(components, dev, dt)
-    raise ValueError(f"backend {name!r} is not available in this build yet; use backend='torch'")
+    if name == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"backend 'onnxruntime' needs the packages onnx and onnxruntime "
+                             f"(pip install -e '.[onnx]'): {e}") from None
+        from .onnxruntime_backend import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(components, dev, dt, engine_dir)
+    raise ValueError(f"backend {name!r} is not available in this build yet; use 'torch' or 'onnxruntime'")

@@ -1,0 +1,201 @@
+"""Build compiled artifacts into an engine folder, keyed by what made them.
+
+``engine_dir/manifest.json`` records, per network, the key (a hash of the weights, the export
+spec, opset, precision, backend, optimisation and package versions), the profile, the files
+with their sizes and hashes, and how long the build took. An artifact whose key differs from
+the request, or whose files are missing, truncated or corrupted, is rebuilt with a message;
+it is never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .onnx_export import OPSET, export_onnx, files_of, save_onnx, to_float16
+from .specs import DEFAULT_NETWORKS, NETWORKS, PRECISIONS, Profile, spec_fingerprint
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+FULL_HASH_LIMIT = 512 * 2 ** 20
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("sdrt", "torch", "onnx", "onnxruntime", "diffusers", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file; above 512 MiB, of its size and 64 evenly spread 64 KiB blocks
+    (a truncation or a damaged block is still caught, without reading gigabytes)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for i in range(64):
+                f.seek(i * (size - 65536) // 63)
+                h.update(f.read(65536))
+    return h.hexdigest()
+
+
+def artifact_key(model_hash: str, network: str, backend: str, precision: str, optimization: str,
+                 opset: int = OPSET) -> dict:
+    """Everything that makes an artifact, as recorded in the manifest."""
+    return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(NETWORKS[network]),
+            "backend": backend, "precision": precision, "opset": opset, "optimization": optimization,
+            "versions": package_versions(), "format": FORMAT}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        return {"format": FORMAT, "networks": {}}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("networks"), dict):
+            raise ValueError("no networks")
+        return data
+    except (ValueError, OSError):
+        return {"format": FORMAT, "networks": {}, "damaged": True}
+
+
+def write_manifest(engine_dir: Path, data: dict) -> None:
+    path = Path(engine_dir) / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Check:
+    ok: bool
+    reason: str = ""
+
+
+def check_artifact(engine_dir: Path, entry: dict | None, key: dict) -> Check:
+    """Is the recorded artifact usable for ``key``? If not, why."""
+    if entry is None:
+        return Check(False, "not built yet")
+    if entry.get("key_digest") != key_digest(key):
+        recorded = entry.get("key", {})
+        changed = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        return Check(False, "the manifest does not match the request (" + ", ".join(changed) + " differ)")
+    for f in entry.get("files", []):
+        p = Path(engine_dir) / f["name"]
+        if not p.is_file():
+            return Check(False, f"{f['name']} is missing")
+        if p.stat().st_size != f["size"]:
+            return Check(False, f"{f['name']} is truncated or damaged ({p.stat().st_size} bytes, "
+                                f"expected {f['size']})")
+        if file_digest(p) != f["sha256"]:
+            return Check(False, f"{f['name']} is corrupted (its hash differs from the manifest)")
+    return Check(True)
+
+
+def ort_offline_optimize(path: Path) -> str:
+    """Apply ONNX Runtime's portable graph optimisations (constant folding, redundant-node
+    elimination, operator fusions: level EXTENDED) and save them into the artifact, so a session
+    only has the hardware-specific layout pass left at start."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    tmp = path.with_name(path.stem + ".opt.onnx")
+    opts.optimized_model_filepath = str(tmp)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", tmp.name + ".data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp), load_external_data=True)
+    save_onnx(model, path)
+    for p in files_of(tmp):
+        p.unlink()
+    return "ort-extended"
+
+
+Log = Callable[[str], None]
+
+
+def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
+                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log = print,
+                      on_stage: Callable[[str, str], None] | None = None) -> dict:
+    """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
+    artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
+    the recorded one and builds new artifacts for the model's default profile). Returns the
+    manifest."""
+    from .specs import default_profile
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        raise ValueError(f"network(s) {', '.join(unknown)} unknown; valid: {', '.join(NETWORKS)}")
+    engine_dir = Path(engine_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(engine_dir)
+    if manifest.pop("damaged", False):
+        log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
+    f = components.latent_factor
+    wanted = profile                       # None: any recorded profile will do
+    profile = profile or default_profile(f, components.native_size)
+    optimization = "ort-extended" + ("+fp16" if precision == "float16" else "")
+    manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
+                    backend="onnxruntime", precision=precision)
+    for name in networks:
+        key = artifact_key(components.model_hash, name, "onnxruntime", precision, optimization)
+        entry = manifest["networks"].get(name)
+        check = check_artifact(engine_dir, entry, key)
+        if check.ok and not force and (wanted is None or Profile.from_json(entry["profile"]) == wanted):
+            log(f"{name}: up to date")
+            continue
+        if entry is not None and not check.ok:
+            log(f"{name}: rebuilding: {check.reason}")
+        elif entry is not None and not force:
+            log(f"{name}: rebuilding for the profile {profile.describe()}")
+        stages = {}
+        path = engine_dir / f"{name}.onnx"
+        t0 = time.perf_counter()
+        _stage(on_stage, name, "export")
+        export_onnx(components, name, path)
+        stages["export"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        _stage(on_stage, name, "optimise")
+        ort_offline_optimize(path)
+        if precision == "float16":
+            to_float16(path, name)
+        stages["optimise"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        _stage(on_stage, name, "save")
+        files = [{"name": p.name, "size": p.stat().st_size, "sha256": file_digest(p)} for p in files_of(path)]
+        stages["save"] = time.perf_counter() - t2
+        manifest["networks"][name] = {
+            "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
+            "profile": profile.to_json(), "size_multiple": components.size_multiple, "build_seconds": stages,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_manifest(engine_dir, manifest)
+        log(f"{name}: built in {sum(stages.values()):.1f} s ({sum(x['size'] for x in files) / 2**20:.1f} MiB)")
+    write_manifest(engine_dir, manifest)
+    return manifest
+
+
+def _stage(cb, name, stage):
+    if cb:
+        cb(name, stage)

@@ -1,0 +1,138 @@
+"""Trace each network to ONNX (TorchScript exporter, opset 18, dynamic axes from its spec).
+
+Graphs are always written as ``NAME.onnx`` plus ``NAME.onnx.data`` (external data), which
+ONNX needs past 2 GB (the SD 1.5 UNet is 3.4 GB in float32).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .specs import NETWORKS, NetworkSpec
+
+OPSET = 18
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """input_ids (N, 77) -> every layer's hidden state after the final layer norm (L, N, 77, C);
+    CLIP skip n is row L-n, and row L-1 equals the model's last_hidden_state."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.te = text_encoder
+        inner = getattr(text_encoder, "text_model", text_encoder)
+        self.norm = inner.final_layer_norm
+
+    def forward(self, input_ids):
+        hidden = self.te(input_ids, output_hidden_states=True).hidden_states[1:]
+        return torch.stack([self.norm(h) for h in hidden])
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEDecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(getattr(vae.config, "scaling_factor", 0.18215))
+
+    def forward(self, latent):
+        return self.vae.decode(latent / self.scale, return_dict=False)[0]
+
+
+class VAEEncoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.scale = vae, float(getattr(vae.config, "scaling_factor", 0.18215))
+
+    def forward(self, image):
+        return self.vae.encode(image, return_dict=False)[0].mean * self.scale
+
+
+def graph_module(components, name: str) -> torch.nn.Module:
+    if name == "text_encoder":
+        return TextEncoderGraph(components.text_encoder)
+    if name == "unet":
+        return UNetGraph(components.unet)
+    if name == "vae_decoder":
+        return VAEDecoderGraph(components.vae)
+    if name == "vae_encoder":
+        return VAEEncoderGraph(components.vae)
+    raise ValueError(f"network {name!r} is unknown; valid: {', '.join(NETWORKS)}")
+
+
+def sample_inputs(components, spec: NetworkSpec) -> tuple:
+    """Small example inputs to trace with (shapes are dynamic in the graph)."""
+    f, hidden = components.latent_factor, components.text_encoder.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    if spec.name == "text_encoder":
+        return (torch.randint(0, 49407, (2, 77), generator=g),)
+    if spec.name == "unet":
+        return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
+                torch.randn(2, 77, hidden, generator=g))
+    if spec.name == "vae_decoder":
+        return (torch.randn(1, 4, 8, 8, generator=g),)
+    return (torch.randn(1, 3, 8 * f, 8 * f, generator=g),)
+
+
+def export_onnx(components, name: str, path: Path, opset: int = OPSET) -> Path:
+    """Export network ``name`` of ``components`` (float32 CPU modules) to ``path``."""
+    import onnx
+
+    spec = NETWORKS[name]
+    module = graph_module(components, name).eval()
+    args = sample_inputs(components, spec)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
+                              output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        model = onnx.load(str(raw), load_external_data=True)
+        save_onnx(model, path)
+    return path
+
+
+def save_onnx(model, path: Path) -> None:
+    """Write ``model`` as ``path`` + ``path.data`` (all initializers in one external file)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        if p.exists():
+            p.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    if not data.exists():          # a graph with no large initializer still gets its (empty) file
+        data.write_bytes(b"")
+
+
+def to_float16(path: Path, name: str) -> None:
+    """Convert a float32 graph to float16 in place, keeping float32 inputs/outputs. The VAE
+    decoder keeps its normalisations and softmax in float32: in float16 they overflow."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    block = ["InstanceNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"] \
+        if name.startswith("vae") else []
+    kwargs = {"op_block_list": block} if block else {}
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True, **kwargs)
+    save_onnx(model, path)
+
+
+def files_of(path: Path) -> list[Path]:
+    return [p for p in (Path(path), Path(str(path) + ".data")) if os.path.exists(p)]

@@ -1,0 +1,135 @@
+"""Each exported network declared as data: input/output names, symbolic dimensions, and the
+shape range (profile) an artifact is built for. Read by the ONNX exporter, the engine
+builders and the runtime alike.
+
+Symbolic dimensions: ``B`` rows of a batch, ``H``/``W`` latent height/width, ``S`` text length
+(77 per window), ``N`` text windows, ``L`` text encoder layers, ``C`` hidden size, ``IH``/``IW``
+image height/width (``H * f``, ``W * f`` for the VAE's scale factor f).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+Precision = Literal["float32", "float16"]
+PRECISIONS = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple            # ints or symbolic names
+    dtype: str = "float32"  # float inputs follow the graph's precision only where marked "float"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TEXT_ENCODER = NetworkSpec(
+    "text_encoder",
+    inputs=(TensorSpec("input_ids", ("N", 77), "int64"),),
+    # every layer's hidden state after the final layer norm: CLIP skip picks one at run time
+    outputs=(TensorSpec("hidden_states", ("L", "N", 77, "C")),),
+)
+UNET = NetworkSpec(
+    "unet",
+    inputs=(TensorSpec("sample", ("B", 4, "H", "W")), TensorSpec("timestep", ("B",)),
+            TensorSpec("encoder_hidden_states", ("B", "S", "C"))),
+    outputs=(TensorSpec("out_sample", ("B", 4, "H", "W")),),
+)
+VAE_DECODER = NetworkSpec(
+    "vae_decoder",
+    inputs=(TensorSpec("latent", ("B", 4, "H", "W")),),       # UNet latent space (scaled)
+    outputs=(TensorSpec("image", ("B", 3, "IH", "IW")),),       # [-1, 1]
+)
+VAE_ENCODER = NetworkSpec(
+    "vae_encoder",
+    inputs=(TensorSpec("image", ("B", 3, "IH", "IW")),),
+    outputs=(TensorSpec("latent", ("B", 4, "H", "W")),),        # mean of the posterior, scaled
+)
+NETWORKS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
+DEFAULT_NETWORKS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The request shapes an artifact serves: images per batch, pixel sizes, text windows.
+    Each is (min, opt, max); opt is what the builder tunes for."""
+
+    batch: tuple[int, int, int] = (1, 1, 4)
+    height: tuple[int, int, int] = (256, 512, 1024)
+    width: tuple[int, int, int] = (256, 512, 1024)
+    windows: tuple[int, int, int] = (1, 1, 4)
+
+    def __post_init__(self):
+        for name in ("batch", "height", "width", "windows"):
+            lo, opt, hi = getattr(self, name)
+            if not (1 <= lo <= opt <= hi):
+                raise ValueError(f"profile {name} must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+
+    @classmethod
+    def parse(cls, min_shape: str | None, opt_shape: str | None, max_shape: str | None,
+              windows: tuple[int, int, int] | None = None, default: "Profile | None" = None) -> "Profile":
+        """From ``BxHxW`` strings (images x pixel height x pixel width), as ``sdrt build`` takes them."""
+        base = default or cls()
+
+        def split(text, field):
+            if text is None:
+                return None
+            try:
+                b, h, w = (int(v) for v in str(text).lower().split("x"))
+            except ValueError:
+                raise ValueError(f"--{field} must look like BxHxW (e.g. 1x512x512), got {text!r}") from None
+            return b, h, w
+
+        shapes = [split(min_shape, "min"), split(opt_shape, "opt"), split(max_shape, "max")]
+        fields = {}
+        for i, name in enumerate(("batch", "height", "width")):
+            cur = list(getattr(base, name))
+            for j in range(3):
+                if shapes[j] is not None:
+                    cur[j] = shapes[j][i]
+            fields[name] = tuple(cur)
+        return cls(windows=windows or base.windows, **fields)
+
+    def covers(self, batch: int, height: int, width: int, windows: int) -> str | None:
+        """None when the request fits, else what does not."""
+        for name, v in (("batch", batch), ("height", height), ("width", width), ("windows", windows)):
+            lo, _, hi = getattr(self, name)
+            if not lo <= v <= hi:
+                return f"{name} {v} is outside the engine's profile {name} range {lo}..{hi}"
+        return None
+
+    def describe(self) -> str:
+        return (f"batch {self.batch[0]}..{self.batch[2]}, {self.height[0]}..{self.height[2]} x "
+                f"{self.width[0]}..{self.width[2]} px, {self.windows[0]}..{self.windows[2]} text windows")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        return cls(**{k: tuple(v) for k, v in d.items()})
+
+
+def default_profile(latent_factor: int, native_size: int) -> Profile:
+    """A dynamic profile around the model's native size (512 for SD 1.5, 64 for random:tiny)."""
+    lo = max(latent_factor, native_size // 2)
+    return Profile(height=(lo, native_size, native_size * 2), width=(lo, native_size, native_size * 2))
+
+
+def spec_fingerprint(spec: NetworkSpec) -> str:
+    return json.dumps(spec.to_json(), sort_keys=True)

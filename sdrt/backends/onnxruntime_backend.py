@@ -1,0 +1,119 @@
+"""The ONNX Runtime backend: the exported graphs, run with IOBinding on the loop's tensors.
+
+CPU execution provider here (and in CI); CUDA (and TensorRT) execution providers when
+``onnxruntime-gpu`` is installed. The UNet's inputs are bound to the denoiser's persistent
+buffers by address and its output to a buffer allocated once per shape, so a step copies
+nothing through numpy.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tokenizer import MAX_LENGTH
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def default_engine_dir(components, dtype: torch.dtype) -> Path:
+    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
+    return root / "engines" / f"{components.model_hash}-onnxruntime-{str(dtype).replace('torch.', '')}"
+
+
+def _providers(device: torch.device) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise ValueError("backend 'onnxruntime' on CUDA needs the onnxruntime-gpu package "
+                         f"(this onnxruntime has {', '.join(available)})")
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """Runs ``engine_dir``'s graphs, building them first when missing or stale."""
+
+    def __init__(self, components, device: torch.device, dtype: torch.dtype, engine_dir=None, log=None):
+        import onnxruntime as ort
+
+        from sdrt.export import DEFAULT_NETWORKS, Profile, build_onnxruntime
+
+        self.device, self.dtype = device, dtype
+        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, dtype)
+        log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
+        precision = str(dtype).replace("torch.", "")
+        manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=DEFAULT_NETWORKS,
+                                     log=log)
+        self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
+        self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = _providers(device)
+        self.sessions = {name: ort.InferenceSession(str(self.engine_dir / manifest["networks"][name]["file"]),
+                                                    opts, providers=providers)
+                         for name in DEFAULT_NETWORKS}
+        self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
+        self.latent_factor = components.latent_factor
+        self._bindings: dict[tuple, tuple] = {}
+
+    def check_request(self, batch_size: int, height: int, width: int) -> None:
+        """Raise before any network runs when the request lies outside the built profile."""
+        problem = self.profile.covers(batch_size, height, width, self.profile.windows[0])
+        if problem is None and (height % self.size_multiple or width % self.size_multiple):
+            problem = (f"the exported UNet takes sizes that are multiples of {self.size_multiple} px "
+                       f"(one per downsampling level)")
+        if problem:
+            raise ValueError(f"request {batch_size}x{height}x{width} (images x height x width): {problem}; "
+                             f"the engines in {self.engine_dir} were built for {self.profile.describe()}; "
+                             "rebuild with `sdrt build ... --min/--max` to cover it")
+
+    def _check_windows(self, windows: int) -> None:
+        lo, _, hi = self.profile.windows
+        if not lo <= windows <= hi:
+            raise ValueError(f"the prompt needs {windows} text windows of 77 tokens; the engines in "
+                             f"{self.engine_dir} were built for {lo}..{hi} ({self.profile.describe()})")
+
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        b, n = input_ids.shape
+        if n % MAX_LENGTH:
+            raise ValueError(f"input_ids length {n} is not a multiple of {MAX_LENGTH}")
+        if not 1 <= clip_skip <= self.num_text_layers:
+            raise ValueError(f"clip_skip must be in 1..{self.num_text_layers}, got {clip_skip}")
+        self._check_windows(n // MAX_LENGTH)
+        ids = input_ids.reshape(-1, MAX_LENGTH).cpu().numpy().astype(np.int64)
+        hidden = self.sessions["text_encoder"].run(None, {"input_ids": ids})[0]     # (L, N, 77, C)
+        out = torch.from_numpy(np.ascontiguousarray(hidden[hidden.shape[0] - clip_skip]))
+        return out.reshape(b, n, out.shape[-1]).to(self.device)
+
+    def _bind(self, io, name, t: torch.Tensor):
+        io.bind_input(name, self.device.type, self.device.index or 0, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call on bound memory; the output buffer is reused for every call of a shape."""
+        sample = sample.to(torch.float32).contiguous()
+        t = t.to(torch.float32).contiguous()
+        context = context.to(torch.float32).contiguous()
+        shape = tuple(sample.shape)
+        key = (shape, tuple(context.shape))
+        if key not in self._bindings:
+            sess = self.sessions["unet"]
+            io = sess.io_binding()
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            io.bind_output("out_sample", self.device.type, self.device.index or 0, np.float32, shape, out.data_ptr())
+            self._bindings[key] = (io, out)
+        io, out = self._bindings[key]
+        self._bind(io, "sample", sample)
+        self._bind(io, "timestep", t)
+        self._bind(io, "encoder_hidden_states", context)
+        self.sessions["unet"].run_with_iobinding(io)
+        return out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        image = self.sessions["vae_decoder"].run(None, {"latent": latents.float().cpu().numpy()})[0]
+        return torch.from_numpy(image).to(self.device)
