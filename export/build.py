@@ -130,11 +130,32 @@ def ort_offline_optimize(path: Path) -> str:
     return "ort-extended"
 
 
+TARGETS = ("cpu", "cuda")
+# onnxruntime.transformers' model types for each network
+_FUSION_MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def diffusion_fusions(path: Path, network: str) -> dict:
+    """ONNX Runtime's Stable Diffusion fusions (onnxruntime.transformers.optimizer: GroupNorm,
+    SkipGroupNorm, BiasSplitGelu, NhwcConv, attention, SkipLayerNorm, ...). Their kernels are
+    CUDA ones, so they are applied for the CUDA target only. Returns the fused-operator counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = _FUSION_MODEL_TYPE[network]
+    opts = FusionOptions(model_type)
+    optimized = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                               use_gpu=True, optimization_options=opts)
+    stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    save_onnx(optimized.model, path)
+    return stats
+
+
 Log = Callable[[str], None]
 
 
 def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
-                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log = print,
+                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log = print, target: str = "cpu",
                       on_stage: Callable[[str, str], None] | None = None) -> dict:
     """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
     artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
@@ -142,6 +163,8 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     manifest."""
     from .specs import default_profile
 
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} is unknown; valid: {', '.join(TARGETS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
     unknown = [n for n in networks if n not in NETWORKS]
@@ -155,11 +178,13 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     f = components.latent_factor
     wanted = profile                       # None: any recorded profile will do
     profile = profile or default_profile(f, components.native_size)
-    optimization = "ort-extended" + ("+fp16" if precision == "float16" else "")
+    optimization = "ort-extended" + ("+diffusion-fusions" if target == "cuda" else "") + \
+        ("+fp16" if precision == "float16" else "")
     manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
                     backend="onnxruntime", precision=precision)
     for name in networks:
         key = artifact_key(components.model_hash, name, "onnxruntime", precision, optimization)
+        key["target"] = target
         entry = manifest["networks"].get(name)
         check = check_artifact(engine_dir, entry, key)
         if check.ok and not force and (wanted is None or Profile.from_json(entry["profile"]) == wanted):
@@ -178,6 +203,13 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         t1 = time.perf_counter()
         _stage(on_stage, name, "optimise")
         ort_offline_optimize(path)
+        fused = {}
+        if target == "cuda":
+            try:
+                fused = diffusion_fusions(path, name)
+            except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version
+                log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused graph")
+                fused = {"failed": str(e)}
         if precision == "float16":
             to_float16(path, name)
         stages["optimise"] = time.perf_counter() - t1
@@ -188,6 +220,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         manifest["networks"][name] = {
             "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
             "profile": profile.to_json(), "size_multiple": components.size_multiple, "build_seconds": stages,
+            "target": target, "fused_operators": fused,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_manifest(engine_dir, manifest)

@@ -10,7 +10,7 @@ pip install --no-deps "open_clip_torch==3.3.0"
 if [ "${1:-}" = "test" ]; then
   # k-diffusion's own dependencies include training packages; the parity tests need only these
   pip install --no-deps "k-diffusion==0.1.1.post1"
-  pip install -e ".[test]"
+  pip install -e ".[test,onnx]"
 else
-  pip install -e .
+  pip install -e ".[onnx]"
 fi

@@ -1,4 +1,4 @@
-"""The ``sdrt`` command line: ``sdrt generate``, ``sdrt build``, ``sdrt info``."""
+"""The ``sdrt`` command line: ``sdrt generate``, ``sdrt build``, ``sdrt bench``, ``sdrt info``."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,8 @@ def _build(args) -> int:
         print(f"  {name:12s} {stage} ... ({now - started[name]:.1f} s)", flush=True)
 
     manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
-                                 force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage)
+                                 force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
+                                 target=args.target)
     _print_table(manifest, networks)
     return 0
 
@@ -92,9 +93,11 @@ def _info(args) -> int:
     for name, e in manifest["networks"].items():
         check = check_artifact(Path(args.dir), e, e["key"])
         v = e["key"]["versions"]
-        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; opset {e['key']['opset']}, "
-              f"{e['key']['optimization']}, built {e['built_at']} with onnxruntime {v.get('onnxruntime')}, "
-              f"torch {v.get('torch')}")
+        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; target {e.get('target', 'cpu')}, "
+              f"opset {e['key']['opset']}, {e['key']['optimization']}, built {e['built_at']} with onnxruntime "
+              f"{v.get('onnxruntime')}, torch {v.get('torch')}")
+        if e.get("fused_operators"):
+            print(f"  fused: {', '.join(f'{k} {v}' for k, v in e['fused_operators'].items())}")
     return 0
 
 
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="onnxruntime")
     b.add_argument("--out", required=True, help="the engine folder")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--target", default="cpu", choices=["cpu", "cuda"],
+                   help="execution provider the graphs are optimised for (cuda adds ONNX Runtime's diffusion fusions)")
     b.add_argument("--min", default=None, help="smallest request, BxHxW (images x pixel height x width)")
     b.add_argument("--opt", default=None, help="the request to tune for, BxHxW")
     b.add_argument("--max", default=None, help="largest request, BxHxW")
@@ -142,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--networks", default="text_encoder,unet,vae_decoder", help="comma list, or 'all'")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.set_defaults(func=_build)
+
+    be = sub.add_parser("bench", help="time backends against the PyTorch reference and diffusers, side by side")
+    be.add_argument("--suite", default=None, help="a named set of settings from benchmarks/suites.json")
+    be.add_argument("--model", default=None)
+    be.add_argument("--backends", default=None, help="comma list: torch,onnxruntime,tensorrt")
+    be.add_argument("--references", default=None, help="comma list: diffusers,optimum ('' for none)")
+    be.add_argument("--steps", type=int, default=None)
+    be.add_argument("--height", type=int, default=None)
+    be.add_argument("--width", type=int, default=None)
+    be.add_argument("--batch", type=int, default=None)
+    be.add_argument("--repeat", type=int, default=None)
+    be.add_argument("--warmup", type=int, default=None)
+    be.add_argument("--sampler", default=None)
+    be.add_argument("--schedule", default=None)
+    be.add_argument("--dtype", default=None)
+    be.add_argument("--device", default=None)
+    be.add_argument("--engine-dir", default=None)
+    be.add_argument("--sweep", default=None, help="steps=5,10,20 | batch=1,2,4 | resolution=256,384,512")
+    be.add_argument("--json", default=None)
+    be.add_argument("--chart", default=None)
+    be.set_defaults(func=lambda a: __import__("sdrt.bench", fromlist=["main_bench"]).main_bench(a))
 
     i = sub.add_parser("info", help="what an engine folder holds")
     i.add_argument("dir")
@@ -151,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "width", 0) is None:
-        args.width = 64 if args.model == "random:tiny" else 512
-    if getattr(args, "height", 0) is None:
-        args.height = 64 if args.model == "random:tiny" else 512
+    if args.command == "generate":
+        native = 64 if args.model == "random:tiny" else 512
+        args.width = native if args.width is None else args.width
+        args.height = native if args.height is None else args.height
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
         print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

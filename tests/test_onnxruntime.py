@@ -179,3 +179,20 @@ def test_cli_build_info_generate(tmp_path, capsys):
     assert main(["generate", "a cat", "--backend", "onnxruntime", "--engine-dir", str(d), "-o", str(png),
                  "--steps", "3", "-q"]) == 0 and png.is_file()
     assert main(["info", str(tmp_path / "nothing")]) == 2
+
+
+def test_cuda_target_applies_the_diffusion_fusions(tiny, tmp_path):
+    """Built for CUDA, the graphs carry ONNX Runtime's SD fusions (CUDA kernels: not run here);
+    the manifest records them, and a CPU request never uses those artifacts."""
+    import onnx
+    logs = []
+    build_onnxruntime(tiny.components, tmp_path, target="cuda", log=logs.append, networks=("unet",))
+    entry = read_manifest(tmp_path)["networks"]["unet"]
+    assert entry["target"] == "cuda" and "diffusion-fusions" in entry["key"]["optimization"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False).graph.node}
+    assert entry["fused_operators"].get("GroupNorm", 0) > 0 and "GroupNorm" in ops
+    logs.clear()
+    build_onnxruntime(tiny.components, tmp_path, target="cpu", log=logs.append, networks=("unet",))
+    assert "target differ" in logs[0] or "optimization" in logs[0]
+    with pytest.raises(ValueError, match="target"):
+        build_onnxruntime(tiny.components, tmp_path, target="tpu")

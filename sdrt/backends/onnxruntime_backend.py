@@ -49,7 +49,7 @@ class OnnxRuntimeBackend:
         log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
         precision = str(dtype).replace("torch.", "")
         manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=DEFAULT_NETWORKS,
-                                     log=log)
+                                     log=log, target=device.type)
         self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
         self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
         opts = ort.SessionOptions()
