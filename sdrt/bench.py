@@ -415,6 +415,7 @@ def run_sweep(s: Settings, axis: str, values: list[int], log=print) -> dict:
     if axis not in ("steps", "batch", "resolution"):
         raise ValueError(f"sweep axis {axis!r} is unknown; valid: steps, batch, resolution")
     points: dict[str, list] = {}
+    failures: dict[str, list] = {}
     for v in values:
         cur = replace(s, references=tuple(r for r in s.references if r != "optimum"))
         if axis == "steps":
@@ -428,6 +429,8 @@ def run_sweep(s: Settings, axis: str, values: list[int], log=print) -> dict:
         for r in rec["rows"]:
             if "stats" in r:
                 points.setdefault(r["name"], []).append((x, r["stats"]["total"]["median"]))
+            else:
+                failures.setdefault(r["name"], []).append({axis: v, "status": r["status"]})
     fits = {}
     for name, pts in points.items():
         if len(pts) >= 2:
@@ -436,7 +439,7 @@ def run_sweep(s: Settings, axis: str, values: list[int], log=print) -> dict:
             fits[name] = {"slope": float(slope), "intercept": float(intercept)}
     unit = {"steps": "step", "batch": "image", "resolution": "pixel"}[axis]
     return {"axis": "pixels" if axis == "resolution" else axis, "unit": unit, "values": values,
-            "points": points, "fits": fits}
+            "points": points, "fits": fits, "failures": failures}
 
 
 def load_suite(name: str) -> dict:
@@ -478,6 +481,9 @@ def main_bench(args) -> int:
     if sweep:
         for name, fit in sweep["fits"].items():
             print(f"{name}: {fit['slope']:.4g} s per {sweep['unit']} + {fit['intercept']:.3f} s fixed")
+        for name, fails in sweep["failures"].items():
+            for f in fails:
+                print(f"{name}: not measured at {sweep['axis']} {f}: {f['status']}"[:300])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2, default=float))
