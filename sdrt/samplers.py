@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 
-Denoiser = Callable[..., "torch.Tensor"]  # noqa: F821
 
 
 def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:

@@ -1,7 +1,6 @@
 """The torch backend's images equal diffusers' StableDiffusionPipeline for the same weights,
 initial noise and settings, with the scheduler that implements the same algorithm and sigmas."""
 import numpy as np
-import pytest
 import torch
 
 SEED, STEPS, SIZE = 3, 12, 64
