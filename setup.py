@@ -25,7 +25,8 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cuda-python>=12", "onnxruntime-gpu>=1.18"],
         "serve": ["ray[serve]>=2.30", "fastapi", "webuiapi"],
-        "test": ["pytest>=8", "hypothesis>=6", "lark>=1.1", "torchdiffeq", "scipy"],  # + k-diffusion --no-deps
+        "bench": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "hypothesis>=6", "lark>=1.1", "torchdiffeq", "scipy", "matplotlib>=3.7"],  # + k-diffusion --no-deps
     },
     entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
 )

@@ -12,5 +12,5 @@ if [ "${1:-}" = "test" ]; then
   pip install --no-deps "k-diffusion==0.1.1.post1"
   pip install -e ".[test,onnx]"
 else
-  pip install -e ".[onnx]"
+  pip install -e ".[onnx,bench]"
 fi
