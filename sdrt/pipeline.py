@@ -67,6 +67,8 @@ def _float_arg(name, value, lo=None, hi=None) -> float:
 
 
 def _prompt_list(name, value, batch_size) -> list[str]:
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of {batch_size} strings, got {type(value).__name__}")
     values = [value] * batch_size if isinstance(value, str) else list(value)
     if len(values) != batch_size or not all(isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a string or a list of {batch_size} strings")
@@ -112,10 +114,8 @@ class Pipeline:
             w, h = a["seed_resize_from"]
             a["seed_resize_from"] = (_int_arg("seed_resize_from width", w, 0, MAX_SIDE),
                                      _int_arg("seed_resize_from height", h, 0, MAX_SIDE))
-        if not isinstance(a["prompt"], str):      # a list of prompts sets the batch size
-            a["prompt"] = list(a["prompt"]) if isinstance(a["prompt"], (list, tuple)) else a["prompt"]
-            a["batch_size"] = _int_arg("number of prompts", len(a["prompt"]) if isinstance(a["prompt"], list) else 0,
-                                       1, 256)
+        if isinstance(a["prompt"], (list, tuple)):      # a list of prompts sets the batch size
+            a["batch_size"] = _int_arg("number of prompts", len(a["prompt"]), 1, 256)
         a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"])
         a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
         check = getattr(self.backend, "check_request", None)
@@ -129,7 +129,7 @@ class Pipeline:
             s = np.asarray(a["sigmas"], dtype=np.float64)
             if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
                 raise ValueError("sigmas must be a decreasing list of at least 2 finite values >= 0")
-            a["sigmas"] = s
+            a["sigmas"], a["steps"] = s, len(s) - 1
         return a
 
     def __call__(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",

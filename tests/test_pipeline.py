@@ -104,6 +104,7 @@ def test_random_seed_is_reported(tiny):
     (dict(batch_size=0), "batch_size"), (dict(seed=2 ** 32), "seed"), (dict(seed="abc"), "seed"),
     (dict(clip_skip=0), "clip_skip"), (dict(rng="tpu"), "rng"), (dict(subseed_strength=1.5), "subseed_strength"),
     (dict(eta=-1.0), "eta"), (dict(sigmas=[1.0, 2.0]), "sigmas"), (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    (dict(prompt=42), "prompt"), (dict(prompt=[]), "number of prompts"), (dict(prompt=["a", 3]), "prompt"),
 ])
 def test_bad_input_is_a_value_error_naming_the_argument(tiny, kwargs, name):
     calls = []
@@ -111,7 +112,7 @@ def test_bad_input_is_a_value_error_naming_the_argument(tiny, kwargs, name):
     tiny.backend.encode_text = lambda *a: calls.append(a) or orig(*a)
     try:
         with pytest.raises(ValueError, match=name):
-            tiny("x", **dict(dict(width=64, height=64, steps=2), **kwargs))
+            tiny(**dict(dict(prompt="x", width=64, height=64, steps=2), **kwargs))
     finally:
         tiny.backend.encode_text = orig
     assert not calls, "the error comes before any network runs"
