@@ -6,6 +6,7 @@ parameterisation: ``x = x0 + sigma * eps`` with ``sigma = sqrt((1 - alpha_bar) /
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,10 @@ class DiscreteSchedule:
         sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().numpy()
         return cls(sigmas=sigmas, prediction_type=prediction_type)
 
+    @functools.cached_property
+    def log_sigmas(self) -> np.ndarray:
+        return np.log(self.sigmas)
+
     @property
     def sigma_min(self) -> float:
         return float(self.sigmas[0])
@@ -58,7 +63,7 @@ class DiscreteSchedule:
     def sigma_to_t(self, sigma: float) -> float:
         """Continuous timestep for ``sigma`` by linear interpolation in log sigma
         (k-diffusion's ``DiscreteSchedule.sigma_to_t``, unquantised)."""
-        log_sigmas = np.log(self.sigmas)
+        log_sigmas = self.log_sigmas
         log_sigma = math.log(sigma)
         low = int(np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2))
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
@@ -66,7 +71,7 @@ class DiscreteSchedule:
         return (1 - w) * low + w * (low + 1)
 
     def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
-        log_sigmas = np.log(self.sigmas)
+        log_sigmas = self.log_sigmas
         t = np.asarray(t, dtype=np.float64)
         low, high = np.floor(t).astype(int), np.ceil(t).astype(int)
         w = t - low

@@ -27,6 +27,7 @@ def ksampling():
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["k_diffusion"] = pkg
+    stand_ins = {}
     if importlib.util.find_spec("torchvision") is None:
         tv = types.ModuleType("torchvision")
         tv.__path__ = []
@@ -34,7 +35,13 @@ def ksampling():
         tr.__path__ = []
         trf = types.ModuleType("torchvision.transforms.functional")
         tv.transforms, tr.functional = tr, trf
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                            "torchvision.transforms.functional": trf})
-    import k_diffusion.sampling as sampling
+        stand_ins = {"torchvision": tv, "torchvision.transforms": tr, "torchvision.transforms.functional": trf}
+        sys.modules.update(stand_ins)
+    try:
+        import k_diffusion.sampling as sampling
+    finally:
+        # k_diffusion.utils has bound the stand-in; remove it so that diffusers and transformers,
+        # which look torchvision up lazily, still see it as absent
+        for name in stand_ins:
+            sys.modules.pop(name, None)
     return sampling
