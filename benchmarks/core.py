@@ -11,44 +11,28 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 
 import sdrt
-from sdrt.bench import machine
+from sdrt.bench import Settings, machine, run_benchmark
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def overhead(steps=20, repeat=5) -> dict:
-    """Per-step time of everything but the UNet: sampler math, CFG, input scaling, bookkeeping."""
-    pipe = sdrt.Pipeline.from_pretrained("random:tiny")
-    be = pipe.backend
-    unet = be.unet
-    spent = []
-
-    def timed_unet(*a):
-        t0 = time.perf_counter()
-        out = unet(*a)
-        spent.append(time.perf_counter() - t0)
-        return out
-
-    be.unet = timed_unet
+    """Per-step time of everything but the UNet (sampler math, CFG, input scaling, noise), as
+    ``sdrt bench`` measures it (the loop's time minus the time inside the UNet), per sampler."""
     rows = {}
     for sampler in ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "Heun", "UniPC", "DDIM"]:
-        pipe("warm up", sampler=sampler, steps=2, width=64, height=64, seed=1)
-        per_step = []
-        for r in range(repeat):
-            spent.clear()
-            res = pipe("a photo of a cat", sampler=sampler, steps=steps, width=64, height=64, seed=r)
-            per_step.append((res.timings["unet"] - sum(spent)) / steps)
-        rows[sampler] = {"overhead_ms_per_step_median": 1e3 * statistics.median(per_step),
-                         "overhead_ms_per_step_min": 1e3 * min(per_step),
-                         "unet_calls_per_run": len(spent)}
+        s = Settings(model="random:tiny", backends=("torch",), references=(), steps=steps, height=64, width=64,
+                     repeat=repeat, warmup=1, sampler=sampler, schedule="Automatic")
+        row = run_benchmark(s, log=lambda m: None)["rows"][0]
+        per_run = [r["loop_overhead"] / steps for r in row["runs"]]
+        rows[sampler] = {"overhead_ms_per_step_median": 1e3 * statistics.median(per_run),
+                         "overhead_ms_per_step_min": 1e3 * min(per_run), "unet_calls_per_run": row["unet_calls"]}
         print(f"{sampler:14s} loop overhead {rows[sampler]['overhead_ms_per_step_median']:.3f} ms/step "
               f"(min {rows[sampler]['overhead_ms_per_step_min']:.3f})")
-    be.unet = unet
     return {"model": "random:tiny", "size": "64x64", "steps": steps, "repeat": repeat, "samplers": rows}
 
 

@@ -8,6 +8,7 @@ it is never silently used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,11 +53,11 @@ def file_digest(path: Path) -> str:
 
 
 def artifact_key(model_hash: str, network: str, backend: str, precision: str, optimization: str,
-                 opset: int = OPSET) -> dict:
+                 target: str, opset: int = OPSET) -> dict:
     """Everything that makes an artifact, as recorded in the manifest."""
     return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(NETWORKS[network]),
-            "backend": backend, "precision": precision, "opset": opset, "optimization": optimization,
-            "versions": package_versions(), "format": FORMAT}
+            "backend": backend, "precision": precision, "target": target, "opset": opset,
+            "optimization": optimization, "versions": package_versions(), "format": FORMAT}
 
 
 def key_digest(key: dict) -> str:
@@ -175,16 +176,14 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     manifest = read_manifest(engine_dir)
     if manifest.pop("damaged", False):
         log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
-    f = components.latent_factor
     wanted = profile                       # None: any recorded profile will do
-    profile = profile or default_profile(f, components.native_size)
+    profile = profile or default_profile(components.latent_factor, components.native_size)
     optimization = "ort-extended" + ("+diffusion-fusions" if target == "cuda" else "") + \
         ("+fp16" if precision == "float16" else "")
     manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
                     backend="onnxruntime", precision=precision)
     for name in networks:
-        key = artifact_key(components.model_hash, name, "onnxruntime", precision, optimization)
-        key["target"] = target
+        key = artifact_key(components.model_hash, name, "onnxruntime", precision, optimization, target)
         entry = manifest["networks"].get(name)
         check = check_artifact(engine_dir, entry, key)
         if check.ok and not force and (wanted is None or Profile.from_json(entry["profile"]) == wanted):
@@ -194,33 +193,28 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
             log(f"{name}: rebuilding: {check.reason}")
         elif entry is not None and not force:
             log(f"{name}: rebuilding for the profile {profile.describe()}")
-        stages = {}
         path = engine_dir / f"{name}.onnx"
-        t0 = time.perf_counter()
-        _stage(on_stage, name, "export")
-        export_onnx(components, name, path)
-        stages["export"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        _stage(on_stage, name, "optimise")
-        ort_offline_optimize(path)
+        stage = _Stages(name, on_stage)
+        with stage("export"):
+            export_onnx(components, name, path)
         fused = {}
-        if target == "cuda":
-            try:
-                fused = diffusion_fusions(path, name)
-            except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version
-                log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused graph")
-                fused = {"failed": str(e)}
-        if precision == "float16":
-            to_float16(path, name)
-        stages["optimise"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        _stage(on_stage, name, "save")
-        files = [{"name": p.name, "size": p.stat().st_size, "sha256": file_digest(p)} for p in files_of(path)]
-        stages["save"] = time.perf_counter() - t2
+        with stage("optimise"):
+            ort_offline_optimize(path)
+            if target == "cuda":
+                try:
+                    fused = diffusion_fusions(path, name)
+                except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version
+                    log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused graph")
+                    fused = {"failed": str(e)}
+            if precision == "float16":
+                to_float16(path, name)
+        with stage("save"):
+            files = [{"name": p.name, "size": p.stat().st_size, "sha256": file_digest(p)} for p in files_of(path)]
+        stages = stage.seconds
         manifest["networks"][name] = {
             "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
             "profile": profile.to_json(), "size_multiple": components.size_multiple, "build_seconds": stages,
-            "target": target, "fused_operators": fused,
+            "fused_operators": fused,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_manifest(engine_dir, manifest)
@@ -229,6 +223,16 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     return manifest
 
 
-def _stage(cb, name, stage):
-    if cb:
-        cb(name, stage)
+class _Stages:
+    """Times the stages of one network's build and reports each start to ``on_stage``."""
+
+    def __init__(self, name: str, on_stage):
+        self.name, self.on_stage, self.seconds = name, on_stage, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.on_stage:
+            self.on_stage(self.name, stage)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .backends import sync
 
 REFERENCES = ("diffusers", "optimum")
 SUITES_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "suites.json"
@@ -137,9 +138,10 @@ def versions() -> dict:
     return out
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+def _generate(pipe, s: Settings, steps: int, batch: int, height: int, width: int):
+    """The benchmark's generation on an sdrt pipeline (CPU noise, so every backend starts alike)."""
+    return pipe(s.prompt, steps=steps, sampler=s.sampler, schedule=s.schedule, seed=s.seed, width=width,
+                height=height, batch_size=batch, rng="cpu", cfg_scale=7.0)
 
 
 class _Timed:
@@ -149,10 +151,10 @@ class _Timed:
         self.fn, self.device, self.total, self.calls = fn, device, 0.0, 0
 
     def __call__(self, *a, **k):
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         out = self.fn(*a, **k)
-        _sync(self.device)
+        sync(self.device)
         self.total += time.perf_counter() - t0
         self.calls += 1
         return out
@@ -168,8 +170,7 @@ def _sdrt_runner(s: Settings, backend: str, components):
 
     def run(steps: int, batch: int, height: int, width: int):
         timed.total, timed.calls = 0.0, 0
-        r = pipe(s.prompt, steps=steps, sampler=s.sampler, schedule=s.schedule, seed=s.seed, width=width,
-                 height=height, batch_size=batch, rng="cpu", cfg_scale=7.0)
+        r = _generate(pipe, s, steps, batch, height, width)
         t = r.timings
         return {"text_encoder": t["text_encoder"], "unet_all": timed.total, "unet_calls": timed.calls,
                 "vae": t["vae"], "loop_overhead": t["unet"] - timed.total, "total": t["total"]}, r.pixels
@@ -206,11 +207,11 @@ def _diffusers_runner(s: Settings, components):
             noise = torch.stack([torch.randn((4, height // f, width // f),
                                              generator=torch.Generator().manual_seed(s.seed + i))
                                  for i in range(batch)]).to(s.device, dtype)
-            _sync(s.device)
+            sync(s.device)
             t0 = time.perf_counter()
             out = pipe([s.prompt] * batch, num_inference_steps=steps, guidance_scale=7.0, height=height,
                        width=width, latents=noise, output_type="np").images
-            _sync(s.device)
+            sync(s.device)
             total = time.perf_counter() - t0
         finally:
             for _, module, attr in targets:
@@ -308,8 +309,7 @@ def _quality(s: Settings, rows, components, log):
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
             pipe = sdrt.Pipeline(components, sdrt.backends.create_backend("torch", components, s.device, "float32"))
-            ref = pipe(s.prompt, steps=s.steps, sampler=s.sampler, schedule=s.schedule, seed=s.seed, width=s.width,
-                       height=s.height, batch_size=s.batch, rng="cpu", cfg_scale=7.0).pixels
+            ref = _generate(pipe, s, s.steps, s.batch, s.height, s.width).pixels
         except (ValueError, RuntimeError) as e:
             log(f"quality reference failed: {e}")
             return

@@ -68,11 +68,12 @@ def _build(args) -> int:
 
 
 def _print_table(manifest, networks=None):
+    from .export.specs import Profile
+
     rows = [("network", "precision", "size MiB", "build s", "profile")]
     for name, e in manifest["networks"].items():
         if networks and name not in networks:
             continue
-        from .export.specs import Profile
         size = sum(f["size"] for f in e["files"]) / 2 ** 20
         rows.append((name, e["key"]["precision"], f"{size:.1f}", f"{sum(e['build_seconds'].values()):.1f}",
                      Profile.from_json(e["profile"]).describe()))
@@ -93,7 +94,7 @@ def _info(args) -> int:
     for name, e in manifest["networks"].items():
         check = check_artifact(Path(args.dir), e, e["key"])
         v = e["key"]["versions"]
-        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; target {e.get('target', 'cpu')}, "
+        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; target {e['key']['target']}, "
               f"opset {e['key']['opset']}, {e['key']['optimization']}, built {e['built_at']} with onnxruntime "
               f"{v.get('onnxruntime')}, torch {v.get('torch')}")
         if e.get("fused_operators"):

@@ -98,6 +98,6 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = 
         original = z.float().mean(dim=(2, 3), keepdim=True)
         new = out.float().mean(dim=(2, 3), keepdim=True)
         # the web UI divides without a guard; a window whose mean becomes exactly 0 is left as is
-        ratio = torch.where(new == 0, torch.ones_like(new), original / torch.where(new == 0, torch.ones_like(new), new))
+        ratio = torch.where(new == 0, 1.0, original / new)
         out = out * ratio.to(out.dtype)
     return out.reshape(t, n, c)

@@ -44,16 +44,17 @@ class CFGDenoiser:
         self.parts = [len(c) for c in conds]
         self.weights = [[float(w) for w, _ in c] for c in conds]
         self._plain = all(n == 1 for n in self.parts) and all(w == [1.0] for w in self.weights)
-        n_rows = sum(self.parts) + self.batch
         dev = backend.device
-        self._scaled = torch.empty((self.batch, *latent_shape), device=dev, dtype=torch.float32)
-        self._x_in = torch.empty((n_rows, *latent_shape), device=dev, dtype=backend.dtype)
-        self._t = torch.empty((n_rows,), device=dev, dtype=torch.float32)
-        # rows of x_in that hold each image: its cond parts, then its uncond row
+        # rows of the UNet batch that hold each image's cond parts; the uncond rows follow
         self._rows, start = [], 0
-        for i, n in enumerate(self.parts):
+        for n in self.parts:
             self._rows.append((start, start + n))
             start += n
+        source = [i for i, n in enumerate(self.parts) for _ in range(n)] + list(range(self.batch))
+        self._source = torch.tensor(source, device=dev)              # image of each row
+        self._rep = torch.empty((len(source), *latent_shape), device=dev, dtype=torch.float32)
+        self._x_in = torch.empty((len(source), *latent_shape), device=dev, dtype=backend.dtype)
+        self._t = torch.empty((len(source),), device=dev, dtype=torch.float32)
         self._contexts = self._plan_contexts(conds, uncond, max_calls)
         self.step = 0
 
@@ -74,10 +75,8 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        torch.mul(x, c_in, out=self._scaled)
-        for i, (a, b) in enumerate(self._rows):
-            self._x_in[a:b].copy_(self._scaled[i:i + 1].expand(b - a, *x.shape[1:]))
-        self._x_in[-self.batch:].copy_(self._scaled)
+        torch.index_select(x, 0, self._source, out=self._rep)
+        self._x_in.copy_(self._rep.mul_(c_in))
         self._t.fill_(self.schedule.sigma_to_t(sigma))
         ctx = self._contexts[min(self.step, len(self._contexts) - 1)]
         self.step += 1

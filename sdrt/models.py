@@ -96,7 +96,7 @@ def _weights_hash(*modules: torch.nn.Module) -> str:
     for m in modules:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy())   # buffer, no copy
             h.update(str(tuple(v.shape)).encode())
     return h.hexdigest()[:10]
 

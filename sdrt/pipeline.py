@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__, infotext, prompts
-from .backends import create_backend
+from .backends import check_target, create_backend, sync
 from .conditioning import EMPHASIS, encode_texts
 from .denoiser import CFGDenoiser
 from .models import Components, load_model
@@ -85,8 +85,7 @@ class Pipeline:
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
                         engine_dir=None) -> "Pipeline":
         """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend."""
-        from .backends import parse_device, parse_dtype
-        parse_device(device), parse_dtype(dtype)  # fail before loading weights
+        check_target(backend, device, dtype)     # fail before loading weights
         components = load_model(model)
         return cls(components, create_backend(backend, components, device, dtype, engine_dir))
 
@@ -167,7 +166,7 @@ class Pipeline:
         it = iter(pos)
         conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
         uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
-        self._sync()
+        sync(be.device)
         t_text = time.perf_counter() - t0
 
         # denoising loop
@@ -193,7 +192,7 @@ class Pipeline:
         step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
         x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
         latents = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
-        self._sync()
+        sync(be.device)
         t_unet = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -210,10 +209,6 @@ class Pipeline:
         timings = dict(text_encoder=t_text, unet=t_unet, vae=t_vae, total=time.perf_counter() - t_start)
         return GenerationResult(images=images, infotexts=texts, seeds=a["seeds"], timings=timings, pixels=pixels)
 
-    def _sync(self):
-        if self.backend.device.type == "cuda":
-            torch.cuda.synchronize(self.backend.device)
-
     def _infotext(self, a: dict, i: int, eta_value) -> str:
         spec = a["spec"]
         params = {
@@ -225,7 +220,7 @@ class Pipeline:
             "Variation seed strength": a["subseed_strength"] or None,
             "Seed resize from": (f"{a['seed_resize_from'][0]}x{a['seed_resize_from'][1]}"
                                  if a["seed_resize_from"] and min(a["seed_resize_from"]) > 0 else None),
-            "Clip skip": a["clip_skip"] if a["clip_skip"] > 1 else None,
+            "Clip skip": a["clip_skip"],                       # format() leaves out 1
             "ENSD": a["eta_noise_seed_delta"] if a["eta_noise_seed_delta"] and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[a["rng"]],
             "Emphasis": a["emphasis"] if a["emphasis"] != "Original" else None,

@@ -38,9 +38,8 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     square_open: list[int] = []
 
     def multiply(start: int, factor: float):
-        for p in range(start, len(res)):
-            if res[p][1] != -1.0 or res[p][0] != "BREAK":
-                res[p][1] *= factor
+        for p in range(start, len(res)):      # never a BREAK: those exist only outside brackets
+            res[p][1] *= factor
 
     for m in _RE_ATTENTION.finditer(text):
         piece, weight = m.group(0), m.group(1)

@@ -8,6 +8,7 @@ be made on a CPU).
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import warnings
 from typing import Sequence
@@ -74,12 +75,10 @@ class PhiloxGenerator:
 
 def check_seed(value, name: str = "seed") -> int:
     """``value`` as a seed in 0..2^32-1; -1 picks a random one."""
-    try:
-        seed = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED} or -1, got {value!r}") from None
-    if seed != value and not (isinstance(value, float) and value.is_integer()):
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
         raise ValueError(f"{name} must be an integer in 0..{MAX_SEED} or -1, got {value!r}")
+    seed = int(value)
     if seed == -1:
         return random.randrange(0, MAX_SEED + 1)
     if not 0 <= seed <= MAX_SEED:

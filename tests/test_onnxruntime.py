@@ -188,7 +188,7 @@ def test_cuda_target_applies_the_diffusion_fusions(tiny, tmp_path):
     logs = []
     build_onnxruntime(tiny.components, tmp_path, target="cuda", log=logs.append, networks=("unet",))
     entry = read_manifest(tmp_path)["networks"]["unet"]
-    assert entry["target"] == "cuda" and "diffusion-fusions" in entry["key"]["optimization"]
+    assert entry["key"]["target"] == "cuda" and "diffusion-fusions" in entry["key"]["optimization"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False).graph.node}
     assert entry["fused_operators"].get("GroupNorm", 0) > 0 and "GroupNorm" in ops
     logs.clear()

@@ -51,13 +51,36 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def create_backend(name: str, components, device, dtype, engine_dir=None) -> Backend:
-    """The backend called ``name`` for a loaded model."""
+def check_target(name: str, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Validate backend name, device and dtype (before any weights are loaded)."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is unknown; valid backends: {', '.join(BACKENDS)}")
     dev, dt = parse_device(device), parse_dtype(dtype)
     if dt == torch.float16 and dev.type == "cpu":
         raise ValueError("dtype 'float16' needs a CUDA device; on a CPU use dtype='float32'")
+    return dev, dt
+
+
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (for timing); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_text_input(input_ids: torch.Tensor, clip_skip: int, num_layers: int) -> int:
+    """Validate encode_text's arguments; returns the number of 77-token windows."""
+    from ..tokenizer import MAX_LENGTH
+    n = input_ids.shape[1]
+    if n % MAX_LENGTH:
+        raise ValueError(f"input_ids length {n} is not a multiple of {MAX_LENGTH}")
+    if not 1 <= clip_skip <= num_layers:
+        raise ValueError(f"clip_skip must be in 1..{num_layers}, got {clip_skip}")
+    return n // MAX_LENGTH
+
+
+def create_backend(name: str, components, device, dtype, engine_dir=None) -> Backend:
+    """The backend called ``name`` for a loaded model."""
+    dev, dt = check_target(name, device, dtype)
     if name == "torch":
         from .torch_backend import TorchBackend
         return TorchBackend(components, dev, dt)

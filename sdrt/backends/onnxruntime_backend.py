@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..tokenizer import MAX_LENGTH
+from . import check_text_input
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -48,18 +49,17 @@ class OnnxRuntimeBackend:
         self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, dtype)
         log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
         precision = str(dtype).replace("torch.", "")
+        providers = _providers(device)          # fail before a possibly long build
         manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=DEFAULT_NETWORKS,
                                      log=log, target=device.type)
         self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
         self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = _providers(device)
         self.sessions = {name: ort.InferenceSession(str(self.engine_dir / manifest["networks"][name]["file"]),
                                                     opts, providers=providers)
                          for name in DEFAULT_NETWORKS}
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
-        self.latent_factor = components.latent_factor
         self._bindings: dict[tuple, tuple] = {}
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
@@ -81,11 +81,7 @@ class OnnxRuntimeBackend:
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         b, n = input_ids.shape
-        if n % MAX_LENGTH:
-            raise ValueError(f"input_ids length {n} is not a multiple of {MAX_LENGTH}")
-        if not 1 <= clip_skip <= self.num_text_layers:
-            raise ValueError(f"clip_skip must be in 1..{self.num_text_layers}, got {clip_skip}")
-        self._check_windows(n // MAX_LENGTH)
+        self._check_windows(check_text_input(input_ids, clip_skip, self.num_text_layers))
         ids = input_ids.reshape(-1, MAX_LENGTH).cpu().numpy().astype(np.int64)
         hidden = self.sessions["text_encoder"].run(None, {"input_ids": ids})[0]     # (L, N, 77, C)
         out = torch.from_numpy(np.ascontiguousarray(hidden[hidden.shape[0] - clip_skip]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..tokenizer import MAX_LENGTH
+from . import check_text_input
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -33,11 +34,8 @@ class TorchBackend:
         on its own. clip_skip n > 1 takes the hidden state n layers from the end, then the
         final layer norm."""
         b, n = input_ids.shape
-        if n % MAX_LENGTH:
-            raise ValueError(f"input_ids length {n} is not a multiple of {MAX_LENGTH}")
-        if not 1 <= clip_skip <= self.num_text_layers:
-            raise ValueError(f"clip_skip must be in 1..{self.num_text_layers}, got {clip_skip}")
-        ids = input_ids.reshape(b * (n // MAX_LENGTH), MAX_LENGTH).to(self.device)
+        windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
+        ids = input_ids.reshape(b * windows, MAX_LENGTH).to(self.device)
         out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
             hidden = self.final_layer_norm(out.hidden_states[-clip_skip])
