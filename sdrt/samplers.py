@@ -40,12 +40,18 @@ def _require_noise(noise, name):
     return noise
 
 
+def _denoise(model, x, sigmas, i, callback):
+    """Step i's first model call, reported to the callback."""
+    denoised = model(x, sigmas[i])
+    if callback:
+        callback(i, sigmas[i], x, denoised)
+    return denoised
+
+
 def sample_euler(model, x, sigmas, noise=None, callback=None):
     """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), without churn."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         x = x + _d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -53,9 +59,7 @@ def sample_euler(model, x, sigmas, noise=None, callback=None):
 def sample_euler_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (k-diffusion)."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + _d(x, sigmas[i], denoised) * (down - sigmas[i])
         if sigmas[i + 1] > 0 and up > 0:
@@ -66,9 +70,7 @@ def sample_euler_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0,
 def sample_heun(model, x, sigmas, noise=None, callback=None):
     """Implements Algorithm 2 (Heun steps) from Karras et al. (2022), without churn."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         d = _d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
@@ -90,9 +92,7 @@ def _dpm2_step(model, x, d, sigma, sigma_to):
 def sample_dpm_2(model, x, sigmas, noise=None, callback=None):
     """DPM-Solver-2 (Lu et al. 2022) steps in Karras' sigma ODE, as in k-diffusion."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         d = _d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
@@ -104,9 +104,7 @@ def sample_dpm_2(model, x, sigmas, noise=None, callback=None):
 def sample_dpm_2_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 steps (k-diffusion)."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         d = _d(x, sigmas[i], denoised)
         if down == 0:
@@ -136,9 +134,7 @@ def sample_lms(model, x, sigmas, noise=None, callback=None, order=4):
     """Linear multistep method over the Karras ODE (k-diffusion ``sample_lms``)."""
     ds = []
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         ds.append(_d(x, sigmas[i], denoised))
         if len(ds) > order:
             ds.pop(0)
@@ -151,9 +147,7 @@ def sample_lms(model, x, sigmas, noise=None, callback=None, order=4):
 def sample_dpmpp_2s_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, Algorithm 1)."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if down == 0:
             x = x + _d(x, sigmas[i], denoised) * (down - sigmas[i])
@@ -172,9 +166,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise=None, callback=None, eta=1
 def sample_dpmpp_sde(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic, SDE-DPM-Solver++ with a midpoint at ratio r), k-diffusion."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = x + _d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
@@ -202,9 +194,7 @@ def sample_dpmpp_2m(model, x, sigmas, noise=None, callback=None):
     """DPM-Solver++(2M), Lu et al. (2022), Algorithm 2."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -226,9 +216,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, noise=None, callback=None, eta=1.0, s_
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         h = None
         if sigmas[i + 1] == 0:
             x = denoised
@@ -253,9 +241,7 @@ def sample_ddim(model, x, sigmas, noise=None, callback=None, eta=0.0):
     probability-flow ODE; with eta>0 the DDIM noise sigma_t becomes an ancestral step, since
     sigma_up^2 = eta^2 s'^2 (s^2 - s'^2) / s^2 is exactly DDIM's sigma_t / sqrt(alpha_prev)."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = denoised + (x - denoised) * (down / sigmas[i])
         if sigmas[i + 1] > 0 and up > 0:
@@ -291,9 +277,7 @@ def sample_unipc(model, x, sigmas, noise=None, callback=None, order=3, variant="
     outs: list = []           # denoised at previous steps, newest last
     last_x, last_order = None, 0
     for i in range(n):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         if last_x is not None:  # UniC: correct x_i with the model output at x_i
             x = _unipc_correct(last_x, denoised, outs, lam, i, last_order, variant, sigmas)
         outs = (outs + [denoised])[-order:]
@@ -332,9 +316,7 @@ def sample_lcm(model, x, sigmas, noise=None, callback=None):
     """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to the
     denoised estimate, then re-noise to the next sigma."""
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        if callback:
-            callback(i, sigmas[i], x, denoised)
+        denoised = _denoise(model, x, sigmas, i, callback)
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + _require_noise(noise, "LCM")(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
