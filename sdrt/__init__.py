@@ -7,5 +7,6 @@
 __version__ = "0.1.0"
 
 from .pipeline import GenerationResult, Pipeline  # noqa: E402
+from .engine import Engine, EngineBusy, EngineClosed, Request  # noqa: E402
 
-__all__ = ["Pipeline", "GenerationResult", "__version__"]
+__all__ = ["Pipeline", "GenerationResult", "Engine", "Request", "EngineBusy", "EngineClosed", "__version__"]

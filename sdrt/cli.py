@@ -102,6 +102,19 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .serve import Scaling, run
+    from .server import ServerConfig
+    config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                          engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
+                          max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images)
+    scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica)
+    run(config, host=args.host, port=args.port, scaling=scaling, use_ray=not args.no_ray,
+        ray_address=args.ray_address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
     from .schedules import SCHEDULES
@@ -169,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", default=None)
     be.add_argument("--chart", default=None)
     be.set_defaults(func=lambda a: __import__("sdrt.bench", fromlist=["main_bench"]).main_bench(a))
+
+    s = sub.add_parser("serve", help="serve the web UI's HTTP API (/sdapi/v1/txt2img, ...) with Ray Serve")
+    s.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
+    s.add_argument("--backend", default="torch")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--engine-dir", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7861)
+    s.add_argument("--replicas", type=int, default=1, help="fixed replica count (one per GPU or CPU worker)")
+    s.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min and --max replicas")
+    s.add_argument("--max-replicas", type=int, default=None)
+    s.add_argument("--target-ongoing-requests", type=float, default=16.0, help="autoscaler target per replica")
+    s.add_argument("--cpus-per-replica", type=float, default=1.0)
+    s.add_argument("--max-batch-size", type=int, default=8, help="images per batch (dynamic batching)")
+    s.add_argument("--max-wait", type=float, default=0.02, help="seconds a partial batch waits for more requests")
+    s.add_argument("--max-queue", type=int, default=256, help="images waiting before the server answers 503")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds per image, queue included")
+    s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
+    s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
+    s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    s.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="what an engine folder holds")
     i.add_argument("dir")

@@ -35,10 +35,17 @@ class CFGDenoiser:
     prompt; several for ``AND``). uncond: per image, a schedule. x is (B, C, h, w) float32.
     """
 
-    def __init__(self, backend, schedule: DiscreteSchedule, conds, uncond, cfg_scale: float,
+    def __init__(self, backend, schedule: DiscreteSchedule, conds, uncond, cfg_scale,
                  latent_shape, max_calls: int):
         self.backend, self.schedule = backend, schedule
-        self.cfg_scale = float(cfg_scale)
+        # one scale for the batch, or one per image (requests batched together by sdrt.Engine)
+        scales = [float(v) for v in cfg_scale] if isinstance(cfg_scale, (list, tuple)) else [float(cfg_scale)]
+        self.cfg_scales = scales * len(uncond) if len(scales) == 1 else scales
+        if len(self.cfg_scales) != len(uncond):
+            raise ValueError(f"{len(self.cfg_scales)} cfg scales for {len(uncond)} images")
+        same = all(v == self.cfg_scales[0] for v in self.cfg_scales)
+        self.cfg_scale = self.cfg_scales[0] if same else torch.tensor(
+            self.cfg_scales, device=backend.device, dtype=torch.float32).view(-1, 1, 1, 1)
         self.v_prediction = schedule.prediction_type == "v_prediction"
         self.batch = len(uncond)
         self.parts = [len(c) for c in conds]
@@ -95,5 +102,5 @@ class CFGDenoiser:
         guided = uncond.clone()
         for i, (a, b) in enumerate(self._rows):
             for j in range(a, b):
-                guided[i] += (out[j] - uncond[i]) * (self.cfg_scale * self.weights[i][j - a])
+                guided[i] += (out[j] - uncond[i]) * (self.cfg_scales[i] * self.weights[i][j - a])
         return guided

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__, infotext, prompts
 from .backends import check_target, create_backend, sync
-from .conditioning import EMPHASIS, encode_texts
+from .conditioning import EMPHASIS, encode_texts, tokenize_weighted
 from .denoiser import CFGDenoiser
 from .models import Components, load_model
 from .rng import SOURCES, BrownianNoise, ImageRNG, check_seed
@@ -75,6 +75,15 @@ def _prompt_list(name, value, batch_size) -> list[str]:
     return values
 
 
+def _seed_list(name, value, batch_size, step) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch_size:
+            raise ValueError(f"{name} must be an integer or a list of {batch_size} integers, got {len(value)}")
+        return [check_seed(v, name) for v in value]
+    seed = check_seed(value, name)
+    return [(seed + i * step) % 2 ** 32 for i in range(batch_size)]
+
+
 class Pipeline:
     """Stable Diffusion text-to-image over one backend. See DESIGN.md for the public API."""
 
@@ -89,6 +98,14 @@ class Pipeline:
         components = load_model(model)
         return cls(components, create_backend(backend, components, device, dtype, engine_dir))
 
+    def submit(self, request=None, /, **kwargs):
+        """Queue one image on this pipeline's default ``sdrt.Engine`` (created on first use);
+        returns a Future of a one-image GenerationResult. See ``sdrt.engine``."""
+        if getattr(self, "_engine", None) is None:
+            from .engine import Engine
+            self._engine = Engine(self)
+        return self._engine.submit(request, **kwargs)
+
     def _check(self, a: dict) -> dict:
         """Validate every argument before any network runs; returns the normalised values."""
         c = self.components
@@ -97,7 +114,6 @@ class Pipeline:
         factor = c.latent_factor
         a["width"] = _int_arg("width", a["width"], factor, MAX_SIDE, multiple=factor)
         a["height"] = _int_arg("height", a["height"], factor, MAX_SIDE, multiple=factor)
-        a["cfg_scale"] = _float_arg("cfg_scale", a["cfg_scale"])
         a["clip_skip"] = _int_arg("clip_skip", a["clip_skip"], 1, c.text_encoder.config.num_hidden_layers)
         a["spec"], sched = resolve_sampler(a["sampler"], a["schedule"])
         a["schedule"] = normalize_schedule(sched)
@@ -117,13 +133,20 @@ class Pipeline:
             a["batch_size"] = _int_arg("number of prompts", len(a["prompt"]), 1, 256)
         a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"])
         a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
+        if isinstance(a["cfg_scale"], (list, tuple)):
+            if len(a["cfg_scale"]) != a["batch_size"]:
+                raise ValueError(f"cfg_scale must be a number or a list of {a['batch_size']} numbers")
+            a["cfg_scales"] = [_float_arg("cfg_scale", v) for v in a["cfg_scale"]]
+        else:
+            a["cfg_scales"] = [_float_arg("cfg_scale", a["cfg_scale"])] * a["batch_size"]
         check = getattr(self.backend, "check_request", None)
         if check is not None:
             check(a["batch_size"], a["height"], a["width"])
-        seed = check_seed(a["seed"])
-        a["seeds"] = [(seed + i) % 2 ** 32 for i in range(a["batch_size"])]
-        subseed = check_seed(a["subseed"], "subseed")
-        a["subseeds"] = [(subseed + i) % 2 ** 32 for i in range(a["batch_size"])]
+        # the web UI's rule: image i gets seed + i, unless a variation (subseed) is mixed in, then
+        # every image keeps the seed and the subseeds count up; a list gives each image its own
+        step = 1 if a["subseed_strength"] == 0 else 0
+        a["seeds"] = _seed_list("seed", a["seed"], a["batch_size"], step)
+        a["subseeds"] = _seed_list("subseed", a["subseed"], a["batch_size"], 1)
         if a["sigmas"] is not None:
             s = np.asarray(a["sigmas"], dtype=np.float64)
             if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
@@ -141,6 +164,10 @@ class Pipeline:
 
         Args:
             prompt: text, or a list of texts (one per image; then it sets the batch size).
+            seed / subseed: an integer (-1: random), or a list with one per image. Image i gets
+                seed + i, except with a variation (subseed_strength > 0), where every image
+                keeps the seed and the subseeds count up (the web UI's rule).
+            cfg_scale: a number, or a list with one per image.
             sampler / schedule: web UI names ("DPM++ 2M", "Karras"; "DPM++ 2M Karras" too).
             rng: noise source, "gpu" (the device's generator), "cpu" or "nv".
             emphasis: how token weights apply: "Original" (keeps the mean), "No norm", "Ignore".
@@ -148,28 +175,56 @@ class Pipeline:
             callback: called as ``callback(step, total_steps)`` after each step.
         """
         a = self._check(dict(locals()))
+        job = self._encode(a)
+        result, bad = self._sample(job, callback)
+        if bad:
+            hint = "; try dtype='float32'" if self.backend.dtype != torch.float32 else ""
+            raise FloatingPointError(
+                f"the decoded image{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or Inf "
+                f"values (the model overflowed in {str(self.backend.dtype).replace('torch.', '')}){hint}")
+        return result
+
+    # The two stages of a generation; sdrt.Engine runs them on separate threads so that the
+    # text of the next batch is encoded while this one denoises.
+
+    def _encode(self, a: dict) -> dict:
+        """Stage 1 (validated arguments -> job): sigmas and the conditioning of every model call."""
         t_start = time.perf_counter()
         c, be, spec = self.components, self.backend, a["spec"]
         sig = a["sigmas"] if a["sigmas"] is not None else get_sigmas(
             a["schedule"], a["steps"], c.schedule, default=spec.schedule,
             discard_penultimate=spec.discard_penultimate)
-        n_steps = len(sig) - 1
-
         # text: the web UI's prompt schedules (counted in model calls), each distinct text encoded once
-        t0 = time.perf_counter()
-        total = n_steps * 2 if spec.second_order else n_steps
-        parts = [prompts.split_and(p) for p in a["prompts"]]
-        pos = prompts.schedules([t for ps in parts for t, _ in ps], total)
-        neg = prompts.schedules(a["negative_prompts"], total)
+        pos, neg, parts = self._schedules(a, len(sig) - 1)
         texts = [t for sched in pos + neg for _, t in sched]
         emb = encode_texts(be, c.tokenizer, texts, a["clip_skip"], a["emphasis"])
         it = iter(pos)
         conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
         uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
         sync(be.device)
-        t_text = time.perf_counter() - t0
+        return dict(a=a, sigmas=sig, conds=conds, uncond=uncond, t_start=t_start,
+                    t_text=time.perf_counter() - t_start)
 
-        # denoising loop
+    def _schedules(self, a: dict, n_steps: int):
+        total = n_steps * 2 if a["spec"].second_order else n_steps
+        parts = [prompts.split_and(p) for p in a["prompts"]]
+        pos = prompts.schedules([t for ps in parts for t, _ in ps], total)
+        neg = prompts.schedules(a["negative_prompts"], total)
+        return pos, neg, parts
+
+    def _windows(self, a: dict) -> int:
+        """How many 77-token windows the request's texts take (all are padded to this count)."""
+        n_steps = a["steps"] if a["sigmas"] is None else len(a["sigmas"]) - 1
+        pos, neg, _ = self._schedules(a, n_steps)
+        texts = dict.fromkeys(t for sched in pos + neg for _, t in sched)
+        return max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
+
+    def _sample(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
+        """Stage 2 (job -> images): the denoising loop and the VAE. Returns the result and the
+        indices of images that hold NaN or Inf (the caller decides whether that fails them)."""
+        a, sig = job["a"], job["sigmas"]
+        c, be, spec = self.components, self.backend, a["spec"]
+        n_steps = len(sig) - 1
         t0 = time.perf_counter()
         f = c.latent_factor
         latent_shape = (c.latent_channels, a["height"] // f, a["width"] // f)
@@ -178,7 +233,8 @@ class Pipeline:
                        eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
         x = gen.next().float()
         x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
-        denoiser = CFGDenoiser(be, c.schedule, conds, uncond, a["cfg_scale"], latent_shape, 2 * n_steps + 2)
+        denoiser = CFGDenoiser(be, c.schedule, job["conds"], job["uncond"], a["cfg_scales"], latent_shape,
+                               2 * n_steps + 2)
         noise = None
         if spec.noise == "rng":
             noise = lambda s, s_next: gen.next().float()  # noqa: E731
@@ -199,22 +255,21 @@ class Pipeline:
         decoded = be.decode(latents)
         pixels = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
         t_vae = time.perf_counter() - t0
-        if not np.all(np.isfinite(pixels)):
-            hint = "; try dtype='float32'" if be.dtype != torch.float32 else ""
-            raise FloatingPointError(f"the decoded image holds NaN or Inf values (the model overflowed in "
-                                     f"{str(be.dtype).replace('torch.', '')}){hint}")
+        bad = [i for i in range(len(pixels)) if not np.all(np.isfinite(pixels[i]))]
         # the web UI truncates to uint8 rather than rounding
-        images = [Image.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
+        images = [Image.fromarray((255.0 * np.nan_to_num(p)).astype(np.uint8)) for p in pixels]
         texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]
-        timings = dict(text_encoder=t_text, unet=t_unet, vae=t_vae, total=time.perf_counter() - t_start)
-        return GenerationResult(images=images, infotexts=texts, seeds=a["seeds"], timings=timings, pixels=pixels)
+        timings = dict(text_encoder=job["t_text"], unet=t_unet, vae=t_vae,
+                       total=time.perf_counter() - job["t_start"])
+        return GenerationResult(images=images, infotexts=texts, seeds=a["seeds"], timings=timings,
+                                pixels=pixels), bad
 
     def _infotext(self, a: dict, i: int, eta_value) -> str:
         spec = a["spec"]
         params = {
             "Prompt": a["prompts"][i], "Negative prompt": a["negative_prompts"][i],
             "Steps": a["steps"], "Sampler": spec.name, "Schedule type": a["schedule"],
-            "CFG scale": a["cfg_scale"], "Seed": a["seeds"][i], "Size": f"{a['width']}x{a['height']}",
+            "CFG scale": a["cfg_scales"][i], "Seed": a["seeds"][i], "Size": f"{a['width']}x{a['height']}",
             "Model hash": self.components.model_hash, "Model": self.components.name,
             "Variation seed": a["subseeds"][i] if a["subseed_strength"] else None,
             "Variation seed strength": a["subseed_strength"] or None,
@@ -225,7 +280,8 @@ class Pipeline:
             "RNG": RNG_INFOTEXT[a["rng"]],
             "Emphasis": a["emphasis"] if a["emphasis"] != "Original" else None,
             ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
-                eta_value if a["eta"] is not None and eta_value != spec.eta_default else None,
+                eta_value if spec.eta_default is not None and a["eta"] is not None
+                and eta_value != spec.eta_default else None,       # only samplers that use eta record it
             "Version": f"sdrt {__version__}",
         }
         return infotext.format(params)
