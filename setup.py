@@ -24,7 +24,7 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cuda-python>=12", "onnxruntime-gpu>=1.18"],
-        "serve": ["ray[serve]>=2.30", "fastapi", "webuiapi"],
+        "serve": ["ray[serve]>=2.60", "fastapi>=0.110", "uvicorn>=0.29", "webuiapi>=0.9", "requests"],
         "bench": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6", "lark>=1.1", "torchdiffeq", "scipy", "matplotlib>=3.7"],  # + k-diffusion --no-deps
     },

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs sdrt and what it needs, in the order that keeps the CPU build of torch:
 #   scripts/setup.sh         the runtime
-#   scripts/setup.sh test    the runtime and the test dependencies (k-diffusion for parity tests)
+#   scripts/setup.sh test    the runtime and the test dependencies (k-diffusion for parity tests,
+#                            Ray Serve and the webuiapi client for the server tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install "torch==2.13.0"
@@ -10,7 +11,7 @@ pip install --no-deps "open_clip_torch==3.3.0"
 if [ "${1:-}" = "test" ]; then
   # k-diffusion's own dependencies include training packages; the parity tests need only these
   pip install --no-deps "k-diffusion==0.1.1.post1"
-  pip install -e ".[test,onnx]"
+  pip install -e ".[test,onnx,serve]"
 else
   pip install -e ".[onnx,bench]"
 fi

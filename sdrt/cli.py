@@ -107,7 +107,8 @@ def _serve(args) -> int:
     from .server import ServerConfig
     config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                           engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
-                          max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images)
+                          max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images,
+                          threads=args.threads)
     scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica)
     run(config, host=args.host, port=args.port, scaling=scaling, use_ray=not args.no_ray,
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256, help="images waiting before the server answers 503")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per image, queue included")
     s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per engine worker (tiny models: 1)")
     s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.set_defaults(func=_serve)

@@ -149,17 +149,25 @@ class Engine:
         max_queue: most requests waiting; beyond it ``submit`` answers EngineBusy.
         timeout: default per-request timeout in seconds (None: none).
         overlap: encode the next batch's text while the current one denoises.
+        threads: torch intra-op threads for the engine's two worker threads (None: torch's
+            default). With libgomp, once the main thread has run a parallel region, other
+            threads' parallel regions wake their workers slowly: a tiny model (microsecond
+            ops) ran 3x slower in a worker thread at 2 threads than at 1 here; SD 1.5's
+            UNet ran as fast in a worker thread as in the main thread (README, Serving).
     """
 
     def __init__(self, pipe: Pipeline, max_batch_size: int = 8, max_wait: float = 0.02,
-                 max_queue: int = 256, timeout: float | None = None, overlap: bool = True):
+                 max_queue: int = 256, timeout: float | None = None, overlap: bool = True,
+                 threads: int | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if not (isinstance(max_wait, (int, float)) and 0 <= max_wait < math.inf):
             raise ValueError(f"max_wait must be a number of seconds >= 0, got {max_wait!r}")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
-        self.pipe = pipe
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        self.pipe, self.threads = pipe, threads
         profile = getattr(pipe.backend, "profile", None)
         self.max_batch_size = min(max_batch_size, profile.batch[2]) if profile is not None else max_batch_size
         self.max_wait, self.max_queue, self.timeout = float(max_wait), max_queue, timeout
@@ -339,7 +347,13 @@ class Engine:
             batch.error = e
         return batch
 
+    def _set_threads(self) -> None:
+        if self.threads is not None:
+            import torch
+            torch.set_num_threads(self.threads)       # per calling thread under OpenMP
+
     def _batch_loop(self) -> None:
+        self._set_threads()
         while True:
             items = self._take_batch()
             if items is None:
@@ -356,6 +370,7 @@ class Engine:
             self._ready.put(None)
 
     def _run_loop(self) -> None:
+        self._set_threads()
         while (batch := self._ready.get()) is not None:
             self._run(batch)
 

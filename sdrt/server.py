@@ -50,6 +50,7 @@ class ServerConfig:
     max_wait: float = 0.02            # seconds a partial batch waits
     max_queue: int = 256              # images waiting; beyond it 503
     timeout: float | None = 600.0     # seconds per image, queue included
+    threads: int | None = None        # torch threads per engine worker (None: torch's default)
     max_images: int = 16              # batch_size * n_iter per HTTP request
     max_side: int = 2048              # pixels
     max_prompt_chars: int = 20000     # prompt + negative prompt
@@ -125,7 +126,7 @@ class ServerState:
         self.pipe = pipe or Pipeline.from_pretrained(config.model, backend=config.backend, device=config.device,
                                                      dtype=config.dtype, engine_dir=config.engine_dir)
         self.engine = Engine(self.pipe, max_batch_size=config.max_batch_size, max_wait=config.max_wait,
-                             max_queue=config.max_queue, timeout=config.timeout)
+                             max_queue=config.max_queue, timeout=config.timeout, threads=config.threads)
         c = self.pipe.components
         self.model_title = f"{c.name} [{c.model_hash}]"
         self.options = {"sd_model_checkpoint": self.model_title, "CLIP_stop_at_last_layers": 1,

@@ -85,3 +85,17 @@ def test_gpu_suite_refuses_without_a_gpu():
         pytest.skip("a GPU is present: the suite would run for minutes")
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "run.py")], capture_output=True, text=True)
     assert p.returncode == 2 and "no CUDA GPU" in p.stderr
+
+
+def test_serving_benchmark_reports_ratios_side_by_side(tiny):
+    from sdrt.bench import format_serving, run_serving
+    record = run_serving(tiny, clients=4, per_client=1, rounds=1, log=lambda m: None,
+                         modes={"one-at-a-time": (1, 0.0, None), "dynamic": (4, 0.5, None)},
+                         request=dict(steps=2, width=64, height=64, sampler="Euler"))
+    one, dyn = record["modes"]["one-at-a-time"], record["modes"]["dynamic"]
+    assert one["latency_s"]["n"] == dyn["latency_s"]["n"] == 4
+    assert one["mean_batch_size"] == 1.0 and dyn["mean_batch_size"] > 1.0     # the clients were batched
+    assert one["throughput_vs_one_at_a_time"] == 1.0
+    assert dyn["throughput_vs_one_at_a_time"] == dyn["images_per_s"] / one["images_per_s"]
+    assert record["single_request_latency_s"]["direct"] > 0
+    assert "dynamic" in format_serving(record)

@@ -1,0 +1,43 @@
+"""Serving benchmark: sdrt.Engine's dynamic batching against one request at a time, for 32
+concurrent clients on random:tiny, side by side in one run (images per second, p50/p99 latency).
+
+    python benchmarks/serving.py [--clients 32] [--per-client 3] [--rounds 2]
+
+Writes benchmarks/results/serving-<date>.json with the machine it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import sdrt
+from sdrt.bench import format_serving, machine, run_serving, versions
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:tiny")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--per-client", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=64)
+    args = ap.parse_args()
+    pipe = sdrt.Pipeline.from_pretrained(args.model)
+    record = run_serving(pipe, clients=args.clients, per_client=args.per_client, rounds=args.rounds,
+                         request=dict(steps=args.steps, width=args.size, height=args.size, sampler="Euler a"))
+    print(format_serving(record))
+    record.update(model=args.model, machine=machine(), versions=versions(),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"serving-{datetime.date.today().isoformat()}.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
