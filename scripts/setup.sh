@@ -12,6 +12,9 @@ if [ "${1:-}" = "test" ]; then
   # k-diffusion's own dependencies include training packages; the parity tests need only these
   pip install --no-deps "k-diffusion==0.1.1.post1"
   pip install -e ".[test,onnx,serve]"
+  # the real TensorRT 11.4 binding (not importable without NVIDIA's libraries): the TensorRT tests
+  # check every API name sdrt uses against its name table
+  pip download --no-deps -q -d .cache/wheels "tensorrt-cu13-bindings==11.4.0.106"
 else
   pip install -e ".[onnx,bench]"
 fi

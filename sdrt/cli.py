@@ -44,8 +44,11 @@ def _build(args) -> int:
     from .export.specs import default_profile
     from .models import load_model
 
-    if args.backend != "onnxruntime":
-        raise ValueError(f"backend {args.backend!r} cannot be built here; valid: onnxruntime")
+    if args.backend == "tensorrt":
+        from .export.tensorrt import require_tensorrt
+        require_tensorrt()         # before loading weights: a clear message naming the package
+    elif args.backend != "onnxruntime":
+        raise ValueError(f"backend {args.backend!r} cannot be built; valid: onnxruntime, tensorrt")
     networks = tuple(NETWORKS) if args.networks == "all" else tuple(n.strip() for n in args.networks.split(","))
     print(f"loading {args.model} ...", flush=True)
     components = load_model(args.model)
@@ -60,9 +63,19 @@ def _build(args) -> int:
         started.setdefault(name, now)
         print(f"  {name:12s} {stage} ... ({now - started[name]:.1f} s)", flush=True)
 
+    if args.backend == "tensorrt":
+        from .export.tensorrt import BuildOptions, build_tensorrt
+        precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
+        manifest = build_tensorrt(components, args.out, profile=profile, networks=networks, force=args.force,
+                                  options=BuildOptions(precision=precision,
+                                                       timing_cache=str(Path(args.out) / "timing.cache")),
+                                  target=args.target or "native", log=lambda m: print(f"  {m}", flush=True),
+                                  on_progress=lambda phase, i, n: print(f"  {phase}: {i}/{n}", flush=True))
+        _print_table(manifest, networks)
+        return 0
     manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
                                  force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
-                                 target=args.target)
+                                 target=args.target or "cpu")
     _print_table(manifest, networks)
     return 0
 
@@ -152,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="diffusers folder, random:tiny or random:sd15")
     b.add_argument("--backend", default="onnxruntime")
     b.add_argument("--out", required=True, help="the engine folder")
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    b.add_argument("--target", default="cpu", choices=["cpu", "cuda"],
-                   help="execution provider the graphs are optimised for (cuda adds ONNX Runtime's diffusion fusions)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="bfloat16: tensorrt only")
+    b.add_argument("--target", default=None,
+                   help="onnxruntime: cpu (default) or cuda (adds ONNX Runtime's diffusion fusions); "
+                        "tensorrt: native (default) or the GPU architecture, sm_80, sm_86, sm_89, sm_90, ...")
     b.add_argument("--min", default=None, help="smallest request, BxHxW (images x pixel height x width)")
     b.add_argument("--opt", default=None, help="the request to tune for, BxHxW")
     b.add_argument("--max", default=None, help="largest request, BxHxW")

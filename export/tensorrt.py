@@ -1,0 +1,280 @@
+"""TensorRT engine builder: the exporters' ONNX graphs -> serialized engines for a deployment
+target (GPU architecture + TensorRT version), with shape profiles from the export specs.
+
+Written against the Python API that TensorRT 10 and 11 share (``tensorrt.Builder``,
+``OnnxParser``, ``IBuilderConfig``, ``IOptimizationProfile``, ``IProgressMonitor``); nothing here
+has run on real TensorRT (it cannot be installed on the machines this was written on): the
+tests drive it through a fake of that API, and check every name it uses against the real
+TensorRT 11.4 binding's name table.
+
+    trt = require_tensorrt()
+    plan = build_engine(trt, "unet.onnx", "unet", profile, BuildOptions(precision="fp16"), dims)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+from .specs import NETWORKS, Profile
+
+INSTALL_HINT = ('pip install tensorrt  (the wheels come from NVIDIA\'s index, pypi.nvidia.com, and need an NVIDIA '
+                'GPU with its driver; add --extra-index-url https://pypi.nvidia.com if pip cannot find them)')
+ARCHITECTURES = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_110", "sm_120")
+
+
+class Precision(str, Enum):
+    """Typed precision choice (not a row of booleans): the builder flag each one sets."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: Precision = Precision.FP16
+    optimization_level: int = 3           # builder_optimization_level, 0..5
+    workspace_bytes: int = 4 << 30        # MemoryPoolType.WORKSPACE limit
+    refit: bool = False                   # refittable weights (LoRA later)
+    timing_cache: str | None = None       # file read before and written after the build
+
+    def __post_init__(self):
+        object.__setattr__(self, "precision", Precision(self.precision))
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(f"optimization_level must be in 0..5, got {self.optimization_level}")
+        if self.workspace_bytes < 1 << 20:
+            raise ValueError(f"workspace_bytes must be at least 1 MiB, got {self.workspace_bytes}")
+
+
+def require_tensorrt():
+    """``import tensorrt`` or a RuntimeError naming the package and how to install it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeError(f"TensorRT is not installed (Python package 'tensorrt'): {INSTALL_HINT}") from None
+    if not hasattr(trt, "Builder"):       # the PyPI stub without its NVIDIA wheels
+        raise RuntimeError(f"the 'tensorrt' package here is a stub without the TensorRT libraries: {INSTALL_HINT}")
+    return trt
+
+
+def check_target(target: str, native: str | None) -> str:
+    """The architecture an engine is built for. TensorRT builds for the GPU it runs on, so a
+    named target must be this machine's; ``native`` takes it."""
+    if target != "native" and target not in ARCHITECTURES:
+        raise ValueError(f"target {target!r} is unknown; valid: native, {', '.join(ARCHITECTURES)}")
+    if native is None:
+        raise RuntimeError("no CUDA GPU is visible: TensorRT builds engines on the GPU they are for")
+    if target not in ("native", native):
+        raise ValueError(f"this machine's GPU is {native}; TensorRT builds for the GPU it runs on, so build the "
+                         f"{target} engines on a {target} machine (or use --target native)")
+    return native
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes the profiles need that the export specs leave symbolic."""
+
+    latent_factor: int        # pixels per latent cell
+    latent_channels: int = 4
+    hidden: int = 768         # text hidden size C
+    layers: int = 12          # text encoder layers L
+
+
+def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """{input name: (min, opt, max) shape} for one network. UNet rows are 2 per image (CFG:
+    cond + uncond); text rows are 77-token windows of up to 2 texts per image."""
+    if network not in NETWORKS:
+        raise ValueError(f"network {network!r} is unknown; valid: {', '.join(NETWORKS)}")
+    f = dims.latent_factor
+    b = profile.batch
+    h = tuple(v // f for v in profile.height)
+    w = tuple(v // f for v in profile.width)
+    k = profile.windows
+    out = {}
+    for i in range(3):
+        values = {"B": b[i], "H": h[i], "W": w[i], "IH": profile.height[i], "IW": profile.width[i]}
+        if network == "unet":
+            values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden)
+        if network == "text_encoder":
+            values.update(N=(1 if i == 0 else 2 * b[i] * k[i]))
+        for t in NETWORKS[network].inputs:
+            shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
+                          for d in t.dims)
+            out.setdefault(t.name, [None, None, None])[i] = shape
+    return {name: tuple(v) for name, v in out.items()}
+
+
+def is_static(shapes: dict) -> bool:
+    return all(lo == opt == hi for lo, opt, hi in shapes.values())
+
+
+@dataclass
+class BuildReport:
+    """What a build did: the phases TensorRT reported, and the parser's errors if it failed."""
+
+    phases: list = field(default_factory=list)
+    parser_errors: list = field(default_factory=list)
+
+
+def _progress_monitor(trt, on_progress: Callable[[str, int, int], None] | None):
+    """An ``IProgressMonitor`` that forwards (phase, step, steps) and never cancels."""
+    if on_progress is None:
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            on_progress(phase_name, 0, num_steps)
+
+        def step_complete(self, phase_name, step):
+            on_progress(phase_name, step + 1, self.steps.get(phase_name, 0))
+            return True                    # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            on_progress(phase_name, self.steps.get(phase_name, 0), self.steps.get(phase_name, 0))
+    return Monitor()
+
+
+def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, options: BuildOptions,
+                 on_progress: Callable[[str, int, int], None] | None = None, report: BuildReport | None = None) -> bytes:
+    """Parse ``onnx_path`` (external data next to it), set one optimization profile from
+    ``shapes`` ({input: (min, opt, max)}), the precision flag, workspace limit, optimisation
+    level, refit and timing cache, and return the serialized engine."""
+    report = report if report is not None else BuildReport()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):   # reads the external data file next to it
+        report.parser_errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(report.parser_errors))
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    if names != set(shapes):
+        raise ValueError(f"{network_name}: the ONNX inputs {sorted(names)} differ from the export spec's "
+                         f"{sorted(shapes)}; re-export the graph")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    config.builder_optimization_level = options.optimization_level
+    if options.precision is Precision.FP16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif options.precision is Precision.BF16:
+        config.set_flag(trt.BuilderFlag.BF16)
+    if options.refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    cache_path = Path(options.timing_cache) if options.timing_cache else None
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _progress_monitor(trt, on_progress)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build the {network_name} engine (see the log above)")
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+def engine_target(trt, arch: str) -> dict:
+    """What an engine is tied to; recorded in the manifest and checked by the loader."""
+    return {"arch": arch, "tensorrt": str(trt.__version__)}
+
+
+def check_engine_target(recorded: dict, arch: str, trt_version: str, engine_dir) -> str | None:
+    """Why an engine built for ``recorded`` cannot run here (None when it can)."""
+    rebuild = f"rebuild with `sdrt build MODEL --backend tensorrt --out {engine_dir} --target native` on this machine"
+    if recorded.get("arch") != arch:
+        return f"the engines in {engine_dir} were built for {recorded.get('arch')}, this GPU is {arch}: {rebuild}"
+    if recorded.get("tensorrt") != trt_version:
+        return (f"the engines in {engine_dir} were built with TensorRT {recorded.get('tensorrt')}, this is "
+                f"TensorRT {trt_version} (a serialized engine only loads in the version that built it): {rebuild}")
+    return None
+
+
+def arch_of(capability: tuple[int, int]) -> str:
+    """(major, minor) compute capability -> "sm_XY"."""
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def parse_arch(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"sm_(\d+)(\d)", text)
+    if not m:
+        raise ValueError(f"architecture must look like sm_86, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def native_arch() -> str | None:
+    """This machine's GPU architecture, or None without a CUDA GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return arch_of(torch.cuda.get_device_capability())
+
+
+def build_tensorrt(components, engine_dir, profile: Profile | None = None, options: BuildOptions | None = None,
+                   networks=("text_encoder", "unet", "vae_decoder"), target: str = "native", force: bool = False,
+                   trt=None, arch: str | None = None, log: Callable[[str], None] = print,
+                   on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Export each network to ONNX (``engine_dir/onnx/``) and build ``NAME.plan`` for this GPU,
+    recording in the manifest the key (weights hash, spec, precision, options), the profile and
+    the target (architecture, TensorRT version). Up-to-date engines are kept."""
+    from .build import (MANIFEST, artifact_key, check_artifact, file_digest, key_digest, read_manifest,
+                        write_manifest)
+    from .onnx_export import export_onnx
+    from .specs import default_profile
+
+    trt = trt or require_tensorrt()
+    arch = check_target(target, arch if arch is not None else native_arch())
+    options = options or BuildOptions()
+    engine_dir = Path(engine_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(engine_dir)
+    if manifest.pop("damaged", False):
+        log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
+    profile = profile or default_profile(components.latent_factor, components.native_size)
+    tcfg = components.text_encoder.config
+    dims = ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
+                     int(tcfg.num_hidden_layers))
+    where = engine_target(trt, arch)
+    optimization = (f"trt-{options.precision.value}-O{options.optimization_level}"
+                    + ("-refit" if options.refit else ""))
+    manifest.update(model=components.name, model_hash=components.model_hash, backend="tensorrt",
+                    precision=options.precision.value, target=where)
+    for name in networks:
+        key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value, optimization,
+                           f"{arch}/trt-{where['tensorrt']}")
+        entry = manifest["networks"].get(name)
+        check = check_artifact(engine_dir, entry, key)
+        if check.ok and not force and Profile.from_json(entry["profile"]) == profile:
+            log(f"{name}: up to date")
+            continue
+        if entry is not None and not check.ok:
+            log(f"{name}: rebuilding: {check.reason}")
+        onnx_path = engine_dir / "onnx" / f"{name}.onnx"
+        export_onnx(components, name, onnx_path)
+        shapes = profile_shapes(name, profile, dims)
+        plan_path = engine_dir / f"{name}.plan"
+        plan_path.write_bytes(build_engine(trt, onnx_path, name, shapes, options, on_progress))
+        files = [{"name": plan_path.name, "size": plan_path.stat().st_size, "sha256": file_digest(plan_path)}]
+        manifest["networks"][name] = {
+            "file": plan_path.name, "files": files, "key": key, "key_digest": key_digest(key),
+            "profile": profile.to_json(), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
+            "static": is_static(shapes), "target": where, "size_multiple": components.size_multiple}
+        write_manifest(engine_dir, manifest)
+        log(f"{name}: built {plan_path.name} ({files[0]['size'] / 2**20:.1f} MiB, "
+            f"{'static' if is_static(shapes) else 'dynamic'} profile)")
+    write_manifest(engine_dir, manifest)
+    return manifest

@@ -1,0 +1,62 @@
+"""Every TensorRT name that sdrt's builder and the fake use exists in the real TensorRT 11.4
+Python binding: its `tensorrt.so` (in the `tensorrt-cu13-bindings` wheel, which installs here
+but cannot be imported without NVIDIA's libraries) holds every class, method and argument name
+and the docstrings. scripts/setup.sh test downloads the wheel into .cache/wheels/."""
+import inspect
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import tensorrt_fake as fake
+
+WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "wheels"
+
+
+@pytest.fixture(scope="module")
+def binding_names() -> set[str]:
+    wheels = sorted(WHEELS.glob("tensorrt_cu13_bindings-11.4*.whl"))
+    if not wheels:
+        pytest.fail(f"no tensorrt_cu13_bindings 11.4 wheel in {WHEELS}: run scripts/setup.sh test")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        so = next(n for n in z.namelist() if n.endswith(".so") and "tensorrt" in Path(n).name)
+        data = z.read(so)
+    words = set()
+    for text in re.findall(rb"[\x20-\x7e]{3,}", data):          # what `strings` prints
+        words.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text.decode()))
+    assert {"execute_async_v3", "set_tensor_address", "build_serialized_network"} <= words
+    return words
+
+
+def fake_names() -> set[str]:
+    names = set()
+    for cls in fake.FAKE_CLASSES:
+        names.add(cls.__name__)
+        for attr, value in vars(cls).items():
+            if attr.startswith("_"):
+                continue
+            names.add(attr)
+            fn = value.fget if isinstance(value, property) else value
+            if callable(fn):
+                names.update(p for p in inspect.signature(fn).parameters if p != "self")
+    return names
+
+
+def test_every_fake_name_exists_in_the_real_binding(binding_names):
+    missing = sorted(fake_names() - binding_names)
+    assert not missing, f"names in the fake that TensorRT 11.4 does not have: {missing}"
+
+
+def test_every_name_the_builder_touched_exists_in_the_real_binding(binding_names, tiny, tmp_path):
+    from sdrt.export.specs import Profile
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+    fake.TOUCHED.clear()
+    build_tensorrt(tiny.components, tmp_path, profile=Profile(batch=(1, 1, 1), height=(64, 64, 64),
+                                                               width=(64, 64, 64), windows=(1, 1, 1)),
+                   options=BuildOptions(precision="fp16", refit=True, timing_cache=str(tmp_path / "t.cache")),
+                   networks=("vae_decoder",), trt=fake.module(), arch="sm_90", log=lambda m: None,
+                   on_progress=lambda *a: None)
+    assert {"Builder", "OnnxParser", "create_network", "set_shape", "build_serialized_network"} <= fake.TOUCHED
+    missing = sorted(n for n in fake.TOUCHED if n not in binding_names and n != "__version__")
+    assert not missing, f"names the builder used that TensorRT 11.4 does not have: {missing}"
