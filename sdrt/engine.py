@@ -13,8 +13,9 @@ alone: its own seed's noise, its own conditioning and scale (up to float32 round
 changes how the BLAS kernels block their sums, about 1e-6 on pixels in [0, 1]).
 
 A batch runs once ``max_batch_size`` requests share a key, or ``max_wait`` seconds after its
-oldest request arrived. Two threads overlap the stages: the batcher encodes the text of the
-next batch while the runner denoises and decodes the current one.
+oldest request arrived and the runner is free (so a busy runner lets the next batch fill up).
+Two threads overlap the stages: the batcher encodes the text of a full next batch while the
+runner denoises and decodes the current one.
 
 Failures stay with their request: bad arguments fail at ``submit`` (the future holds the
 ValueError); a request whose image holds NaN/Inf fails alone; if a batch raises, each of its
@@ -175,6 +176,7 @@ class Engine:
         self._cond = threading.Condition()
         self._ready: queue.Queue = queue.Queue(maxsize=1 if overlap else 0)
         self._overlap = overlap
+        self._runner_idle = True         # a partial batch forms only when the runner can take it
         self._closed = False
         self._ids = itertools.count(1)
         self._stats_lock = threading.Lock()
@@ -297,13 +299,16 @@ class Engine:
                 same = [it for it in self._queue if it.key == oldest.key]
                 due = oldest.submitted + self.max_wait
                 now = time.perf_counter()
-                if len(same) >= self.max_batch_size or now >= due or self._closed:
+                # a full batch goes at once (its text encodes while the runner works); a partial
+                # one waits max_wait and for the runner to be free, gathering what arrives meanwhile
+                if len(same) >= self.max_batch_size or self._closed or (now >= due and self._runner_idle):
                     batch = same[:self.max_batch_size]
                     taken = {id(it) for it in batch}
                     self._queue = collections.deque(it for it in self._queue if id(it) not in taken)
                     return batch
                 next_deadline = min(it.deadline for it in self._queue)
-                self._cond.wait(timeout=max(0.0, min(due, next_deadline) - now))
+                wake = min(due, next_deadline) if now < due else next_deadline
+                self._cond.wait(timeout=None if wake == math.inf else max(0.0, wake - now))
 
     def _sweep_expired(self) -> None:
         now = time.perf_counter()
@@ -371,8 +376,20 @@ class Engine:
 
     def _run_loop(self) -> None:
         self._set_threads()
-        while (batch := self._ready.get()) is not None:
+        while True:
+            if self._ready.empty():
+                self._set_runner_idle(True)
+            batch = self._ready.get()
+            self._set_runner_idle(False)
+            if batch is None:
+                break
             self._run(batch)
+
+    def _set_runner_idle(self, idle: bool) -> None:
+        with self._cond:
+            self._runner_idle = idle
+            if idle:
+                self._cond.notify_all()
 
     # ------------------------------------------------------------------ running
 
