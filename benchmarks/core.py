@@ -8,16 +8,9 @@ Writes benchmarks/results/core-overhead-<date>.json with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-from pathlib import Path
 
-
-import sdrt
-from sdrt.bench import Settings, machine, run_benchmark
-
-RESULTS = Path(__file__).parent / "results"
+from sdrt.bench import Settings, run_benchmark, write_result
 
 
 def overhead(steps=20, repeat=5) -> dict:
@@ -42,12 +35,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    data = overhead(args.steps, args.repeat)
-    data.update(machine=machine(), sdrt=sdrt.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"core-{args.what}-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(data, indent=2))
-    print(f"wrote {out}")
+    write_result(f"core-{args.what}", overhead(args.steps, args.repeat))
 
 
 if __name__ == "__main__":

@@ -2,21 +2,16 @@
 concurrent clients on random:tiny, side by side in one run (images per second, p50/p99 latency),
 then an open loop (requests arriving at random at a fixed rate) for latency under moderate load.
 
-    python benchmarks/serving.py [--clients 32] [--per-client 3] [--rounds 2]
+    python benchmarks/serving.py [--clients 32] [--per-client 2] [--rounds 2]
 
 Writes benchmarks/results/serving-<date>.json with the machine it ran on.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-from pathlib import Path
 
 import sdrt
-from sdrt.bench import format_serving, machine, run_serving, versions
-
-RESULTS = Path(__file__).parent / "results"
+from sdrt.bench import format_serving, run_serving, write_result
 
 
 def main():
@@ -36,12 +31,8 @@ def main():
                          request=dict(steps=args.steps, width=args.size, height=args.size, sampler="Euler a"),
                          open_rate=args.open_rate or None, open_requests=args.open_requests)
     print(format_serving(record))
-    record.update(model=args.model, machine=machine(), versions=versions(),
-                  date=datetime.datetime.now().isoformat(timespec="seconds"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"serving-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    record["model"] = args.model
+    write_result("serving", record)
 
 
 if __name__ == "__main__":

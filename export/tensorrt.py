@@ -12,8 +12,7 @@ TensorRT 11.4 binding's name table.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Callable
@@ -60,7 +59,7 @@ def require_tensorrt():
     return trt
 
 
-def check_target(target: str, native: str | None) -> str:
+def check_arch(target: str, native: str | None) -> str:
     """The architecture an engine is built for. TensorRT builds for the GPU it runs on, so a
     named target must be this machine's; ``native`` takes it."""
     if target != "native" and target not in ARCHITECTURES:
@@ -111,14 +110,6 @@ def is_static(shapes: dict) -> bool:
     return all(lo == opt == hi for lo, opt, hi in shapes.values())
 
 
-@dataclass
-class BuildReport:
-    """What a build did: the phases TensorRT reported, and the parser's errors if it failed."""
-
-    phases: list = field(default_factory=list)
-    parser_errors: list = field(default_factory=list)
-
-
 def _progress_monitor(trt, on_progress: Callable[[str, int, int], None] | None):
     """An ``IProgressMonitor`` that forwards (phase, step, steps) and never cancels."""
     if on_progress is None:
@@ -143,18 +134,17 @@ def _progress_monitor(trt, on_progress: Callable[[str, int, int], None] | None):
 
 
 def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, options: BuildOptions,
-                 on_progress: Callable[[str, int, int], None] | None = None, report: BuildReport | None = None) -> bytes:
+                 on_progress: Callable[[str, int, int], None] | None = None) -> bytes:
     """Parse ``onnx_path`` (external data next to it), set one optimization profile from
     ``shapes`` ({input: (min, opt, max)}), the precision flag, workspace limit, optimisation
     level, refit and timing cache, and return the serialized engine."""
-    report = report if report is not None else BuildReport()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10+
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):   # reads the external data file next to it
-        report.parser_errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(report.parser_errors))
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     if names != set(shapes):
         raise ValueError(f"{network_name}: the ONNX inputs {sorted(names)} differ from the export spec's "
@@ -209,13 +199,6 @@ def arch_of(capability: tuple[int, int]) -> str:
     return f"sm_{capability[0]}{capability[1]}"
 
 
-def parse_arch(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"sm_(\d+)(\d)", text)
-    if not m:
-        raise ValueError(f"architecture must look like sm_86, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
 def native_arch() -> str | None:
     """This machine's GPU architecture, or None without a CUDA GPU."""
     import torch
@@ -237,7 +220,7 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     from .specs import default_profile
 
     trt = trt or require_tensorrt()
-    arch = check_target(target, arch if arch is not None else native_arch())
+    arch = check_arch(target, arch if arch is not None else native_arch())
     options = options or BuildOptions()
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)

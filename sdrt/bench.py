@@ -549,6 +549,28 @@ def _open_loop(engine, rate: float, n: int, request: dict, seed: int = 0) -> tup
     return latencies, time.perf_counter() - t0
 
 
+RESULTS_DIR = SUITES_FILE.parent / "results"
+
+
+def write_result(name: str, record: dict) -> Path:
+    """``benchmarks/results/<name>-<date>.json`` with the machine and versions it ran on."""
+    record.update(machine=machine(), versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name}-{datetime.date.today().isoformat()}.json"
+    out.write_text(json.dumps(record, indent=2, default=float))
+    print(f"wrote {out}")
+    return out
+
+
+def latency_summary(values) -> dict:
+    """{n, mean, p50, p90, p99, max} of a list of seconds."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size == 0:
+        return dict(n=0)
+    return dict(n=int(v.size), mean=float(v.mean()), p50=float(np.percentile(v, 50)),
+                p90=float(np.percentile(v, 90)), p99=float(np.percentile(v, 99)), max=float(v[-1]))
+
+
 def run_serving(pipe, clients: int = 32, per_client: int = 2, rounds: int = 2,
                 modes: dict | None = None, request: dict | None = None, log=print,
                 open_rate: float | None = None, open_requests: int = 64) -> dict:
@@ -558,7 +580,7 @@ def run_serving(pipe, clients: int = 32, per_client: int = 2, rounds: int = 2,
 
     modes: name -> (max_batch_size, max_wait seconds, engine threads or None). Each mode is
     compared with the one-at-a-time mode (max_batch_size 1) that uses the same threads."""
-    from .engine import Engine, latency_summary
+    from .engine import Engine
     modes = modes or {"one-at-a-time": (1, 0.0, None), f"dynamic-{clients}": (clients, 0.01, None),
                       "one-at-a-time/1t": (1, 0.0, 1), f"dynamic-{clients}/1t": (clients, 0.01, 1)}
     request = request or dict(steps=20, width=64, height=64, sampler="Euler a")

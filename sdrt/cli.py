@@ -71,11 +71,10 @@ def _build(args) -> int:
                                                        timing_cache=str(Path(args.out) / "timing.cache")),
                                   target=args.target or "native", log=lambda m: print(f"  {m}", flush=True),
                                   on_progress=lambda phase, i, n: print(f"  {phase}: {i}/{n}", flush=True))
-        _print_table(manifest, networks)
-        return 0
-    manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
-                                 force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
-                                 target=args.target or "cpu")
+    else:
+        manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
+                                     force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
+                                     target=args.target or "cpu")
     _print_table(manifest, networks)
     return 0
 

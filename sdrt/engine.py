@@ -36,9 +36,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 
-from .pipeline import GenerationResult, Pipeline
+from .pipeline import GenerationResult, Pipeline, nan_error
 
 
 class EngineBusy(RuntimeError):
@@ -123,6 +122,10 @@ class _Item:
     submitted: float
     deadline: float
     id: int = 0
+
+    def gone(self, now: float) -> bool:
+        """Cancelled by its client or past its deadline: no longer worth computing."""
+        return self.future.abandoned or now > self.deadline
 
 
 class _Abort(Exception):
@@ -288,8 +291,7 @@ class Engine:
     def _take_batch(self) -> list[_Item] | None:
         """Wait for the next batch (None once closed and drained)."""
         with self._cond:
-            while True:
-                self._sweep_expired()
+            while True:                   # expired requests: the reaper thread removes them
                 if not self._queue:
                     if self._closed:
                         return None
@@ -306,9 +308,8 @@ class Engine:
                     taken = {id(it) for it in batch}
                     self._queue = collections.deque(it for it in self._queue if id(it) not in taken)
                     return batch
-                next_deadline = min(it.deadline for it in self._queue)
-                wake = min(due, next_deadline) if now < due else next_deadline
-                self._cond.wait(timeout=None if wake == math.inf else max(0.0, wake - now))
+                # woken by a submission, the runner going idle or the reaper
+                self._cond.wait(timeout=due - now if now < due else None)
 
     def _sweep_expired(self) -> None:
         now = time.perf_counter()
@@ -395,9 +396,9 @@ class Engine:
 
     def _run(self, batch: _Batch) -> None:
         now = time.perf_counter()
-        if any(it.future.abandoned or now > it.deadline for it in batch.items):
-            self._finish_abandoned([it for it in batch.items if it.future.abandoned or now > it.deadline])
-            live = [it for it in batch.items if not (it.future.abandoned or now > it.deadline)]
+        if any(it.gone(now) for it in batch.items):
+            self._drop([it for it in batch.items if it.gone(now)], "before it ran")
+            live = [it for it in batch.items if not it.gone(now)]
             if not live:
                 return
             batch = self._encode(live)           # re-plan without the dropped requests
@@ -407,7 +408,7 @@ class Engine:
                 raise batch.error
             result, bad = self.pipe._sample(batch.job, self._callback(items))
         except _Abort:
-            self._finish_abandoned(items)
+            self._drop(items, "while running")
             return
         except Exception as e:  # noqa: BLE001 - one request's failure must not fail the others
             if len(items) == 1:
@@ -423,14 +424,10 @@ class Engine:
             self.metrics["batches"] += 1
             self.metrics["batch_size"].observe(len(items))
         for i, it in enumerate(items):
-            if it.future.abandoned:
-                self._cancelled(it)
-            elif time.perf_counter() > it.deadline:
-                self._fail(it, TimeoutError("request timed out while running"), outcome="timeout")
+            if it.gone(time.perf_counter()):
+                self._drop([it], "while running")
             elif i in bad:
-                hint = "; try dtype='float32'" if str(self.pipe.backend.dtype) != "torch.float32" else ""
-                self._fail(it, FloatingPointError(
-                    f"the decoded image holds NaN or Inf values (the model overflowed){hint}"))
+                self._fail(it, nan_error([0], self.pipe.backend.dtype))     # image 0 of its request
             else:
                 # queue: submission until its batch formed; total: submission until now
                 timings = dict(result.timings, queue=max(0.0, batch.t_formed - it.submitted),
@@ -453,16 +450,17 @@ class Engine:
             with self._stats_lock:
                 self._progress.update(step=step, steps=total)
             now = time.perf_counter()
-            if all(it.future.abandoned or now > it.deadline for it in items):
+            if all(it.gone(now) for it in items):
                 raise _Abort()
         return callback
 
-    def _finish_abandoned(self, items: list[_Item]) -> None:
+    def _drop(self, items: list[_Item], when: str) -> None:
+        """Finish requests that are gone: cancelled ones, or timed out ``when``."""
         for it in items:
             if it.future.abandoned:
                 self._cancelled(it)
             else:
-                self._fail(it, TimeoutError("request timed out while running"), outcome="timeout")
+                self._fail(it, TimeoutError(f"request timed out {when}"), outcome="timeout")
 
     def _cancelled(self, it: _Item) -> None:
         self._count("cancelled")
@@ -484,12 +482,3 @@ def _merge(args: list[dict]) -> dict:
         a[k] = [v for x in args for v in x[k]]
     a["batch_size"] = len(args)
     return a
-
-
-def latency_summary(values) -> dict:
-    """{n, mean, p50, p90, p99, max} of a list of seconds."""
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    if v.size == 0:
-        return dict(n=0)
-    return dict(n=int(v.size), mean=float(v.mean()), p50=float(np.percentile(v, 50)),
-                p90=float(np.percentile(v, 90)), p99=float(np.percentile(v, 99)), max=float(v[-1]))

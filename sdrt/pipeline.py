@@ -38,12 +38,14 @@ class GenerationResult:
         return save_png(self.images[index], path, self.infotexts[index])
 
 
-def save_png(image: Image.Image, path: str | Path, text: str) -> Path:
+def save_png(image: Image.Image, path, text: str):
+    """Write ``image`` as a PNG with ``text`` in its ``parameters`` chunk, to a path or a
+    binary file object. Returns the path (or the file object)."""
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", text)
-    path = Path(path)
-    image.save(path, format="PNG", pnginfo=meta)
-    return path
+    target = Path(path) if isinstance(path, (str, Path)) else path
+    image.save(target, format="PNG", pnginfo=meta)
+    return target
 
 
 def _int_arg(name, value, lo, hi=None, multiple=None) -> int:
@@ -75,13 +77,26 @@ def _prompt_list(name, value, batch_size) -> list[str]:
     return values
 
 
-def _seed_list(name, value, batch_size, step) -> list[int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != batch_size:
-            raise ValueError(f"{name} must be an integer or a list of {batch_size} integers, got {len(value)}")
-        return [check_seed(v, name) for v in value]
-    seed = check_seed(value, name)
-    return [(seed + i * step) % 2 ** 32 for i in range(batch_size)]
+def image_seeds(seed, subseed, batch_size: int, subseed_strength: float) -> tuple[list[int], list[int]]:
+    """Each image's (seed, subseed), the web UI's rule: image i gets seed + i, unless a variation
+    is mixed in (subseed_strength > 0), then every image keeps the seed and the subseeds count
+    up. -1 picks a random start; a list gives each image its own."""
+    def listed(name, value, step):
+        if isinstance(value, (list, tuple)):
+            if len(value) != batch_size:
+                raise ValueError(f"{name} must be an integer or a list of {batch_size} integers, got {len(value)}")
+            return [check_seed(v, name) for v in value]
+        start = check_seed(value, name)
+        return [(start + i * step) % 2 ** 32 for i in range(batch_size)]
+    return listed("seed", seed, 1 if subseed_strength == 0 else 0), listed("subseed", subseed, 1)
+
+
+def nan_error(bad: list[int], dtype: torch.dtype) -> FloatingPointError:
+    """The error for decoded images ``bad`` (indices) that hold NaN or Inf."""
+    hint = "; try dtype='float32'" if dtype != torch.float32 else ""
+    return FloatingPointError(
+        f"the decoded image{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or Inf values "
+        f"(the model overflowed in {str(dtype).replace('torch.', '')}){hint}")
 
 
 class Pipeline:
@@ -142,11 +157,7 @@ class Pipeline:
         check = getattr(self.backend, "check_request", None)
         if check is not None:
             check(a["batch_size"], a["height"], a["width"])
-        # the web UI's rule: image i gets seed + i, unless a variation (subseed) is mixed in, then
-        # every image keeps the seed and the subseeds count up; a list gives each image its own
-        step = 1 if a["subseed_strength"] == 0 else 0
-        a["seeds"] = _seed_list("seed", a["seed"], a["batch_size"], step)
-        a["subseeds"] = _seed_list("subseed", a["subseed"], a["batch_size"], 1)
+        a["seeds"], a["subseeds"] = image_seeds(a["seed"], a["subseed"], a["batch_size"], a["subseed_strength"])
         if a["sigmas"] is not None:
             s = np.asarray(a["sigmas"], dtype=np.float64)
             if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
@@ -178,10 +189,7 @@ class Pipeline:
         job = self._encode(a)
         result, bad = self._sample(job, callback)
         if bad:
-            hint = "; try dtype='float32'" if self.backend.dtype != torch.float32 else ""
-            raise FloatingPointError(
-                f"the decoded image{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or Inf "
-                f"values (the model overflowed in {str(self.backend.dtype).replace('torch.', '')}){hint}")
+            raise nan_error(bad, self.backend.dtype)
         return result
 
     # The two stages of a generation; sdrt.Engine runs them on separate threads so that the

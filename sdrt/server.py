@@ -25,14 +25,12 @@ from datetime import datetime
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from PIL import PngImagePlugin
 from pydantic import BaseModel, ConfigDict
 
 from . import __version__
 from .conditioning import EMPHASIS
 from .engine import Engine, EngineBusy, EngineClosed, Request
-from .pipeline import Pipeline
-from .rng import check_seed
+from .pipeline import Pipeline, image_seeds, save_png
 from .samplers import SAMPLERS, resolve_sampler
 from .schedules import SCHEDULES, normalize_schedule
 
@@ -182,26 +180,23 @@ class ServerState:
             raise APIError(422, "ValueError", f"prompt and negative prompt hold {chars} characters; this server "
                                               f"accepts at most {cfg.max_prompt_chars}")
         opts = self.settings(body.override_settings)
-        sampler = body.sampler_name or body.sampler_index or "Euler"
-        try:
-            resolve_sampler(sampler)
-            schedule = normalize_schedule(body.scheduler or "Automatic")
-            seed = check_seed(body.seed)
-            subseed = check_seed(body.subseed, "subseed")
+        try:    # one resolution: an old combined name ("DPM++ 2M Karras") sets the schedule
+            spec, schedule = resolve_sampler(body.sampler_name or body.sampler_index or "Euler",
+                                             body.scheduler or "Automatic")
+            schedule = normalize_schedule(schedule)
+            seeds, subseeds = image_seeds(body.seed, body.subseed, n, body.subseed_strength)
         except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
-        seeds = [(seed + (i if body.subseed_strength == 0 else 0)) % 2 ** 32 for i in range(n)]
-        subseeds = [(subseed + i) % 2 ** 32 for i in range(n)]
         resize = ((body.seed_resize_from_w, body.seed_resize_from_h)
                   if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0 else None)
         common = dict(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                      cfg_scale=body.cfg_scale, sampler=sampler, schedule=schedule, width=body.width,
+                      cfg_scale=body.cfg_scale, sampler=spec.name, schedule=schedule, width=body.width,
                       height=body.height, clip_skip=opts["CLIP_stop_at_last_layers"],
                       rng=RNG_SOURCES[opts["randn_source"]], eta_noise_seed_delta=opts["eta_noise_seed_delta"],
                       subseed_strength=body.subseed_strength, seed_resize_from=resize, eta=body.eta,
                       emphasis=opts["emphasis"])
         reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
-        return reqs, dict(sampler=sampler, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
+        return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
 
     async def txt2img(self, body: Txt2Img) -> dict:
         reqs, meta = self.requests_for(body)
@@ -221,7 +216,7 @@ class ServerState:
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(reqs),
             "seed": meta["seeds"][0], "all_seeds": meta["seeds"], "subseed": meta["subseeds"][0],
             "all_subseeds": meta["subseeds"], "subseed_strength": body.subseed_strength,
-            "width": body.width, "height": body.height, "sampler_name": resolve_sampler(meta["sampler"])[0].name,
+            "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
             "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": c.name,
             "sd_model_hash": c.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
@@ -293,11 +288,7 @@ def _api_error(e: BaseException) -> APIError:
 
 
 def _png_base64(image, text: str) -> str:
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", text)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=meta)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(save_png(image, io.BytesIO(), text).getvalue()).decode()
 
 
 def create_app(config: ServerConfig | None = None, state: ServerState | None = None) -> FastAPI:

@@ -180,3 +180,11 @@ def test_ray_deployment_options():
     assert "num_replicas" not in auto and auto["ray_actor_options"]["num_gpus"] == 1.0
     with pytest.raises(ValueError, match="both"):
         deployment_options(ServerConfig(), Scaling(min_replicas=1))
+
+
+def test_old_combined_sampler_names_set_the_schedule(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 3, "sampler_name": "DPM++ 2M Karras", **SMALL})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["sampler_name"] == "DPM++ 2M" and info["extra_generation_params"]["Schedule type"] == "Karras"
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in info["infotexts"][0]

@@ -10,7 +10,7 @@ import pytest
 import tensorrt_fake as fake
 from sdrt.export.specs import Profile
 from sdrt.export.tensorrt import (BuildOptions, ModelDims, Precision, build_engine, build_tensorrt,
-                                  check_engine_target, check_target, is_static, profile_shapes, require_tensorrt)
+                                  check_arch, check_engine_target, is_static, profile_shapes, require_tensorrt)
 
 DIMS = ModelDims(latent_factor=8, latent_channels=4, hidden=768, layers=12)
 
@@ -84,13 +84,13 @@ def test_build_options_are_typed_and_checked():
 
 
 def test_targets_and_engine_compatibility():
-    assert check_target("native", "sm_89") == "sm_89" and check_target("sm_89", "sm_89") == "sm_89"
+    assert check_arch("native", "sm_89") == "sm_89" and check_arch("sm_89", "sm_89") == "sm_89"
     with pytest.raises(ValueError, match="this machine's GPU is sm_80.*sm_90"):
-        check_target("sm_90", "sm_80")
+        check_arch("sm_90", "sm_80")
     with pytest.raises(ValueError, match="unknown"):
-        check_target("sm_1", "sm_80")
+        check_arch("sm_1", "sm_80")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        check_target("native", None)
+        check_arch("native", None)
     rec = {"arch": "sm_86", "tensorrt": "11.4.0.106"}
     assert check_engine_target(rec, "sm_86", "11.4.0.106", "engines/x") is None
     assert "built for sm_86, this GPU is sm_90" in check_engine_target(rec, "sm_90", "11.4.0.106", "engines/x")
