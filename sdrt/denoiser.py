@@ -28,6 +28,23 @@ def _entry(schedule: Schedule, step: int) -> int:
     return len(schedule) - 1
 
 
+def plan_contexts(conds, uncond, max_calls: int, device, dtype) -> tuple[list[torch.Tensor], list[int]]:
+    """The (rows, L, C) context of every model call, built once: the distinct contexts, and for
+    each call the index of the one it uses (calls that use the same schedule entries share one).
+    Rows: every cond part of image 0, of image 1, ..., then the unconditional rows."""
+    keys: dict[tuple, int] = {}
+    distinct, index = [], []
+    for step in range(max_calls):
+        key = tuple(_entry(s, step) for c in conds for _, s in c) + tuple(_entry(s, step) for s in uncond)
+        if key not in keys:
+            rows = [s[_entry(s, step)][1] for c in conds for _, s in c]
+            rows += [s[_entry(s, step)][1] for s in uncond]
+            keys[key] = len(distinct)
+            distinct.append(torch.stack(rows).to(device, dtype))
+        index.append(keys[key])
+    return distinct, index
+
+
 class CFGDenoiser:
     """k-diffusion style denoiser with CFG over a backend.
 
@@ -62,22 +79,9 @@ class CFGDenoiser:
         self._rep = torch.empty((len(source), *latent_shape), device=dev, dtype=torch.float32)
         self._x_in = torch.empty((len(source), *latent_shape), device=dev, dtype=backend.dtype)
         self._t = torch.empty((len(source),), device=dev, dtype=torch.float32)
-        self._contexts = self._plan_contexts(conds, uncond, max_calls)
+        distinct, index = plan_contexts(conds, uncond, max_calls, backend.device, backend.dtype)
+        self._contexts = [distinct[i] for i in index]
         self.step = 0
-
-    def _plan_contexts(self, conds, uncond, max_calls):
-        """The (rows, L, C) context for every model call, built once; calls that use the same
-        schedule entries share one tensor."""
-        built: dict[tuple, torch.Tensor] = {}
-        plan = []
-        for step in range(max_calls):
-            key = tuple(_entry(s, step) for c in conds for _, s in c) + tuple(_entry(s, step) for s in uncond)
-            if key not in built:
-                rows = [s[_entry(s, step)][1] for c in conds for _, s in c]
-                rows += [s[_entry(s, step)][1] for s in uncond]
-                built[key] = torch.stack(rows).to(self.backend.device, self.backend.dtype)
-            plan.append(built[key])
-        return plan
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)

@@ -1,6 +1,7 @@
 """``sdrt.Pipeline``: text to images through any backend, with the web UI's settings."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -107,11 +108,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
-                        engine_dir=None) -> "Pipeline":
-        """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend."""
+                        engine_dir=None, fast_path: bool = False) -> "Pipeline":
+        """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend.
+        ``fast_path=True`` runs supported samplers on the static loop (``set_fast_path``)."""
         check_target(backend, device, dtype)     # fail before loading weights
         components = load_model(model)
-        return cls(components, create_backend(backend, components, device, dtype, engine_dir))
+        pipe = cls(components, create_backend(backend, components, device, dtype, engine_dir))
+        if fast_path:
+            pipe.set_fast_path()
+        return pipe
 
     def submit(self, request=None, /, **kwargs):
         """Queue one image on this pipeline's default ``sdrt.Engine`` (created on first use);
@@ -230,6 +235,10 @@ class Pipeline:
     def _sample(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
         """Stage 2 (job -> images): the denoising loop and the VAE. Returns the result and the
         indices of images that hold NaN or Inf (the caller decides whether that fails them)."""
+        if getattr(self, "_fast", None) is not None:
+            from .fastpath import unsupported_reason
+            if unsupported_reason(job["a"], job) is None:
+                return self._sample_static(job, callback)
         a, sig = job["a"], job["sigmas"]
         c, be, spec = self.components, self.backend, a["spec"]
         n_steps = len(sig) - 1
@@ -254,7 +263,9 @@ class Pipeline:
         if spec.eta_default is not None:
             kwargs["eta"] = eta_value
         step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
-        x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
+        kv = getattr(be, "kv", None)
+        with kv.scope(list({id(t): t for t in denoiser._contexts}.values())) if kv else contextlib.nullcontext():
+            x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
         latents = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
         sync(be.device)
         t_unet = time.perf_counter() - t0
@@ -265,12 +276,55 @@ class Pipeline:
         t_vae = time.perf_counter() - t0
         bad = [i for i in range(len(pixels)) if not np.all(np.isfinite(pixels[i]))]
         # the web UI truncates to uint8 rather than rounding
-        images = [Image.fromarray((255.0 * np.nan_to_num(p)).astype(np.uint8)) for p in pixels]
+        images = (255.0 * np.nan_to_num(pixels)).astype(np.uint8)
+        return self._result(job, pixels, images, eta_value, dict(unet=t_unet, vae=t_vae)), bad
+
+    def _result(self, job: dict, pixels: np.ndarray, images: np.ndarray, eta_value, timings: dict):
+        a = job["a"]
         texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]
-        timings = dict(text_encoder=job["t_text"], unet=t_unet, vae=t_vae,
-                       total=time.perf_counter() - job["t_start"])
-        return GenerationResult(images=images, infotexts=texts, seeds=a["seeds"], timings=timings,
-                                pixels=pixels), bad
+        timings = dict(text_encoder=job["t_text"], **timings, total=time.perf_counter() - job["t_start"])
+        return GenerationResult(images=[Image.fromarray(p) for p in images], infotexts=texts, seeds=a["seeds"],
+                                timings=timings, pixels=pixels)
+
+    def set_fast_path(self, enabled: bool = True, use_kernel: bool = True, capture: bool | None = None,
+                      cache_size: int = 4) -> None:
+        """Run requests that the static loop supports (``sdrt.fastpath``: Euler, Euler a, DDIM,
+        DPM++ 2M, LCM; plain or edited prompts, no AND) as a static loop: per-step tables on
+        the device, the fused step (the CUDA kernel on a GPU unless ``use_kernel=False``), and on
+        a CUDA device one CUDA graph per configuration, captured on first use and replayed
+        (``capture=False`` keeps it eager). Other requests keep the eager loop. On a graph
+        replay a progress callback is called once, after the last step."""
+        from .fastpath import LoopCache
+        self._fast = dict(use_kernel=use_kernel, capture=capture) if enabled else None
+        self._loops = LoopCache(cache_size)
+
+    def _sample_static(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
+        """Stage 2 on the static loop (same images as ``_sample`` up to float rounding)."""
+        from .denoiser import plan_contexts
+        from .fastpath import StaticLoop
+        a, sig = job["a"], job["sigmas"]
+        c, be, spec = self.components, self.backend, a["spec"]
+        n_steps = len(sig) - 1
+        t0 = time.perf_counter()
+        f = c.latent_factor
+        latent_shape = (c.latent_channels, a["height"] // f, a["width"] // f)
+        eta_value = spec.eta_default if a["eta"] is None else a["eta"]
+        distinct, index = plan_contexts(job["conds"], job["uncond"], n_steps, be.device, be.dtype)
+        key = (a["batch_size"], latent_shape, spec.name, sig.tobytes(), eta_value, tuple(index),
+               tuple(distinct[0].shape), len(distinct))
+        loop = self._loops.get(key, lambda: StaticLoop(
+            be, c.schedule, spec.name, sig, eta_value, a["batch_size"], latent_shape, index,
+            tuple(distinct[0].shape), len(distinct), init=spec.init, **self._fast))
+        gen = ImageRNG(latent_shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
+                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
+                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
+        x0 = gen.next().float()
+        noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
+        pixels, images, finite = loop.run(x0, noise, distinct, a["cfg_scales"], callback)
+        t_loop = time.perf_counter() - t0
+        bad = [i for i in range(len(finite)) if not finite[i]]
+        # the loop and the VAE are one replay: the whole time is reported as unet, vae as 0
+        return self._result(job, pixels, images, eta_value, dict(unet=t_loop, vae=0.0)), bad
 
     def _infotext(self, a: dict, i: int, eta_value) -> str:
         spec = a["spec"]

@@ -1,8 +1,18 @@
-"""The GPU suite: on a machine with a CUDA GPU, time sdrt's torch backend (float16, eager) and
-diffusers on random:sd15 at 512x512, 50 steps, batch 1, and write the JSON and the chart to
-benchmarks/results/. Installs nothing; refuses on a machine without a GPU.
+"""The GPU suite, one call of under 8 minutes on a machine with a CUDA GPU:
 
-    python benchmarks/gpu/run.py [--repeat 3] [--steps 50]
+1. builds the kernels (nvcc, for this GPU) and checks the fused step kernel against the torch
+   reference on fresh random inputs (float32 and float16, odd sizes, every table row);
+2. times the fused step against the unfused torch ops it replaces (eager and in a graph);
+3. end to end on random:sd15, 512x512, 50 steps, float16, batch 1 and 4, side by side:
+   diffusers (eager, SDPA), sdrt's eager loop, the static loop as one CUDA graph with torch
+   ops, with the fused kernel, and with the kernel + cross-attention K/V once per conditioning;
+   it/s, ratios, max abs pixel difference against sdrt's eager image;
+4. the loop's overhead outside the networks: graph-replay step time minus one UNet call
+   replayed alone from a graph.
+
+Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
+
+    python benchmarks/gpu/run.py [--steps 50] [--repeat 3] [--batches 1 4] [--quick]
 """
 from __future__ import annotations
 
@@ -16,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main(argv=None) -> int:
@@ -24,29 +36,66 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--model", default="random:sd15")
+    ap.add_argument("--quick", action="store_true", help="random:tiny, 64 px, 8 steps (a smoke run)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu/run.py: refusing to run: no CUDA GPU is visible on this machine "
-              "(torch.cuda.is_available() is False); use `sdrt bench --suite cpu-quick` on a CPU", file=sys.stderr)
+              "(torch.cuda.is_available() is False); use benchmarks/fastpath.py on a CPU", file=sys.stderr)
         return 2
-    from sdrt.bench import Settings, chart, format_table, run_benchmark
+    if args.quick:
+        args.model, args.size, args.steps, args.repeat = "random:tiny", 64, 8, 1
+    import fastpath
+    from sdrt import kernels
+    from sdrt.bench import machine, versions
 
+    log = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.perf_counter()
-    s = Settings(model="random:sd15", backends=("torch",), references=("diffusers",), steps=args.steps,
-                 height=args.size, width=args.size, batch=1, repeat=args.repeat, warmup=1, sampler="Euler",
-                 schedule="Karras", dtype="float16", device="cuda")
-    record = run_benchmark(s, log=lambda m: print(m, file=sys.stderr, flush=True))
-    record["suite"] = "gpu"
+    record = dict(suite="gpu", card=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
+                  settings=vars(args), machine=machine(), versions=versions(), sections={}, errors={})
+
+    def section(name, fn):
+        t = time.perf_counter()
+        try:
+            record["sections"][name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
+            record["errors"][name] = f"{type(e).__name__}: {e}"
+            log(f"{name}: FAILED: {record['errors'][name]}")
+        log(f"{name}: {time.perf_counter() - t:.0f} s")
+
+    section("fatbin", lambda: str(kernels.find_fatbin()))
+    section("kernel_check", lambda: fastpath.kernel_check(log=log))
+    section("kernel_speed", lambda: fastpath.kernel_speed(size=args.size, batches=args.batches, log=log))
+    for b in args.batches:
+        section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
+            args.model, args.size, args.steps, b, "cuda", "float16", args.repeat, log=log))
+        section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b))
     record["wall_seconds"] = time.perf_counter() - t0
-    card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+
+    # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time
+    lines = [f"{record['card']}  {args.model} {args.size}px {args.steps} steps float16"]
+    for b in args.batches:
+        e2e, unet = record["sections"].get(f"end_to_end_batch{b}"), record["sections"].get(f"unet_graph_batch{b}")
+        if not e2e:
+            continue
+        for name, row in e2e["rows"].items():
+            lines.append(f"  batch {b} {name:18s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "
+                         f"x{row['speedup_vs_diffusers'] or 0:.2f} vs diffusers  max|diff| {row['max_abs_diff_vs_eager']:.1e}")
+        best = e2e["rows"].get("static-kernel+kv")
+        if best and unet:
+            step = best["median_s"] / args.steps
+            e2e["loop_overhead_fraction"] = max(0.0, step - unet) / step
+            lines.append(f"  batch {b} UNet alone {1e3 * unet:.2f} ms/call, graph step {1e3 * step:.2f} ms "
+                         f"(includes text encoder + VAE): overhead {100 * e2e['loop_overhead_fraction']:.1f}%")
+    card = re.sub(r"[^A-Za-z0-9]+", "-", record["card"]).strip("-").lower()
     stem = Path(args.out) / f"gpu-{card}-{datetime.date.today().isoformat()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps(record, indent=2, default=float))
-    chart(record, f"{stem}.png")
-    print(format_table(record))
-    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
-    return 0
+    print("\n".join(lines + [f"errors: {record['errors']}" if record["errors"] else "no errors",
+                             f"wrote {stem}.json in {record['wall_seconds']:.0f} s"]))
+    return 1 if record["errors"] else 0
 
 
 if __name__ == "__main__":

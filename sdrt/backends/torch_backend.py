@@ -27,6 +27,18 @@ class TorchBackend:
         # transformers 5 flattens CLIPTextModel; 4.x keeps the layers under .text_model
         inner = getattr(self.text_encoder, "text_model", self.text_encoder)
         self.final_layer_norm = inner.final_layer_norm
+        self.kv = None
+
+    def enable_kv_cache(self, enabled: bool = True) -> None:
+        """Compute cross-attention keys and values once per conditioning (``sdrt.attention``)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        from ..attention import CrossAttentionKV
+        if enabled and self.kv is None:
+            self.kv = CrossAttentionKV(self.unet_module)
+        elif not enabled and self.kv is not None:
+            for attn, _ in self.kv.layers:
+                attn.set_processor(AttnProcessor2_0())
+            self.kv = None
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

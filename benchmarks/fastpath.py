@@ -1,0 +1,296 @@
+"""The fast path, side by side in one run: the eager loop, the static loop (torch ops or the fused
+kernel; one CUDA graph on a GPU), cross-attention K/V once per conditioning, and diffusers.
+
+    python benchmarks/fastpath.py [--model random:sd15] [--size 256] [--steps 10] [--batch 1]
+                                  [--device cpu|cuda] [--dtype float32|float16] [--repeat 3]
+
+On a CPU it measures what can be measured there (eager vs static loop, K/V cache); the GPU
+suite (benchmarks/gpu/run.py) calls the same functions plus the kernel checks. Timed runs are
+interleaved round robin after a full-length warm-up of every variant (so a graph is captured
+before timing starts). Writes benchmarks/results/fastpath-<device>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from sdrt.backends import sync
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+# name -> (fast path, use_kernel, kv cache); graph capture follows the device
+VARIANTS = {
+    "eager": (False, False, False),
+    "eager+kv": (False, False, True),
+    "static-ops": (True, False, False),
+    "static-ops+kv": (True, False, True),
+    "static-kernel": (True, True, False),
+    "static-kernel+kv": (True, True, True),
+}
+
+
+def _diffusers_pipe(components, device, dtype):
+    import diffusers
+    from sdrt.bench import _BETAS
+    sched = diffusers.EulerDiscreteScheduler(**_BETAS)
+    c = components
+    pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                             unet=c.unet, scheduler=sched, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
+               repeat=3, variants=None, diffusers_ref=True, log=print) -> dict:
+    """Total seconds per generation of each variant (Euler, uniform schedule, CFG 7), medians of
+    ``repeat`` interleaved runs, with UNet iterations per second and the max abs pixel difference
+    against the eager loop's image."""
+    import sdrt
+    from sdrt.backends import create_backend
+    from sdrt.models import load_model
+
+    variants = list(variants or VARIANTS)
+    if torch.device(device).type == "cpu":
+        variants = [v for v in variants if "kernel" not in v]     # on a CPU the step is the torch reference
+    components = load_model(model)
+    backend = create_backend("torch", components, device, dtype)
+    args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size,
+                height=size, batch_size=batch, rng="cpu", cfg_scale=7.0)
+    # one pipeline per variant over the shared backend, so each keeps its own captured graph
+    pipes = {}
+    for name in variants:
+        fast, kernel, _ = VARIANTS[name]
+        pipes[name] = sdrt.Pipeline(components, backend)
+        if fast:
+            pipes[name].set_fast_path(use_kernel=kernel)
+
+    def configure(name):
+        backend.enable_kv_cache(VARIANTS[name][2])    # eager variants and graph captures see this
+        return pipes[name]
+
+    runs = {v: [] for v in variants}
+    pixels = {}
+    ref = None
+    if diffusers_ref:
+        ref = _diffusers_pipe(components, device, torch.float16 if dtype == "float16" else torch.float32)
+        runs["diffusers"] = []
+    f = components.latent_factor
+    noise = torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
+                         for i in range(batch)])
+
+    def run_diffusers():
+        backend.enable_kv_cache(False)      # the modules are shared: diffusers' own processors
+        lat = noise.to(device, ref.unet.dtype)
+        sync(device)
+        t0 = time.perf_counter()
+        out = ref([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                  latents=lat, output_type="np").images
+        sync(device)
+        return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
+
+    for name in variants:               # warm-up at full length: captures the graphs
+        configure(name)(**args)
+        log(f"{name}: warmed up")
+    if ref is not None:
+        run_diffusers()
+    for i in range(repeat):
+        for name in variants:
+            pipe = configure(name)
+            sync(device)
+            t0 = time.perf_counter()
+            r = pipe(**args)
+            sync(device)
+            runs[name].append(time.perf_counter() - t0)
+            pixels[name] = r.pixels
+            log(f"{name}: run {i + 1}/{repeat}: {runs[name][-1]:.3f} s")
+        if ref is not None:
+            t, pixels["diffusers"] = run_diffusers()
+            runs["diffusers"].append(t)
+            log(f"diffusers: run {i + 1}/{repeat}: {t:.3f} s")
+    base = statistics.median(runs["eager"])
+    dref = statistics.median(runs["diffusers"]) if ref is not None else None
+    rows = {}
+    for name, ts in runs.items():
+        med = statistics.median(ts)
+        rows[name] = dict(median_s=med, min_s=min(ts), runs=ts, it_per_s=steps / med,
+                          speedup_vs_eager=base / med, speedup_vs_diffusers=(dref / med) if dref else None,
+                          max_abs_diff_vs_eager=float(np.abs(pixels[name] - pixels["eager"]).max()))
+        log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
+            + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
+            + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
+    backend.enable_kv_cache(True)
+    kv_layers = len(backend.kv.layers)
+    backend.enable_kv_cache(False)
+    return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
+                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers)
+
+
+def unet_step_kv(model="random:sd15", size=256, batch=1, device="cpu", dtype="float32", repeat=5, log=print) -> dict:
+    """One CFG UNet call with and without cached cross-attention K/V, interleaved."""
+    from sdrt.backends import create_backend
+    from sdrt.models import load_model
+
+    components = load_model(model)
+    be = create_backend("torch", components, device, dtype)
+    f = components.latent_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2 * batch, 4, size // f, size // f), generator=g).to(device, be.dtype)
+    t = torch.full((2 * batch,), 500.0, device=device)
+    ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size), generator=g).to(device, be.dtype)
+    times = {"per-step K/V": [], "K/V once": []}
+    outs = {}
+    for i in range(repeat + 1):
+        for name in times:
+            be.enable_kv_cache(name == "K/V once")
+            if be.kv is not None:
+                be.kv.precompute([ctx])
+            sync(device)
+            t0 = time.perf_counter()
+            outs[name] = be.unet(x, t, ctx)
+            sync(device)
+            if i:                                   # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    be.enable_kv_cache(False)
+    a, b = (statistics.median(v) for v in times.values())
+    diff = float((outs["per-step K/V"].float() - outs["K/V once"].float()).abs().max())
+    log(f"UNet call: per-step K/V {a:.4f} s, K/V once {b:.4f} s: x{a / b:.3f}; max|diff| {diff:.2e}")
+    return dict(model=model, size=size, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
+                median_s={k: statistics.median(v) for k, v in times.items()}, speedup=a / b, max_abs_diff=diff)
+
+
+def kernel_check(device="cuda", log=print) -> dict:
+    """The fused step kernel against the torch reference (float64 formula for the reference is
+    in tests/test_kernels.py) on fresh random inputs: odd and real latent sizes, batch 1..4,
+    float32 and float16 storage, every row of Euler a, DPM++ 2M and DDIM (eta 0.5) tables.
+    Returns the largest relative error per dtype and whether every output element was written."""
+    from sdrt.fastpath import step_table
+    from sdrt.kernels import fused_step
+    sigmas = np.array([14.6, 6.0, 2.1, 0.7, 0.03, 0.0])
+    worst = {}
+    written = True
+    for dtype in (torch.float32, torch.float16):
+        err = 0.0
+        for b, shape in ((1, (4, 64, 64)), (3, (4, 17, 23)), (4, (4, 96, 64))):
+            for sampler in ("Euler a", "DPM++ 2M", "DDIM"):
+                table, _ = step_table(sampler, sigmas, eta=0.5 if sampler == "DDIM" else None)
+                for row in table:
+                    g = torch.Generator(device=device).manual_seed(len(worst) * 1000 + b)
+                    r = lambda *sh: torch.randn(*sh, generator=g, device=device)   # noqa: E731
+                    out = r(2 * b, *shape).to(dtype)
+                    x, d_prev, noise = r(b, *shape), r(b, *shape), r(b, *shape)
+                    scale = torch.rand(b, generator=g, device=device) * 10 + 1
+                    coef = torch.tensor(row, dtype=torch.float32, device=device)
+                    ref = [x.clone(), d_prev.clone(), torch.full_like(out, float("nan"))]
+                    got = [x.clone(), d_prev.clone(), torch.full_like(out, float("nan"))]   # poisoned
+                    fused_step(out, *ref[:3], noise, coef, scale, use_kernel=False)
+                    fused_step(out, *got[:3], noise, coef, scale, use_kernel=True)
+                    torch.cuda.synchronize(device)
+                    for a_, k_ in zip(ref, got):
+                        written &= bool(torch.isfinite(k_).all())
+                        err = max(err, float((a_.float() - k_.float()).norm() / a_.float().norm()))
+        worst[str(dtype).replace("torch.", "")] = err
+        log(f"fused step kernel vs reference, {dtype}: max relative error {err:.2e}")
+    return dict(max_rel_error=worst, all_written=written)
+
+
+def _time_cuda(fn, iters=200, warmup=20) -> float:
+    """Median seconds per call of ``fn`` (CUDA events around each of ``iters`` calls)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def kernel_speed(size=512, batches=(1, 4), dtype=torch.float16, device="cuda", log=print) -> dict:
+    """One fused step launch against the unfused torch ops it replaces (the reference: CFG
+    combine, denoised, update, input scaling), launched eagerly and inside CUDA graphs of 50
+    steps (per-step time = graph time / 50)."""
+    from sdrt.fastpath import step_table
+    from sdrt.kernels import fused_step
+    rows = {}
+    row = torch.tensor(step_table("DPM++ 2M", np.array([10.0, 5.0, 1.0, 0.0]))[0][1], dtype=torch.float32,
+                       device=device)
+    for b in batches:
+        shape = (4, size // 8, size // 8)
+        out = torch.randn(2 * b, *shape, device=device).to(dtype)
+        x, d_prev, noise = (torch.randn(b, *shape, device=device) for _ in range(3))
+        x_in, scale = torch.empty_like(out), torch.full((b,), 7.0, device=device)
+        res = {}
+        for name, kernel in (("torch ops", False), ("fused kernel", True)):
+            step = lambda: fused_step(out, x, d_prev, x_in, noise, row, scale, use_kernel=kernel)  # noqa: E731
+            eager = _time_cuda(step)
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(50):
+                    step()
+            res[name] = dict(eager_s=eager, graph_s_per_step=_time_cuda(graph.replay, iters=50) / 50)
+        rows[f"batch {b}"] = dict(res, speedup_eager=res["torch ops"]["eager_s"] / res["fused kernel"]["eager_s"],
+                                  speedup_graph=res["torch ops"]["graph_s_per_step"]
+                                  / res["fused kernel"]["graph_s_per_step"])
+        log(f"fused step, batch {b}, {size}px: torch ops {1e6 * res['torch ops']['eager_s']:.1f} us, "
+            f"kernel {1e6 * res['fused kernel']['eager_s']:.1f} us (x{rows[f'batch {b}']['speedup_eager']:.1f}); "
+            f"in a graph x{rows[f'batch {b}']['speedup_graph']:.1f}")
+    return rows
+
+
+def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16",
+                       kv: bool = True) -> float:
+    """Seconds per CFG UNet call replayed alone from a CUDA graph: the floor the loop's per-step
+    time is compared with (loop overhead = step time - this)."""
+    from sdrt.backends import create_backend
+    from sdrt.models import load_model
+    components = load_model(model)
+    be = create_backend("torch", components, device, dtype)
+    be.enable_kv_cache(kv)
+    f = components.latent_factor
+    with torch.inference_mode():
+        x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
+        t = torch.full((2 * batch,), 500.0, device=device)
+        ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size), device=device).to(be.dtype)
+        if be.kv is not None:
+            be.kv.precompute([ctx])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            be.unet(x, t, ctx)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            be.unet(x, t, ctx)
+        return _time_cuda(graph.replay, iters=30, warmup=5)
+
+
+def main(argv=None) -> int:
+    from sdrt.bench import write_result
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:sd15")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-diffusers", action="store_true")
+    args = ap.parse_args(argv)
+    record = dict(unet_kv=unet_step_kv(args.model, args.size, args.batch, args.device, args.dtype),
+                  end_to_end=end_to_end(args.model, args.size, args.steps, args.batch, args.device, args.dtype,
+                                        args.repeat, diffusers_ref=not args.no_diffusers))
+    write_result(f"fastpath-{torch.device(args.device).type}", record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

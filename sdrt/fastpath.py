@@ -1,0 +1,253 @@
+"""The static loop: for a fixed shape, sampler and schedule, the whole denoising loop as a fixed
+sequence of device operations over preallocated buffers, captured once as a CUDA graph and
+replayed on a GPU.
+
+Everything a step needs is precomputed on the device before the loop runs:
+
+- ``step_table``: eight float32 coefficients per step for the fused step
+  (``sdrt.kernels``): CFG combine, model output -> denoised, the sampler update and the next
+  step's input scaling. Euler, Euler a, DDIM (any eta), DPM++ 2M and LCM are one linear form
+  ``x' = a x + b D + e D_prev + n noise``.
+- the timestep of every step (``(steps, 2B)``), which conditioning every step uses (a fixed
+  buffer per distinct context: prompt editing switches buffers, not values), the CFG scale of
+  every image, and the ancestral noise of every step, drawn from the image's generator in the
+  eager loop's order, so both paths give the same image for a seed.
+
+Per generation only the inputs change (initial latents, noise, contexts, scales); they are
+copied into the static buffers, the graph replays (or, on a CPU, the same operations run
+eagerly), and the images come back through pinned host buffers with one synchronisation at
+the end. Other samplers, ``AND`` prompts and weighted parts run on the eager loop.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .kernels import COEFFICIENTS, fused_step
+from .samplers import _ancestral_step
+
+# samplers whose update is x' = a x + b D + e D_prev + n noise (one model call per step)
+STEP_SAMPLERS = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "LCM")
+
+
+def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 1.0,
+               v_prediction: bool = False) -> tuple[np.ndarray, list[bool]]:
+    """The fused step's coefficients for every step, and which steps draw ancestral noise.
+
+    sigmas: the decreasing host schedule (steps + 1 values, usually ending in 0). Returns
+    ``(table (steps, 8) float64 in COEFFICIENTS order, draws)``: ``draws[i]`` is True where the
+    eager sampler asks its noise source for a tensor at step i (Euler a, DDIM with eta > 0, LCM).
+    The algorithms are those of ``sdrt.samplers`` (k-diffusion's), rewritten as one linear form.
+    """
+    if sampler not in STEP_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} has no fused step; the static loop runs {', '.join(STEP_SAMPLERS)}")
+    s = [float(v) for v in np.asarray(sigmas, dtype=np.float64)]
+    if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
+        raise ValueError("sigmas must be a decreasing list of at least 2 values >= 0")
+    if eta is None:
+        eta = 1.0 if sampler == "Euler a" else 0.0
+    table = np.zeros((len(s) - 1, len(COEFFICIENTS)), dtype=np.float64)
+    draws = []
+    for i, (sig, nxt) in enumerate(zip(s, s[1:])):
+        c_skip, c_out = ((1.0 / (sig * sig + 1.0), -sig / math.sqrt(sig * sig + 1.0)) if v_prediction
+                         else (1.0, -sig))
+        a = b = e = n = 0.0
+        draw = False
+        if sampler in ("Euler", "Euler a", "DDIM"):
+            down, up = (nxt, 0.0) if sampler == "Euler" else _ancestral_step(sig, nxt, eta)
+            a = down / sig
+            b = 1.0 - a
+            draw = sampler != "Euler" and nxt > 0 and up > 0
+            n = (s_noise * up if sampler == "Euler a" else up) if draw else 0.0
+        elif sampler == "DPM++ 2M":
+            if nxt == 0:
+                b = 1.0
+            else:
+                h = math.log(sig) - math.log(nxt)
+                phi = -math.expm1(-h)
+                a = nxt / sig
+                if i > 0:
+                    r = (math.log(s[i - 1]) - math.log(sig)) / h
+                    b, e = phi * (1 + 1 / (2 * r)), -phi / (2 * r)
+                else:
+                    b = phi
+        else:  # LCM: jump to the denoised estimate, re-noise to the next sigma
+            b = 1.0
+            draw = nxt > 0
+            n = nxt if draw else 0.0
+        c_in_next = 1.0 / math.sqrt(nxt * nxt + 1.0)
+        table[i] = (c_skip, c_out, a, b, e, n, c_in_next, 0.0)
+        draws.append(draw)
+    return table, draws
+
+
+def unsupported_reason(a: dict, job: dict) -> str | None:
+    """Why a request cannot run on the static loop (None when it can)."""
+    spec = a["spec"]
+    if spec.name not in STEP_SAMPLERS:
+        return f"sampler {spec.name!r} has no fused step (static loop: {', '.join(STEP_SAMPLERS)})"
+    if any(len(parts) != 1 or parts[0][0] != 1.0 for parts in job["conds"]):
+        return "AND prompts (several weighted conditionings per image) run on the eager loop"
+    return None
+
+
+class StaticLoop:
+    """One static configuration's loop: buffers, step tables and (on CUDA) the captured graph.
+
+    Key: batch size, latent shape, sampler, sigmas, eta, which context each step uses, and
+    the contexts' shape. ``run`` takes the per-generation inputs and returns float pixels
+    (B, H, W, 3), uint8 images (B, H, W, 3) and a per-image finite flag, all on the host.
+    """
+
+    def __init__(self, backend, schedule, sampler: str, sigmas, eta, batch: int, latent_shape,
+                 context_index: list[int], context_shape, n_contexts: int, init: str = "sigma",
+                 use_kernel: bool = True, capture: bool | None = None):
+        self.backend, self.device = backend, backend.device
+        self.batch, self.latent_shape = batch, tuple(latent_shape)
+        self.sigmas = np.asarray(sigmas, dtype=np.float64)
+        self.steps = len(self.sigmas) - 1
+        table, self.draws = step_table(sampler, self.sigmas, eta,
+                                       v_prediction=schedule.prediction_type == "v_prediction")
+        self.context_index = list(context_index[:self.steps])
+        self.use_kernel = use_kernel
+        self.capture = (self.device.type == "cuda" and hasattr(backend, "unet_module")) if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError("CUDA-graph capture needs a CUDA device")
+        dev, dt = self.device, backend.dtype
+        self.init_scale = float(self.sigmas[0]) if init == "sigma" else math.sqrt(1.0 + float(self.sigmas[0]) ** 2)
+        self.c_in0 = 1.0 / math.sqrt(float(self.sigmas[0]) ** 2 + 1.0)
+        self.latent_divisor = math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
+        ts = [schedule.sigma_to_t(float(v)) for v in self.sigmas[:-1]]
+        with torch.inference_mode():
+            self.coef = torch.tensor(table, dtype=torch.float32, device=dev)
+            self.t = torch.tensor(ts, dtype=torch.float32, device=dev)[:, None].repeat(1, 2 * batch).contiguous()
+            shape = (batch, *self.latent_shape)
+            self.x0 = torch.zeros(shape, device=dev)              # initial latents (input)
+            self.x = torch.zeros(shape, device=dev)
+            self.d_prev = torch.zeros(shape, device=dev)
+            self.x_in = torch.zeros((2 * batch, *self.latent_shape), device=dev, dtype=dt)
+            self.noise = torch.zeros((max(1, sum(self.draws)), *shape), device=dev)
+            self.scale = torch.zeros(batch, device=dev)
+            self.contexts = [torch.zeros(context_shape, device=dev, dtype=dt) for _ in range(n_contexts)]
+            self.pixels = self.images = self.finite = None
+        self._graph = None
+        self._kv_refs: list = []
+        self.replays = 0
+
+    def release(self) -> None:
+        """Drop this loop's graph and its cached cross-attention entries."""
+        kv = getattr(self.backend, "kv", None)
+        if kv is not None:
+            kv.discard(self.contexts)
+        self._graph, self._kv_refs = None, []
+
+    # -- the static body: reads and writes only the buffers above ------------------------------
+
+    def _body(self, callback=None) -> None:
+        b = self.batch
+        kv = getattr(self.backend, "kv", None)
+        if kv is not None:                  # cross-attention K/V once per conditioning, not per step
+            kv.precompute(self.contexts)
+            self._kv_refs = kv.entries(self.contexts)
+        self.x.copy_(self.x0).mul_(self.init_scale)
+        self.x_in[:b].copy_(self.x * self.c_in0)
+        self.x_in[b:].copy_(self.x_in[:b])
+        k = 0
+        for i in range(self.steps):
+            out = self.backend.unet(self.x_in, self.t[i], self.contexts[self.context_index[i]])
+            noise = None
+            if self.draws[i]:
+                noise, k = self.noise[k], k + 1
+            fused_step(out.contiguous(), self.x, self.d_prev, self.x_in, noise, self.coef[i], self.scale,
+                       use_kernel=self.use_kernel)
+            if callback is not None:
+                callback(i + 1, self.steps)
+        decoded = self.backend.decode(self.x / self.latent_divisor)
+        pix = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+        if self.pixels is None:   # first (eager or warm-up) run: output buffers of the right size
+            self.pixels = torch.empty_like(pix, memory_format=torch.contiguous_format)
+            self.images = torch.empty(pix.shape, dtype=torch.uint8, device=pix.device)
+            self.finite = torch.empty(pix.shape[0], dtype=torch.bool, device=pix.device)
+        self.pixels.copy_(pix)
+        # the web UI truncates to uint8 rather than rounding (float32 255*p, as the eager path)
+        self.images.copy_((255.0 * torch.nan_to_num(pix)).to(torch.uint8))
+        self.finite.copy_(torch.isfinite(pix).flatten(1).all(1))
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (allocator, cuBLAS/cuDNN handles, the kernel module), then
+        capture the body into one CUDA graph."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: sdrt.Engine encodes the next batch's text on another thread meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._body()
+        self._graph = graph
+        with torch.cuda.device(dev):
+            self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                          for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
+
+    def set_inputs(self, x0: torch.Tensor, noise: list[torch.Tensor], contexts: list[torch.Tensor], scales) -> None:
+        """Copy one generation's inputs into the static buffers (asynchronous on a GPU)."""
+        if tuple(x0.shape) != tuple(self.x0.shape):
+            raise ValueError(f"initial latents {tuple(x0.shape)} do not match this loop's {tuple(self.x0.shape)}")
+        if len(noise) != sum(self.draws):
+            raise ValueError(f"{len(noise)} noise tensors for {sum(self.draws)} noise draws")
+        if len(contexts) != len(self.contexts):
+            raise ValueError(f"{len(contexts)} contexts for {len(self.contexts)} context buffers")
+        self.x0.copy_(x0, non_blocking=True)
+        for k, n in enumerate(noise):
+            self.noise[k].copy_(n, non_blocking=True)
+        for buf, ctx in zip(self.contexts, contexts):
+            if ctx.shape != buf.shape:
+                raise ValueError(f"context {tuple(ctx.shape)} does not match the buffer {tuple(buf.shape)}")
+            buf.copy_(ctx, non_blocking=True)
+        self.scale.copy_(torch.as_tensor(scales, dtype=torch.float32), non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, x0, noise, contexts, scales, callback=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,))."""
+        if self.capture and self._graph is None:
+            self.set_inputs(x0, noise, contexts, scales)
+            self._capture()
+        self.set_inputs(x0, noise, contexts, scales)
+        if self._graph is not None:
+            self._graph.replay()
+            self.replays += 1
+            for name, host in self._host.items():
+                host.copy_(getattr(self, name), non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()   # the one wait, after the loop
+            if callback is not None:
+                callback(self.steps, self.steps)
+            out = self._host
+        else:
+            self._body(callback)
+            out = dict(pixels=self.pixels, images=self.images, finite=self.finite)
+        return (out["pixels"].cpu().numpy().copy(), out["images"].cpu().numpy().copy(),
+                out["finite"].cpu().numpy().copy())
+
+
+class LoopCache:
+    """The static loops a pipeline has built, least recently used first out."""
+
+    def __init__(self, size: int = 4):
+        self.size, self._loops = size, OrderedDict()
+
+    def get(self, key, make):
+        loop = self._loops.pop(key, None)
+        if loop is None:
+            loop = make()
+        self._loops[key] = loop
+        while len(self._loops) > self.size:
+            self._loops.popitem(last=False)[1].release()
+        return loop
+
+    def __len__(self) -> int:
+        return len(self._loops)

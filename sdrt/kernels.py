@@ -1,0 +1,228 @@
+"""sdrt's CUDA kernels from Python: the fused sampler step, its reference, and the loader.
+
+The kernels live in ``kernels/*.cu`` and are built into one fatbin by the root CMakeLists.txt
+(``cmake -S . -B build && cmake --build build``); ``load_fatbin`` finds it (``$SDRT_KERNELS``,
+then ``build/sdrt_kernels.fatbin``) or compiles it with nvcc for the GPU at hand, and launches
+go through cuda-python's driver API on the caller's torch stream, so they are captured into
+CUDA graphs like any torch kernel.
+
+The fused step (``kernels/fused_step.cu``), one pass over the latents per step::
+
+    g  = u + s (c - u)                       CFG, per-image scale s; c, u: the UNet's two halves
+    D  = c_skip x + c_out g                  model output -> denoised (eps or v prediction)
+    x' = a x + b D + e D_prev + n noise      the sampler update (sdrt.fastpath.step_table)
+    x_in = x' c_in_next  (both halves)       the next UNet input, in the storage dtype
+
+with the eight per-step coefficients read from a device table row (``COEFFICIENTS``).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = (ROOT / "kernels" / "fused_step.cu",)
+FATBIN_NAME = "sdrt_kernels.fatbin"
+ARCHS = ("80", "86", "89", "90")             # what CMakeLists.txt builds by default
+# one row of the step table, in the kernel's order
+COEFFICIENTS = ("c_skip", "c_out", "a", "b", "e", "n", "c_in_next", "unused")
+BLOCK = 256
+KERNELS = {torch.float32: "sdrt_fused_step_f32", torch.float16: "sdrt_fused_step_f16"}
+
+
+class KernelError(RuntimeError):
+    """A kernel could not be built, loaded or launched; the message says which and why."""
+
+
+def fused_step_reference(out: torch.Tensor, x: torch.Tensor, d_prev: torch.Tensor, x_in: torch.Tensor,
+                         noise: torch.Tensor | None, coef: torch.Tensor, scale: torch.Tensor) -> None:
+    """The fused step in torch ops, in place, with the kernel's semantics and float32 arithmetic.
+
+    out (2B, C, h, w): UNet output, conditional rows first; x, d_prev (B, C, h, w) float32;
+    x_in (2B, C, h, w) in the storage dtype; noise like x or None; coef (8,) float32 on the
+    device; scale (B,) float32. Terms whose coefficient is 0 are skipped, as in the kernel
+    (d_prev is unwritten before the first step; noise is None for deterministic samplers).
+    """
+    b = x.shape[0]
+    out = out.float()
+    c, u = out[:b], out[b:]
+    view = (-1,) + (1,) * (x.dim() - 1)
+    g = u + scale.view(view) * (c - u)
+    k = coef.tolist() if coef.device.type == "cpu" else None
+    if k is None:   # keep everything on the device (inside a captured graph): a masked form
+        c_skip, c_out, a, bb, e, n, c_in = (coef[i] for i in range(7))
+        d = c_skip * x + c_out * g
+        xn = a * x + bb * d + torch.where(e != 0, e * d_prev, torch.zeros_like(x))
+        if noise is not None:
+            xn = xn + torch.where(n != 0, n * noise, torch.zeros_like(x))
+        v = xn * c_in
+    else:
+        c_skip, c_out, a, bb, e, n, c_in = k[:7]
+        d = c_skip * x + c_out * g
+        xn = a * x + bb * d
+        if e != 0.0:
+            xn = xn + e * d_prev
+        if n != 0.0:
+            if noise is None:
+                raise ValueError("this step table row adds noise (n != 0) but no noise tensor was given")
+            xn = xn + n * noise
+        v = xn * c_in
+    x.copy_(xn)
+    d_prev.copy_(d)
+    x_in[:b].copy_(v)
+    x_in[b:].copy_(v)
+
+
+def launch_config(numel: int, sm_count: int = 132, block: int = BLOCK, waves: int = 8) -> tuple[int, int]:
+    """(grid, block) for a grid-stride kernel over ``numel`` elements: enough blocks to cover
+    the tensor, at most ``waves`` blocks per SM (the loop strides over the rest)."""
+    if numel <= 0:
+        raise ValueError(f"numel must be positive, got {numel}")
+    if not 1 <= block <= 1024 or block % 32:
+        raise ValueError(f"block must be a multiple of 32 in 32..1024, got {block}")
+    grid = min((numel + block - 1) // block, max(1, sm_count) * waves)
+    return grid, block
+
+
+def check_step_args(out, x, d_prev, x_in, noise, coef, scale) -> None:
+    """Shapes, dtypes, devices and contiguity the kernel relies on; raises ValueError."""
+    b = x.shape[0]
+    if x.dtype != torch.float32 or d_prev.dtype != torch.float32:
+        raise ValueError("x and d_prev must be float32")
+    if out.dtype not in KERNELS or x_in.dtype != out.dtype:
+        raise ValueError(f"out and x_in must share a dtype among float32/float16, got {out.dtype}, {x_in.dtype}")
+    if out.shape != x_in.shape or out.shape[0] != 2 * b or out.shape[1:] != x.shape[1:] or d_prev.shape != x.shape:
+        raise ValueError(f"shapes disagree: out {tuple(out.shape)}, x_in {tuple(x_in.shape)}, "
+                         f"x {tuple(x.shape)}, d_prev {tuple(d_prev.shape)} (out and x_in need 2B rows)")
+    if noise is not None and (noise.shape != x.shape or noise.dtype != torch.float32):
+        raise ValueError(f"noise must be float32 of shape {tuple(x.shape)}")
+    if coef.numel() < 7 or coef.dtype != torch.float32 or scale.shape != (b,) or scale.dtype != torch.float32:
+        raise ValueError("coef needs 8 float32 values and scale B float32 values")
+    tensors = [t for t in (out, x, d_prev, x_in, noise, coef, scale) if t is not None]
+    if any(not t.is_contiguous() for t in tensors):
+        raise ValueError("every tensor of the fused step must be contiguous")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError("every tensor of the fused step must be on one device")
+
+
+def nvcc_command(out_path, archs=ARCHS, sources=SOURCES, nvcc: str = "nvcc") -> list[str]:
+    """The nvcc command that builds the fatbin: a cubin per architecture plus PTX for the last."""
+    archs = [str(a).replace("sm_", "") for a in archs]
+    if not archs or not all(a.isdigit() for a in archs):
+        raise ValueError(f"architectures must look like 80 or sm_80, got {archs}")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return [nvcc, "-fatbin", "-O3", "-std=c++17", *gencode, "-o", str(out_path), *map(str, sources)]
+
+
+def build_fatbin(out_path, archs=ARCHS) -> Path:
+    """Compile the kernels with nvcc into ``out_path``; KernelError names what failed."""
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if not nvcc or not os.path.exists(nvcc):
+        raise KernelError("nvcc was not found (install the CUDA toolkit, or build the kernels elsewhere "
+                          "with `cmake -S . -B build && cmake --build build` and set SDRT_KERNELS)")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = nvcc_command(out_path.with_suffix(".tmp"), archs, nvcc=nvcc)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise KernelError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr.strip()}")
+    os.replace(out_path.with_suffix(".tmp"), out_path)
+    return out_path
+
+
+def find_fatbin(device: torch.device | None = None) -> Path:
+    """The kernels' fatbin: $SDRT_KERNELS, build/sdrt_kernels.fatbin if it is newer than the
+    sources, else one compiled now for this GPU's architecture into ~/.cache/sdrt."""
+    env = os.environ.get("SDRT_KERNELS")
+    if env:
+        if not Path(env).is_file():
+            raise KernelError(f"SDRT_KERNELS={env} is not a file")
+        return Path(env)
+    built = ROOT / "build" / FATBIN_NAME
+    newest = max(s.stat().st_mtime for s in SOURCES)
+    if built.is_file() and built.stat().st_mtime >= newest:
+        return built
+    major, minor = torch.cuda.get_device_capability(device)
+    cached = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt" / f"kernels-sm{major}{minor}.fatbin"
+    if cached.is_file() and cached.stat().st_mtime >= newest:
+        return cached
+    return build_fatbin(cached, archs=(f"{major}{minor}",))
+
+
+def _check(result, what: str):
+    """cuda-python returns (CUresult, values...); raise KernelError on anything but success."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        from cuda.bindings import driver
+        _, name = driver.cuGetErrorName(err)
+        raise KernelError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else values
+
+
+class FusedStepKernel:
+    """The fused step kernel on a CUDA device, launched through cuda-python on the current
+    torch stream. ``kernel(out, x, d_prev, x_in, noise, coef, scale)`` as the reference."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, device: torch.device):
+        try:
+            from cuda.bindings import driver
+        except ImportError:
+            try:
+                from cuda import cuda as driver   # cuda-python < 12.6
+            except ImportError:
+                raise KernelError("the fused step kernel needs cuda-python (pip install 'cuda-python>=12')") from None
+        self.driver, self.device = driver, torch.device(device)
+        torch.cuda.init()
+        with torch.cuda.device(self.device):
+            torch.zeros(1, device=self.device)          # the runtime makes the primary context current
+            if int(_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent") or 0) == 0:
+                dev = _check(driver.cuDeviceGet(self.device.index or 0), "cuDeviceGet")
+                ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+                _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            self.path = find_fatbin(self.device)
+            self._image = np.frombuffer(self.path.read_bytes(), dtype=np.uint8).copy()
+            self.module = _check(driver.cuModuleLoadData(self._image.ctypes.data), f"cuModuleLoadData({self.path})")
+            self.functions = {dt: _check(driver.cuModuleGetFunction(self.module, name.encode()),
+                                         f"cuModuleGetFunction({name})") for dt, name in KERNELS.items()}
+            self.sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+
+    def __call__(self, out, x, d_prev, x_in, noise, coef, scale) -> None:
+        check_step_args(out, x, d_prev, x_in, noise, coef, scale)
+        if x.device != self.device:
+            raise ValueError(f"tensors are on {x.device}, the kernel was loaded for {self.device}")
+        per_image, batch = x[0].numel(), x.shape[0]
+        grid, block = launch_config(per_image * batch, self.sm_count)
+        args = [ctypes.c_void_p(t.data_ptr()) for t in (out, x, d_prev, x_in)]
+        args += [ctypes.c_void_p(noise.data_ptr() if noise is not None else 0),
+                 ctypes.c_void_p(coef.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
+                 ctypes.c_int(per_image), ctypes.c_int(batch)]
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        stream = self.driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        _check(self.driver.cuLaunchKernel(self.functions[out.dtype], grid, 1, 1, block, 1, 1, 0, stream,
+                                          ctypes.addressof(params), 0), "cuLaunchKernel(fused step)")
+
+
+_KERNELS: dict = {}
+
+
+def fused_step(out, x, d_prev, x_in, noise, coef, scale, use_kernel: bool = True) -> None:
+    """The fused step in place: the CUDA kernel on a GPU (when ``use_kernel``), else the torch
+    reference (CPU, or a GPU where the kernel is off)."""
+    if x.device.type == "cuda" and use_kernel:
+        with FusedStepKernel._lock:
+            kernel = _KERNELS.get(x.device) or _KERNELS.setdefault(x.device, FusedStepKernel(x.device))
+        kernel(out, x, d_prev, x_in, noise, coef, scale)
+    else:
+        check_step_args(out, x, d_prev, x_in, noise, coef, scale)
+        fused_step_reference(out, x, d_prev, x_in, noise, coef, scale)

@@ -1,0 +1,240 @@
+"""The static loop (sdrt.fastpath) and cross-attention K/V caching (sdrt.attention): the same
+images as the eager loop for the same seed, on a CPU (eager execution of the static body) and,
+where a GPU is present, as a captured CUDA graph."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sdrt
+from sdrt import samplers
+from sdrt.fastpath import STEP_SAMPLERS, step_table, unsupported_reason
+
+SIGMAS = {
+    "uniform": np.array([14.61, 9.7, 6.2, 3.9, 2.2, 1.1, 0.45, 0.13, 0.0]),
+    "short": np.array([3.0, 0.5, 0.0]),
+    "no-zero": np.array([10.0, 4.0, 1.5, 0.3]),
+}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = sdrt.Pipeline.from_pretrained("random:tiny")
+    yield p
+    p.backend.enable_kv_cache(False)
+
+
+def _model(x, sigma):
+    """A deterministic nonlinear stand-in for the denoiser (float64)."""
+    return torch.tanh(x) * 0.8 + 0.05 * math.log1p(sigma) * torch.sin(3 * x)
+
+
+@pytest.mark.parametrize("sigmas", list(SIGMAS))
+@pytest.mark.parametrize("sampler,eta", [("Euler", None), ("Euler a", None), ("Euler a", 0.5), ("DDIM", 0.0),
+                                         ("DDIM", 0.8), ("DPM++ 2M", None), ("LCM", None)])
+def test_step_table_reproduces_the_eager_sampler(sampler, eta, sigmas):
+    """x' = a x + b D + e D_prev + n noise, run with the table, equals sdrt.samplers' own loop
+    (float64, the same stand-in model and noise)."""
+    sig = SIGMAS[sigmas]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64)
+    noises = [torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64) for _ in range(len(sig))]
+    spec = samplers.SAMPLERS[sampler]
+    drawn = []
+
+    def noise(s, s2):
+        drawn.append(s)
+        return noises[len(drawn) - 1]
+    kwargs = {"eta": eta if eta is not None else spec.eta_default} if spec.eta_default is not None else {}
+    want = spec.fn(_model, x0.clone(), sig, noise=noise, **kwargs)
+
+    table, draws = step_table(sampler, sig, eta=kwargs.get("eta"))
+    it = iter(noises)
+    x, d_prev = x0.clone(), None
+    for i, (c_skip, c_out, a, b, e, n, _, _) in enumerate(table):
+        assert (c_skip, c_out) == (1.0, -sig[i])
+        d = _model(x, sig[i])
+        noise = next(it) if draws[i] else None
+        x = a * x + b * d + (e * d_prev if e else 0) + (n * noise if n else 0)
+        d_prev = d
+    assert torch.allclose(x, want, rtol=1e-10, atol=1e-10)
+    assert sum(draws) == len(drawn)          # the same number of draws, so later ones line up
+
+
+def test_step_table_noise_draws_and_input_scaling():
+    sig = SIGMAS["uniform"]
+    assert not any(step_table("Euler a", sig, eta=0.0)[1])          # eta 0: Euler, no noise drawn
+    assert step_table("Euler a", sig)[1] == [True] * (len(sig) - 2) + [False]
+    assert not any(step_table("DDIM", sig)[1])                      # DDIM's default eta is 0
+    table, _ = step_table("Euler", sig)
+    assert np.allclose(table[:, 6], 1 / np.sqrt(sig[1:] ** 2 + 1))
+    v, _ = step_table("Euler", sig, v_prediction=True)
+    assert np.allclose(v[:, 0], 1 / (sig[:-1] ** 2 + 1)) and np.allclose(v[:, 1], -sig[:-1] / np.sqrt(sig[:-1] ** 2 + 1))
+
+
+def test_step_table_refuses_other_samplers_and_bad_sigmas():
+    with pytest.raises(ValueError, match="no fused step"):
+        step_table("Heun", SIGMAS["uniform"])
+    with pytest.raises(ValueError, match="decreasing"):
+        step_table("Euler", [1.0, 2.0, 0.0])
+
+
+def _compare(pipe, **kw):
+    args = dict(prompt="a cat", steps=6, width=64, height=64, seed=7)
+    args.update(kw)
+    pipe._fast = None
+    eager = pipe(**args)
+    pipe.set_fast_path()
+    static = pipe(**args)
+    return eager, static
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sampler="Euler a"),
+    dict(sampler="DPM++ 2M", schedule="Karras"),
+    dict(sampler="DDIM", eta=0.7, rng="cpu"),
+    dict(sampler="LCM"),
+    dict(sampler="Euler", prompt="a [cat:dog:0.4] photo", negative_prompt="[blurry::2]", batch_size=2,
+         cfg_scale=[5.0, 9.0], seed=[3, 11]),
+    dict(sampler="Euler a", rng="nv", eta_noise_seed_delta=31337, subseed=5, subseed_strength=0.3),
+])
+def test_static_loop_equals_the_eager_loop(pipe, kw):
+    eager, static = _compare(pipe, **kw)
+    assert len(pipe._loops) == 1
+    assert np.abs(eager.pixels - static.pixels).max() <= 1e-4
+    assert eager.infotexts == static.infotexts and eager.seeds == static.seeds
+    for a, b in zip(eager.images, static.images):             # uint8 truncation may flip by one
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_static_loop_with_v_prediction(pipe):
+    schedule = pipe.components.schedule
+    pipe.components.schedule = dataclasses.replace(schedule, prediction_type="v_prediction")
+    try:
+        eager, static = _compare(pipe, sampler="DPM++ 2M")
+    finally:
+        pipe.components.schedule = schedule
+    assert np.abs(eager.pixels - static.pixels).max() <= 1e-4
+
+
+def test_a_cached_loop_replays_new_inputs(pipe):
+    """The second generation on the same loop reads its own seeds, prompts and scales from the
+    static buffers (nothing of the first call is baked in)."""
+    pipe.set_fast_path()
+    pipe(prompt="first", steps=5, width=64, height=64, seed=1, sampler="Euler a", cfg_scale=3.0)
+    loop = next(iter(pipe._loops._loops.values()))
+    static = pipe(prompt="second", steps=5, width=64, height=64, seed=2, sampler="Euler a", cfg_scale=8.0)
+    assert next(iter(pipe._loops._loops.values())) is loop and len(pipe._loops) == 1
+    pipe._fast = None
+    eager = pipe(prompt="second", steps=5, width=64, height=64, seed=2, sampler="Euler a", cfg_scale=8.0)
+    assert np.abs(eager.pixels - static.pixels).max() <= 1e-4
+
+
+def test_unsupported_requests_run_eagerly(pipe):
+    pipe.set_fast_path()
+    r = pipe(prompt="a cat AND a dog :0.5", steps=3, width=64, height=64, seed=1, sampler="Euler")
+    pipe(prompt="a cat", steps=3, width=64, height=64, seed=1, sampler="Heun")
+    assert len(pipe._loops) == 0 and len(r.images) == 1
+    job = pipe._encode(pipe._check(dict(prompt="a AND b", negative_prompt="", steps=2, cfg_scale=7.0,
+                                        sampler="Euler", schedule="Automatic", seed=1, width=64, height=64,
+                                        batch_size=1, clip_skip=1, rng="gpu", eta_noise_seed_delta=0, subseed=-1,
+                                        subseed_strength=0.0, seed_resize_from=None, eta=None,
+                                        emphasis="Original", sigmas=None, callback=None)))
+    assert "AND" in unsupported_reason(job["a"], job)
+
+
+def test_static_loop_reports_nan_and_steps(pipe):
+    pipe.set_fast_path()
+    steps = []
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        pipe(prompt="a cat", steps=4, width=64, height=64, seed=1, sampler="Euler", cfg_scale=1e38)
+    pipe(prompt="a cat", steps=4, width=64, height=64, seed=1, sampler="Euler",
+         callback=lambda i, n: steps.append((i, n)))
+    assert steps == [(i, 4) for i in range(1, 5)]
+
+
+def test_loop_cache_evicts_least_recent(pipe):
+    pipe.set_fast_path(cache_size=2)
+    for size in (64, 72, 80):
+        pipe(prompt="a cat", steps=2, width=size, height=64, seed=1, sampler="Euler")
+    assert len(pipe._loops) == 2
+    assert sorted(k[1][2] for k in pipe._loops._loops) == [9, 10]
+
+
+def test_kv_cache_same_image_and_once_per_conditioning(pipe):
+    args = dict(prompt="a [cat:dog:0.5] photo", negative_prompt="ugly", steps=6, width=64, height=64, seed=4,
+                sampler="Euler a", batch_size=2)
+    pipe._fast = None
+    pipe.backend.enable_kv_cache(False)
+    plain = pipe(**args)
+    pipe.backend.enable_kv_cache(True)
+    kv = pipe.backend.kv
+    try:
+        hits = kv.hits
+        cached = pipe(**args)
+        assert kv.hits - hits == 6 * len(kv.layers) and kv.misses == 0     # every step, every layer
+        assert all(not p.table for _, p in kv.layers)                      # nothing left behind
+        assert np.abs(plain.pixels - cached.pixels).max() <= 1e-5
+        pipe.set_fast_path(cache_size=1)
+        static = pipe(**args)
+        assert np.abs(plain.pixels - static.pixels).max() <= 1e-4
+        assert all(len(p.table) == 2 for _, p in kv.layers)                # the loop's two contexts
+        pipe(**dict(args, width=72))                                       # evicts and releases it
+        assert all(len(p.table) == 2 for _, p in kv.layers)
+    finally:
+        pipe.backend.enable_kv_cache(False)
+    assert not any(hasattr(m, "processor") and type(m.processor).__name__ == "CachedKVProcessor"
+                   for m in pipe.backend.unet_module.modules())
+
+
+def test_kv_processor_falls_back_for_unknown_contexts(pipe):
+    be = pipe.backend
+    be.enable_kv_cache(True)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        t = torch.full((2,), 400.0)
+        ctx = torch.randn(2, 77, pipe.components.text_encoder.config.hidden_size, generator=g)
+        uncached = be.unet(x, t, ctx)
+        assert be.kv.misses == len(be.kv.layers)
+        with be.kv.scope([ctx]):
+            cached = be.unet(x, t, ctx)
+        assert torch.allclose(uncached, cached, atol=1e-6)
+    finally:
+        be.enable_kv_cache(False)
+
+
+def test_engine_batches_on_the_static_loop():
+    p = sdrt.Pipeline.from_pretrained("random:tiny", fast_path=True)
+    with sdrt.Engine(p, max_batch_size=2, max_wait=0.5) as engine:
+        futures = [engine.submit(prompt=f"a cat {i}", steps=4, width=64, height=64, seed=i, sampler="Euler a")
+                   for i in range(2)]
+        batched = [f.result(timeout=60) for f in futures]
+    assert len(p._loops) >= 1
+    p._fast = None
+    for i, r in enumerate(batched):
+        solo = p(prompt=f"a cat {i}", steps=4, width=64, height=64, seed=i, sampler="Euler a")
+        assert np.abs(solo.pixels - r.pixels).max() <= 1e-4
+
+
+# ---------------------------------------------------------------- GPU: the captured graph
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_graph_replay_equals_eager(dtype):
+    p = sdrt.Pipeline.from_pretrained("random:tiny", device="cuda", dtype=dtype)
+    args = dict(prompt="a [cat:dog:0.5]", steps=8, width=64, height=64, seed=3, sampler="Euler a", batch_size=2)
+    eager = p(**args)
+    p.set_fast_path()
+    first = p(**args)
+    second = p(**dict(args, seed=4))
+    loop = next(iter(p._loops._loops.values()))
+    assert loop.capture and loop.replays == 2
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    assert np.abs(eager.pixels - first.pixels).max() <= tol
+    p._fast = None
+    assert np.abs(p(**dict(args, seed=4)).pixels - second.pixels).max() <= tol
