@@ -12,7 +12,7 @@ def _generate(args) -> int:
     from . import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    engine_dir=args.engine_dir)
+                                    engine_dir=args.engine_dir, fast_path=args.fast_path)
     bar = tqdm(total=args.steps, unit="step", desc="sampling", disable=args.quiet)
 
     def progress(step, total):
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--engine-dir", default=None)
+    g.add_argument("--fast-path", action="store_true",
+                   help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg-scale", type=float, default=7.0)
     g.add_argument("--sampler", default="Euler a", help="one of: " + ", ".join(SAMPLERS))

@@ -113,7 +113,7 @@ class StaticLoop:
                                        v_prediction=schedule.prediction_type == "v_prediction")
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel
-        self.capture = (self.device.type == "cuda" and hasattr(backend, "unet_module")) if capture is None else capture
+        self.capture = (self.device.type == "cuda" and getattr(backend, "graph_safe", False)) if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA-graph capture needs a CUDA device")
         dev, dt = self.device, backend.dtype

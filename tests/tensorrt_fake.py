@@ -169,16 +169,158 @@ class Builder(_Recorded):
         return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}".encode())
 
 
+# ---------------------------------------------------------------- runtime
+
+class TensorIOMode:
+    NONE, INPUT, OUTPUT = "NONE", "INPUT", "OUTPUT"
+
+
+class DataType:
+    FLOAT, HALF, BF16, INT32, INT64 = "FLOAT", "HALF", "BF16", "INT32", "INT64"
+
+
+class ExecutionContextAllocationStrategy:
+    STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
+
+
+# what each fake engine computes: network -> (run(**inputs) -> {output: tensor},
+# shapes({input: shape}) -> {output: shape}); tests fill it in (tests/test_tensorrt_runtime.py)
+EXECUTORS: dict = {}
+SCRATCH = {"text_encoder": 3 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
+_TORCH = {DataType.FLOAT: "float32", DataType.HALF: "float16", DataType.INT64: "int64", DataType.INT32: "int32"}
+
+
+def _view(address: int, shape, dtype: str):
+    """The memory at ``address`` as a tensor (host memory: the fake runs on a CPU)."""
+    import ctypes
+
+    import torch
+    dt = getattr(torch, dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    raw = (ctypes.c_char * (n * torch.empty((), dtype=dt).element_size())).from_address(address)
+    return torch.frombuffer(raw, dtype=dt).view(tuple(shape))
+
+
+class ICudaEngine(_Recorded):
+    def __init__(self, network: str, profile: dict):
+        from sdrt.export.specs import NETWORKS
+        spec = NETWORKS[network]
+        self._network, self._profile = network, profile
+        self._tensors = [(t.name, TensorIOMode.INPUT, DataType.INT64 if t.dtype == "int64" else DataType.FLOAT)
+                         for t in spec.inputs]
+        self._tensors += [(t.name, TensorIOMode.OUTPUT, DataType.FLOAT) for t in spec.outputs]
+
+    @property
+    def num_io_tensors(self):
+        return len(self._tensors)
+
+    def get_tensor_name(self, index):
+        return self._tensors[index][0]
+
+    def get_tensor_mode(self, name):
+        return next((m for n, m, _ in self._tensors if n == name), TensorIOMode.NONE)
+
+    def get_tensor_dtype(self, name):
+        return next(d for n, _, d in self._tensors if n == name)
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        if profile_index != 0 or name not in self._profile:
+            raise ValueError(f"get_tensor_profile_shape({name!r}, {profile_index})")
+        return list(self._profile[name])
+
+    @property
+    def device_memory_size_v2(self):
+        return SCRATCH[self._network]
+
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
+        _call("create_execution_context", self._network, strategy)
+        return IExecutionContext(self, strategy)
+
+
+class IExecutionContext(_Recorded):
+    def __init__(self, engine: ICudaEngine, strategy):
+        self._engine, self._strategy = engine, strategy
+        self._shapes, self._addresses, self._memory = {}, {}, None
+
+    def set_device_memory(self, memory, size):
+        _call("set_device_memory", self._engine._network, memory, size)
+        if size < self._engine.device_memory_size_v2:
+            raise ValueError(f"set_device_memory: {size} bytes < device_memory_size_v2 "
+                             f"{self._engine.device_memory_size_v2}")
+        self._memory = (memory, size)
+
+    def set_input_shape(self, name, shape):
+        _call("set_input_shape", self._engine._network, name, tuple(shape))
+        lo, _, hi = self._engine._profile[name]
+        if len(shape) != len(lo) or any(not (a <= d <= b) for a, d, b in zip(lo, shape, hi)):
+            return False
+        self._shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        mode = self._engine.get_tensor_mode(name)
+        if mode == TensorIOMode.INPUT:
+            return self._shapes.get(name, tuple(-1 for _ in self._engine._profile[name][0]))
+        inputs = [n for n, m, _ in self._engine._tensors if m == TensorIOMode.INPUT]
+        if any(n not in self._shapes for n in inputs):
+            return (-1,)
+        return tuple(EXECUTORS[self._engine._network][1](self._shapes)[name])
+
+    def set_tensor_address(self, name, memory):
+        _call("set_tensor_address", self._engine._network, name, memory)
+        if not memory:
+            return False
+        self._addresses[name] = memory
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        net = self._engine._network
+        _call("execute_async_v3", net, stream_handle)
+        if self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:
+            return False              # the real context fails: user-managed memory was never given
+        names = {n: (m, d) for n, m, d in self._engine._tensors}
+        if any(n not in self._addresses for n in names) or any(
+                n not in self._shapes for n, (m, _) in names.items() if m == TensorIOMode.INPUT):
+            return False
+        inputs = {n: _view(self._addresses[n], self._shapes[n], _TORCH[d]) for n, (m, d) in names.items()
+                  if m == TensorIOMode.INPUT}
+        outputs = EXECUTORS[net][0](**{k: v.clone() for k, v in inputs.items()})
+        for n, (m, d) in names.items():
+            if m == TensorIOMode.OUTPUT:
+                _view(self._addresses[n], self.get_tensor_shape(n), _TORCH[d]).copy_(outputs[n])
+        return True
+
+
+class Runtime(_Recorded):
+    def __init__(self, logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, serialized_engine):
+        import ast
+        _call("deserialize_cuda_engine", len(serialized_engine))
+        text = bytes(serialized_engine).decode(errors="replace")
+        if not text.startswith("fake-plan|"):
+            return None                                       # the real runtime logs and returns None
+        shapes = dict(ast.literal_eval(text.split("|", 2)[2]))
+        network = {"input_ids": "text_encoder", "sample": "unet", "latent": "vae_decoder"}[
+            next(n for n in ("input_ids", "sample", "latent") if n in shapes)]
+        return ICudaEngine(network, shapes)
+
+
 def module(version: str = "11.4.0.106"):
     """A stand-in for ``import tensorrt``."""
     class Module(_Recorded, types.ModuleType):
         pass
     m = Module("tensorrt")
-    for obj in (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, Builder, OnnxParser):
+    for obj in (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, Builder, OnnxParser, Runtime, TensorIOMode,
+                DataType, ExecutionContextAllocationStrategy):
         setattr(m, obj.__name__, obj)
     m.__version__ = version
     return m
 
 
 FAKE_CLASSES = (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, INetworkDefinition, OnnxParser,
-                IOptimizationProfile, ITimingCache, IBuilderConfig, Builder)
+                IOptimizationProfile, ITimingCache, IBuilderConfig, Builder, TensorIOMode, DataType,
+                ExecutionContextAllocationStrategy, ICudaEngine, IExecutionContext, Runtime)

@@ -99,3 +99,16 @@ def test_serving_benchmark_reports_ratios_side_by_side(tiny):
     assert dyn["throughput_vs_one_at_a_time"] == dyn["images_per_s"] / one["images_per_s"]
     assert record["single_request_latency_s"]["direct"] > 0
     assert "dynamic" in format_serving(record)
+
+
+def test_fastpath_benchmark_runs_every_cpu_variant():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fastpath
+    finally:
+        sys.path.pop(0)
+    rec = fastpath.end_to_end("random:tiny", size=64, steps=3, repeat=1, log=lambda m: None)
+    assert set(rec["rows"]) == {"eager", "eager+kv", "static-ops", "static-ops+kv", "diffusers"}
+    for name, row in rec["rows"].items():
+        assert row["median_s"] > 0 and row["max_abs_diff_vs_eager"] <= 1e-4, name
+    assert rec["kv_layers"] > 0

@@ -56,6 +56,9 @@ def check_target(name: str, device, dtype) -> tuple[torch.device, torch.dtype]:
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is unknown; valid backends: {', '.join(BACKENDS)}")
     dev, dt = parse_device(device), parse_dtype(dtype)
+    if name == "tensorrt" and dev.type != "cuda":
+        raise ValueError("backend 'tensorrt' needs a CUDA device (device='cuda'); on a CPU use "
+                         "backend='onnxruntime' or 'torch'")
     if dt == torch.float16 and dev.type == "cpu":
         raise ValueError("dtype 'float16' needs a CUDA device; on a CPU use dtype='float32'")
     return dev, dt
@@ -78,6 +81,25 @@ def check_text_input(input_ids: torch.Tensor, clip_skip: int, num_layers: int) -
     return n // MAX_LENGTH
 
 
+def check_profile_request(profile, size_multiple: int, engine_dir, batch_size: int, height: int, width: int) -> None:
+    """Raise before any network runs when a request lies outside a compiled profile."""
+    problem = profile.covers(batch_size, height, width, profile.windows[0])
+    if problem is None and (height % size_multiple or width % size_multiple):
+        problem = (f"the exported UNet takes sizes that are multiples of {size_multiple} px "
+                   f"(one per downsampling level)")
+    if problem:
+        raise ValueError(f"request {batch_size}x{height}x{width} (images x height x width): {problem}; "
+                         f"the engines in {engine_dir} were built for {profile.describe()}; "
+                         "rebuild with `sdrt build ... --min/--max` to cover it")
+
+
+def check_profile_windows(profile, engine_dir, windows: int) -> None:
+    lo, _, hi = profile.windows
+    if not lo <= windows <= hi:
+        raise ValueError(f"the prompt needs {windows} text windows of 77 tokens; the engines in "
+                         f"{engine_dir} were built for {lo}..{hi} ({profile.describe()})")
+
+
 def create_backend(name: str, components, device, dtype, engine_dir=None) -> Backend:
     """The backend called ``name`` for a loaded model."""
     dev, dt = check_target(name, device, dtype)
@@ -93,4 +115,13 @@ def create_backend(name: str, components, device, dtype, engine_dir=None) -> Bac
                              f"(pip install -e '.[onnx]'): {e}") from None
         from .onnxruntime_backend import OnnxRuntimeBackend
         return OnnxRuntimeBackend(components, dev, dt, engine_dir)
-    raise ValueError(f"backend {name!r} is not available in this build yet; use 'torch' or 'onnxruntime'")
+    if name == "tensorrt":
+        from sdrt.export.tensorrt import require_tensorrt
+
+        from .tensorrt_backend import TensorRTBackend
+        try:
+            trt = require_tensorrt()
+        except RuntimeError as e:          # not installed: a usage error naming the package
+            raise ValueError(f"backend 'tensorrt': {e}") from None
+        return TensorRTBackend(components, dev, dt, engine_dir, trt=trt)
+    raise ValueError(f"backend {name!r} is unknown; valid backends: {', '.join(BACKENDS)}")

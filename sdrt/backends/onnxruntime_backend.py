@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..tokenizer import MAX_LENGTH
-from . import check_text_input
+from . import check_profile_request, check_profile_windows, check_text_input
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -64,24 +64,11 @@ class OnnxRuntimeBackend:
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""
-        problem = self.profile.covers(batch_size, height, width, self.profile.windows[0])
-        if problem is None and (height % self.size_multiple or width % self.size_multiple):
-            problem = (f"the exported UNet takes sizes that are multiples of {self.size_multiple} px "
-                       f"(one per downsampling level)")
-        if problem:
-            raise ValueError(f"request {batch_size}x{height}x{width} (images x height x width): {problem}; "
-                             f"the engines in {self.engine_dir} were built for {self.profile.describe()}; "
-                             "rebuild with `sdrt build ... --min/--max` to cover it")
-
-    def _check_windows(self, windows: int) -> None:
-        lo, _, hi = self.profile.windows
-        if not lo <= windows <= hi:
-            raise ValueError(f"the prompt needs {windows} text windows of 77 tokens; the engines in "
-                             f"{self.engine_dir} were built for {lo}..{hi} ({self.profile.describe()})")
+        check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         b, n = input_ids.shape
-        self._check_windows(check_text_input(input_ids, clip_skip, self.num_text_layers))
+        check_profile_windows(self.profile, self.engine_dir, check_text_input(input_ids, clip_skip, self.num_text_layers))
         ids = input_ids.reshape(-1, MAX_LENGTH).cpu().numpy().astype(np.int64)
         hidden = self.sessions["text_encoder"].run(None, {"input_ids": ids})[0]     # (L, N, 77, C)
         out = torch.from_numpy(np.ascontiguousarray(hidden[hidden.shape[0] - clip_skip]))

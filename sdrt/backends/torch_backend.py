@@ -17,6 +17,8 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 class TorchBackend:
     """Runs the model's own modules; the reference every compiled backend is compared with."""
 
+    graph_safe = True        # its CUDA work can be captured into a CUDA graph
+
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.text_encoder = _place(components.text_encoder, device, dtype)

@@ -1,0 +1,204 @@
+"""The TensorRT backend: serialized engines (``sdrt build --backend tensorrt``) in the loop.
+
+Written against the TensorRT 10/11 Python API (``Runtime.deserialize_cuda_engine``,
+``ICudaEngine`` tensor introspection, ``IExecutionContext`` with user-managed device memory,
+``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). It has **not run on real
+TensorRT** (it cannot be installed where this was written); the tests drive it through a
+faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked against the real
+11.4 binding.
+
+- Each engine is deserialized once; one execution context per engine, all sharing one device
+  scratch buffer sized for the largest (``device_memory_size_v2``): the networks run one after
+  another on one stream, so they never need it at the same time.
+- Inputs are bound by address, straight from the loop's tensors; outputs go to buffers
+  allocated once per shape. Shapes and addresses are set only when they change.
+- Everything is enqueued on torch's current CUDA stream, so TensorRT, torch ops and sdrt's
+  fused step kernel are ordered on one stream and a CUDA graph captures all of them
+  (``graph_safe``). Token ids cross the bus through a pinned host buffer.
+- The loader refuses engines built for another GPU architecture or TensorRT version, saying
+  which and how to rebuild; missing engines are built on demand.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..tokenizer import MAX_LENGTH
+from . import check_profile_request, check_profile_windows, check_text_input
+
+NETWORKS = ("text_encoder", "unet", "vae_decoder")
+
+
+def default_engine_dir(components, precision: str, arch: str) -> Path:
+    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
+    return root / "engines" / f"{components.model_hash}-tensorrt-{precision}-{arch}"
+
+
+def torch_dtype(trt, data_type) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+             trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
+    if data_type not in table:
+        raise ValueError(f"engine tensor type {data_type} is not supported by sdrt's TensorRT backend")
+    return table[data_type]
+
+
+class _Engine:
+    """One deserialized engine, its execution context and its bound buffers."""
+
+    def __init__(self, trt, runtime, name: str, path: Path, device: torch.device):
+        self.name, self.device = name, device
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ValueError(f"TensorRT could not deserialize {path} (see the log above); rebuild it with "
+                             f"`sdrt build MODEL --backend tensorrt --out {path.parent} --force`")
+        self.inputs, self.outputs, self.dtypes = [], [], {}
+        for i in range(self.engine.num_io_tensors):
+            tensor = self.engine.get_tensor_name(i)
+            is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(tensor)
+            self.dtypes[tensor] = torch_dtype(trt, self.engine.get_tensor_dtype(tensor))
+        from sdrt.export.specs import NETWORKS as SPECS
+        spec = SPECS[name]
+        want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
+        if (sorted(self.inputs), sorted(self.outputs)) != (sorted(want[0]), sorted(want[1])):
+            raise ValueError(f"{path}: engine tensors {self.inputs} -> {self.outputs} do not match the "
+                             f"{name} export spec {want[0]} -> {want[1]}; rebuild the engine")
+        self.scratch_bytes = int(self.engine.device_memory_size_v2)
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {path}")
+        self.max_shapes = {t: tuple(self.engine.get_tensor_profile_shape(t, 0)[2]) for t in self.inputs}
+        self._bound: dict[str, tuple] = {}          # tensor -> (shape, address) last given to TensorRT
+        self._out: dict[tuple, torch.Tensor] = {}    # (tensor, shape) -> output buffer
+
+    def set_scratch(self, scratch: torch.Tensor) -> None:
+        self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+
+    def __call__(self, stream: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        for tensor in self.inputs:
+            t = inputs[tensor]
+            if t.dtype != self.dtypes[tensor] or not t.is_contiguous() or t.device != self.device:
+                raise ValueError(f"{self.name}.{tensor}: needs a contiguous {self.dtypes[tensor]} tensor on "
+                                 f"{self.device}, got {t.dtype} on {t.device}")
+            shape, addr = tuple(t.shape), t.data_ptr()
+            old = self._bound.get(tensor)
+            if old is None or old[0] != shape:
+                if not self.context.set_input_shape(tensor, shape):
+                    raise ValueError(f"{self.name}: input {tensor} of shape {shape} is outside the engine's profile")
+            if old is None or old[1] != addr:
+                self.context.set_tensor_address(tensor, addr)
+            self._bound[tensor] = (shape, addr)
+        result = {}
+        for tensor in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(tensor))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{self.name}: TensorRT left the shape of {tensor} unresolved: {shape}")
+            buf = self._out.get((tensor, shape))
+            if buf is None:                           # once per shape
+                buf = self._out[(tensor, shape)] = torch.empty(shape, dtype=self.dtypes[tensor], device=self.device)
+            if self._bound.get(tensor, (None, None))[1] != buf.data_ptr():
+                self.context.set_tensor_address(tensor, buf.data_ptr())
+                self._bound[tensor] = (shape, buf.data_ptr())
+            result[tensor] = buf
+        if not self.context.execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {self.name} (see the log above)")
+        return result
+
+
+class TensorRTBackend:
+    """Runs ``engine_dir``'s TensorRT engines, building them first when missing."""
+
+    graph_safe = True
+
+    def __init__(self, components, device: torch.device, dtype: torch.dtype, engine_dir=None, trt=None,
+                 arch: str | None = None, log=None):
+        from sdrt.export import Profile
+        from sdrt.export.build import check_artifact, read_manifest
+        from sdrt.export.tensorrt import (BuildOptions, build_tensorrt, check_engine_target, native_arch,
+                                          require_tensorrt)
+
+        self.trt = trt = trt or require_tensorrt()
+        self.device = device
+        log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
+        arch = arch or native_arch()
+        if arch is None:
+            raise ValueError("backend 'tensorrt' needs a CUDA GPU (none is visible)")
+        precision = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, precision, arch)
+        manifest = read_manifest(self.engine_dir)
+        target = manifest.get("target")
+        if target and manifest.get("networks"):
+            problem = check_engine_target(target, arch, str(trt.__version__), self.engine_dir)
+            if problem:
+                raise ValueError(problem)
+        if manifest.get("networks") and manifest.get("precision") not in (None, precision):
+            raise ValueError(f"the engines in {self.engine_dir} are {manifest.get('precision')}, dtype "
+                             f"{str(dtype).replace('torch.', '')} asks for {precision}: build another folder "
+                             f"(`sdrt build MODEL --backend tensorrt --dtype ... --out DIR`)")
+        missing = [n for n in NETWORKS if not check_artifact(
+            self.engine_dir, manifest.get("networks", {}).get(n),
+            manifest.get("networks", {}).get(n, {}).get("key", {})).ok]
+        if missing:
+            log(f"building TensorRT engines for {', '.join(missing)} in {self.engine_dir}")
+            manifest = build_tensorrt(components, self.engine_dir, options=BuildOptions(precision=precision),
+                                      networks=NETWORKS, target=arch, trt=trt, arch=arch, log=log)
+        unet_entry = manifest["networks"]["unet"]
+        self.profile = Profile.from_json(unet_entry["profile"])
+        self.size_multiple = int(unet_entry.get("size_multiple", components.size_multiple))
+        self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
+
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines = {n: _Engine(trt, self.runtime, n, self.engine_dir / manifest["networks"][n]["file"], device)
+                        for n in NETWORKS}
+        # one scratch buffer for all contexts, sized for the largest
+        self.scratch_bytes = max(e.scratch_bytes for e in self.engines.values())
+        self.scratch = torch.empty(max(1, self.scratch_bytes), dtype=torch.uint8, device=device)
+        for e in self.engines.values():
+            e.set_scratch(self.scratch)
+        self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
+        self._ids_host: dict[tuple, torch.Tensor] = {}
+        self._ids_dev: dict[tuple, torch.Tensor] = {}
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def check_request(self, batch_size: int, height: int, width: int) -> None:
+        check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
+
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        b, n = input_ids.shape
+        windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
+        check_profile_windows(self.profile, self.engine_dir, windows)
+        engine = self.engines["text_encoder"]
+        ids = input_ids.reshape(b * windows, MAX_LENGTH)
+        rows = engine.max_shapes["input_ids"][0]           # the profile's most windows per call
+        parts = []
+        for start in range(0, ids.shape[0], rows):
+            chunk = ids[start:start + rows]
+            shape, dt = tuple(chunk.shape), engine.dtypes["input_ids"]
+            if shape not in self._ids_dev:
+                self._ids_host[shape] = torch.empty(shape, dtype=dt, pin_memory=self.device.type == "cuda")
+                self._ids_dev[shape] = torch.empty(shape, dtype=dt, device=self.device)
+            host, dev = self._ids_host[shape], self._ids_dev[shape]
+            host.copy_(chunk)
+            dev.copy_(host, non_blocking=True)             # pinned -> device, asynchronous
+            hidden = engine(self._stream(), input_ids=dev)["hidden_states"]    # (L, rows, 77, C)
+            parts.append(hidden[hidden.shape[0] - clip_skip].clone())
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out.reshape(b, n, out.shape[-1])
+
+    def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call on bound memory; the output buffer is reused for every call of a shape."""
+        e = self.engines["unet"]
+        args = {"sample": sample, "timestep": t, "encoder_hidden_states": context}
+        args = {k: v.to(e.dtypes[k]).contiguous() for k, v in args.items()}
+        return e(self._stream(), **args)["out_sample"]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        e = self.engines["vae_decoder"]
+        image = e(self._stream(), latent=latents.to(e.dtypes["latent"]).contiguous())["image"]
+        return image.float()

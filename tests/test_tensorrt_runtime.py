@@ -1,0 +1,156 @@
+"""The TensorRT runtime backend against the fake TensorRT API (tests/tensorrt_fake.py), on a CPU:
+the fake engines read and write the memory the backend binds by address and compute with the
+torch modules, so the images must equal the torch backend's. Checked too: one shared scratch
+buffer, user-managed contexts, addresses and shapes bound once, output buffers once per shape,
+refusal of engines built for another GPU or TensorRT version. Nothing here runs real TensorRT."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sdrt
+import tensorrt_fake as fake
+from sdrt.backends import create_backend
+from sdrt.backends.tensorrt_backend import TensorRTBackend
+from sdrt.export.specs import Profile
+from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+
+PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def torch_pipe():
+    return sdrt.Pipeline.from_pretrained("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, torch_pipe):
+    """A fake-built engine folder, and the fake engines' computation: the torch modules."""
+    c, be = torch_pipe.components, torch_pipe.backend
+    d = tmp_path_factory.mktemp("trt")
+    build_tensorrt(c, d, profile=PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(), arch="sm_90",
+                   log=lambda m: None)
+    layers = be.num_text_layers
+
+    def text(input_ids):
+        ids = input_ids.reshape(1, -1)
+        return {"hidden_states": torch.stack([be.encode_text(ids, k).reshape(input_ids.shape[0], 77, -1)
+                                              for k in range(layers, 0, -1)])}
+    hidden = int(c.text_encoder.config.hidden_size)
+    f = c.latent_factor
+    fake.EXECUTORS.update({
+        "text_encoder": (text, lambda s: {"hidden_states": (layers, s["input_ids"][0], 77, hidden)}),
+        "unet": (lambda sample, timestep, encoder_hidden_states: {
+            "out_sample": be.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
+        "vae_decoder": (lambda latent: {"image": be.decode(latent)},
+                        lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+    })
+    return d
+
+
+def _backend(components, engine_dir, **kw):
+    return TensorRTBackend(components, torch.device("cpu"), torch.float32, engine_dir, trt=kw.pop("trt", fake.module()),
+                           arch=kw.pop("arch", "sm_90"), log=kw.pop("log", lambda m: None), **kw)
+
+
+@pytest.fixture(scope="module")
+def trt_pipe(torch_pipe, engines):
+    fake.CALLS.clear()
+    return sdrt.Pipeline(torch_pipe.components, _backend(torch_pipe.components, engines))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sampler="Euler a", prompt="a [cat:dog:0.5] photo"),
+    dict(sampler="DPM++ 2M", schedule="Karras", batch_size=2, clip_skip=2),
+    dict(sampler="Heun", prompt="a photo of " + "a very long prompt " * 20),     # two text windows
+])
+def test_images_equal_the_torch_backend(torch_pipe, trt_pipe, kw):
+    args = dict(prompt="a cat", steps=5, width=64, height=64, seed=9)
+    args.update(kw)
+    want, got = torch_pipe(**args), trt_pipe(**args)
+    assert np.abs(want.pixels - got.pixels).max() <= 1e-5
+    assert want.infotexts == got.infotexts
+
+
+def test_contexts_share_one_scratch_buffer(trt_pipe):
+    scratch = [c for c in fake.CALLS if c[0] == "set_device_memory"]
+    assert sorted(c[1][0] for c in scratch) == ["text_encoder", "unet", "vae_decoder"]
+    assert {c[1][1] for c in scratch} == {trt_pipe.backend.scratch.data_ptr()}
+    assert {c[1][2] for c in scratch} == {max(fake.SCRATCH.values())}                 # sized for the largest
+    created = [c for c in fake.CALLS if c[0] == "create_execution_context"]
+    assert len(created) == 3 and {c[1][1] for c in created} == {"USER_MANAGED"}
+    assert len([c for c in fake.CALLS if c[0] == "deserialize_cuda_engine"]) == 3
+
+
+def test_loop_binds_addresses_and_shapes_once(trt_pipe):
+    trt_pipe(prompt="warm", steps=2, width=64, height=64, seed=1, sampler="Euler")
+    buffers = dict(trt_pipe.backend.engines["unet"]._out)
+    fake.CALLS.clear()
+    trt_pipe(prompt="a cat", steps=6, width=64, height=64, seed=1, sampler="Euler")
+    unet = [c for c in fake.CALLS if c[1][0] == "unet"]
+    assert len([c for c in unet if c[0] == "execute_async_v3"]) == 6
+    assert not [c for c in unet if c[0] == "set_input_shape"]                 # same shapes as before
+    # the denoiser's persistent buffers: each input's address is given at most once per generation
+    by_name = {}
+    for c in unet:
+        if c[0] == "set_tensor_address":
+            by_name.setdefault(c[1][1], []).append(c[1][2])
+    assert all(len(v) <= 1 for v in by_name.values()), by_name
+    out = trt_pipe.backend.engines["unet"]._out
+    assert out.keys() == buffers.keys() and all(out[k] is buffers[k] for k in out)   # once per shape
+
+
+def test_static_loop_runs_on_the_engines(trt_pipe, torch_pipe):
+    args = dict(prompt="a [cat:dog:0.5]", steps=5, width=64, height=64, seed=2, sampler="Euler a", batch_size=2)
+    want = torch_pipe(**args)
+    trt_pipe.set_fast_path()
+    try:
+        got = trt_pipe(**args)
+        assert len(trt_pipe._loops) == 1
+    finally:
+        trt_pipe._fast = None
+    assert np.abs(want.pixels - got.pixels).max() <= 1e-4
+
+
+def test_request_outside_the_profile_is_refused(trt_pipe):
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        trt_pipe(prompt="a cat", steps=2, width=128, height=64, seed=1)
+    with pytest.raises(ValueError, match="text windows"):
+        trt_pipe(prompt="word " * 200, steps=2, width=64, height=64, seed=1)
+
+
+def test_engines_for_another_gpu_or_version_are_refused(torch_pipe, engines):
+    with pytest.raises(ValueError, match=r"built for sm_90, this GPU is sm_89.*sdrt build"):
+        _backend(torch_pipe.components, engines, arch="sm_89")
+    with pytest.raises(ValueError, match=r"TensorRT 11\.4\.0\.106, this is TensorRT 10\.13"):
+        _backend(torch_pipe.components, engines, trt=fake.module(version="10.13.0.35"))
+
+
+def test_damaged_engine_is_rebuilt_and_undeserializable_one_refused(torch_pipe, engines, tmp_path):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(engines, d)
+    (d / "unet.plan").write_bytes(b"fake-plan|trunc")
+    logs = []
+    be = _backend(torch_pipe.components, d, log=logs.append)
+    assert any("building TensorRT engines for unet" in m for m in logs)
+    assert be.engines["unet"].engine is not None
+    # a plan whose hash matches the manifest but that TensorRT cannot deserialize
+    (d / "vae_decoder.plan").write_bytes(b"not a plan")
+    manifest = json.loads((d / "manifest.json").read_text())
+    from sdrt.export.build import file_digest
+    entry = manifest["networks"]["vae_decoder"]
+    entry["files"][0].update(size=10, sha256=file_digest(d / "vae_decoder.plan"))
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="could not deserialize"):
+        _backend(torch_pipe.components, d)
+
+
+def test_tensorrt_backend_needs_cuda_and_the_package(torch_pipe):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        create_backend("tensorrt", torch_pipe.components, "cpu", "float32")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        sdrt.Pipeline.from_pretrained("random:tiny", backend="tensorrt")
