@@ -12,6 +12,7 @@ before timing starts). Writes benchmarks/results/fastpath-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -21,6 +22,13 @@ import torch
 from sdrt.backends import sync
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model: str):
+    """Loaded once per process: random:sd15 takes a while to initialise."""
+    from sdrt.models import load_model
+    return load_model(model)
 
 # name -> (fast path, use_kernel, kv cache); graph capture follows the device
 VARIANTS = {
@@ -52,12 +60,11 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
     against the eager loop's image."""
     import sdrt
     from sdrt.backends import create_backend
-    from sdrt.models import load_model
 
     variants = list(variants or VARIANTS)
     if torch.device(device).type == "cpu":
         variants = [v for v in variants if "kernel" not in v]     # on a CPU the step is the torch reference
-    components = load_model(model)
+    components = _load(model)
     backend = create_backend("torch", components, device, dtype)
     args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size,
                 height=size, batch_size=batch, rng="cpu", cfg_scale=7.0)
@@ -133,9 +140,8 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
 def unet_step_kv(model="random:sd15", size=256, batch=1, device="cpu", dtype="float32", repeat=5, log=print) -> dict:
     """One CFG UNet call with and without cached cross-attention K/V, interleaved."""
     from sdrt.backends import create_backend
-    from sdrt.models import load_model
 
-    components = load_model(model)
+    components = _load(model)
     be = create_backend("torch", components, device, dtype)
     f = components.latent_factor
     g = torch.Generator().manual_seed(0)
@@ -246,13 +252,47 @@ def kernel_speed(size=512, batches=(1, 4), dtype=torch.float16, device="cuda", l
     return rows
 
 
+# SD 1.5 attention at 512x512 (latent 64x64): (query length, key length, head dim), 8 heads
+SD15_ATTENTION = [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80),
+                  (256, 256, 160), (256, 77, 160), (64, 64, 160), (64, 77, 160)]
+
+
+def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log=print) -> dict:
+    """PyTorch SDPA per backend (flash, cuDNN, memory-efficient, math) for Stable Diffusion's
+    attention shapes: what a custom attention kernel would have to beat."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    rows = {}
+    for lq, lk, d in SD15_ATTENTION:
+        q = torch.randn(batch, heads, lq, d, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, heads, lk, d, device=device, dtype=dtype) for _ in range(2))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        row = {}
+        for name, b in backends.items():
+            try:
+                with sdpa_kernel([b]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    err = float((out.float() - ref).norm() / ref.norm())
+                    row[name] = dict(seconds=_time_cuda(lambda: F.scaled_dot_product_attention(q, k, v), iters=50),
+                                     rel_error=err)
+            except RuntimeError as e:           # a backend that does not take this shape
+                row[name] = dict(error=str(e).splitlines()[0][:200])
+        timed = {n: r["seconds"] for n, r in row.items() if "seconds" in r}
+        best = min(timed, key=timed.get) if timed else None
+        rows[f"q{lq} k{lk} d{d}"] = dict(row, fastest=best)
+        log(f"attention q{lq} k{lk} d{d}: " + ", ".join(f"{n} {1e6 * t:.1f} us" for n, t in timed.items())
+            + f" -> {best}")
+    return rows
+
+
 def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16",
                        kv: bool = True) -> float:
     """Seconds per CFG UNet call replayed alone from a CUDA graph: the floor the loop's per-step
     time is compared with (loop overhead = step time - this)."""
     from sdrt.backends import create_backend
-    from sdrt.models import load_model
-    components = load_model(model)
+    components = _load(model)
     be = create_backend("torch", components, device, dtype)
     be.enable_kv_cache(kv)
     f = components.latent_factor
@@ -270,7 +310,9 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             be.unet(x, t, ctx)
-        return _time_cuda(graph.replay, iters=30, warmup=5)
+        seconds = _time_cuda(graph.replay, iters=30, warmup=5)
+    be.enable_kv_cache(False)
+    return seconds
 
 
 def main(argv=None) -> int:

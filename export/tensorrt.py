@@ -12,6 +12,7 @@ TensorRT 11.4 binding's name table.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -247,15 +248,19 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
         if entry is not None and not check.ok:
             log(f"{name}: rebuilding: {check.reason}")
         onnx_path = engine_dir / "onnx" / f"{name}.onnx"
+        t0 = time.perf_counter()
         export_onnx(components, name, onnx_path)
+        t1 = time.perf_counter()
         shapes = profile_shapes(name, profile, dims)
         plan_path = engine_dir / f"{name}.plan"
         plan_path.write_bytes(build_engine(trt, onnx_path, name, shapes, options, on_progress))
+        stages = {"export": t1 - t0, "build": time.perf_counter() - t1}
         files = [{"name": plan_path.name, "size": plan_path.stat().st_size, "sha256": file_digest(plan_path)}]
         manifest["networks"][name] = {
             "file": plan_path.name, "files": files, "key": key, "key_digest": key_digest(key),
             "profile": profile.to_json(), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-            "static": is_static(shapes), "target": where, "size_multiple": components.size_multiple}
+            "static": is_static(shapes), "target": where, "size_multiple": components.size_multiple,
+            "build_seconds": stages, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_manifest(engine_dir, manifest)
         log(f"{name}: built {plan_path.name} ({files[0]['size'] / 2**20:.1f} MiB, "
             f"{'static' if is_static(shapes) else 'dynamic'} profile)")

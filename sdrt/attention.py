@@ -5,13 +5,14 @@ In a UNet step the cross-attention layers project the text context into keys and
 for a whole generation (or, with prompt editing, for each span of steps), so those projections
 repeat the same work every step. ``CrossAttentionKV`` installs a processor on every
 cross-attention layer that looks the keys and values up by the context tensor's storage
-(pointer, shape, dtype) among those ``precompute`` filled, and falls back to computing them
-for any other context. Values are written into the same buffers each time, so a captured
+(pointer, shape, dtype, and the very tensor object) among those ``precompute`` filled, and
+falls back to computing them for any other context. Values are written into the same buffers each time, so a captured
 CUDA graph that runs ``precompute`` in its prologue reads the new conditioning on every replay.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -46,22 +47,24 @@ class CachedKVProcessor:
     def store(self, attn, context: torch.Tensor) -> None:
         k, v = self.project(attn, context)
         old = self.table.get(_key(context))
-        if old is not None and old[0].shape == k.shape:      # same buffers: graph-safe
+        if old is not None and old[2]() is context and old[0].shape == k.shape:   # same buffers: graph-safe
             old[0].copy_(k)
             old[1].copy_(v)
         else:
-            self.table[_key(context)] = (k.contiguous(), v.contiguous())
+            self.table[_key(context)] = (k.contiguous(), v.contiguous(), weakref.ref(context))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         kv = None
         if encoder_hidden_states is not None and attention_mask is None:
             kv = self.table.get(_key(encoder_hidden_states))
+            if kv is not None and kv[2]() is not encoder_hidden_states:   # same address, another tensor
+                kv = None
         if kv is None or hidden_states.ndim != 3:
             self.misses += encoder_hidden_states is not None
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         self.hits += 1
-        k, v = kv
+        k, v = kv[0], kv[1]
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
         d = q.shape[-1] // attn.heads
@@ -101,7 +104,7 @@ class CrossAttentionKV:
 
     def entries(self, contexts) -> list[torch.Tensor]:
         """The key and value buffers of ``contexts`` (a captured graph keeps them alive)."""
-        return [t for _, proc in self.layers for ctx in contexts for t in proc.table.get(_key(ctx), ())]
+        return [t for _, proc in self.layers for ctx in contexts for t in proc.table.get(_key(ctx), ())[:2]]
 
     @property
     def hits(self) -> int:

@@ -87,7 +87,7 @@ def _print_table(manifest, networks=None):
         if networks and name not in networks:
             continue
         size = sum(f["size"] for f in e["files"]) / 2 ** 20
-        rows.append((name, e["key"]["precision"], f"{size:.1f}", f"{sum(e['build_seconds'].values()):.1f}",
+        rows.append((name, e["key"]["precision"], f"{size:.1f}", f"{sum(e.get('build_seconds', {}).values()):.1f}",
                      Profile.from_json(e["profile"]).describe()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -106,7 +106,13 @@ def _info(args) -> int:
     for name, e in manifest["networks"].items():
         check = check_artifact(Path(args.dir), e, e["key"])
         v = e["key"]["versions"]
-        print(f"{name}: {'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason}; target {e['key']['target']}, "
+        state = 'ok' if check.ok else 'NEEDS REBUILD: ' + check.reason
+        if manifest.get("backend") == "tensorrt":
+            t = e.get("target", {})
+            print(f"{name}: {state}; {t.get('arch')}, TensorRT {t.get('tensorrt')}, {e['key']['optimization']}, "
+                  f"{'static' if e.get('static') else 'dynamic'} profile, built {e.get('built_at')}")
+            continue
+        print(f"{name}: {state}; target {e['key']['target']}, "
               f"opset {e['key']['opset']}, {e['key']['optimization']}, built {e['built_at']} with onnxruntime "
               f"{v.get('onnxruntime')}, torch {v.get('torch')}")
         if e.get("fused_operators"):

@@ -12,7 +12,7 @@ import torch
 
 import sdrt
 from sdrt import samplers
-from sdrt.fastpath import STEP_SAMPLERS, step_table, unsupported_reason
+from sdrt.fastpath import step_table, unsupported_reason
 
 SIGMAS = {
     "uniform": np.array([14.61, 9.7, 6.2, 3.9, 2.2, 1.1, 0.45, 0.13, 0.0]),
@@ -191,6 +191,18 @@ def test_kv_cache_same_image_and_once_per_conditioning(pipe):
                    for m in pipe.backend.unet_module.modules())
 
 
+def test_a_new_backend_on_the_same_modules_starts_without_cached_kv(pipe):
+    from sdrt.backends.torch_backend import TorchBackend
+    pipe.backend.enable_kv_cache(True)
+    try:
+        fresh = TorchBackend(pipe.components, torch.device("cpu"), torch.float32)
+        assert fresh.kv is None
+        assert not any(type(getattr(m, "processor", None)).__name__ == "CachedKVProcessor"
+                       for m in fresh.unet_module.modules())
+    finally:
+        pipe.backend.enable_kv_cache(False)
+
+
 def test_kv_processor_falls_back_for_unknown_contexts(pipe):
     be = pipe.backend
     be.enable_kv_cache(True)
@@ -203,7 +215,11 @@ def test_kv_processor_falls_back_for_unknown_contexts(pipe):
         assert be.kv.misses == len(be.kv.layers)
         with be.kv.scope([ctx]):
             cached = be.unet(x, t, ctx)
-        assert torch.allclose(uncached, cached, atol=1e-6)
+            hits = be.kv.hits
+            other = ctx.view(ctx.shape)          # same address, shape and dtype, another tensor
+            other_out = be.unet(x, t, other)
+            assert be.kv.hits == hits            # never served keys and values it was not given
+        assert torch.allclose(uncached, cached, atol=1e-6) and torch.allclose(uncached, other_out, atol=1e-6)
     finally:
         be.enable_kv_cache(False)
 

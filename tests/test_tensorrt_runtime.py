@@ -154,3 +154,12 @@ def test_tensorrt_backend_needs_cuda_and_the_package(torch_pipe):
         create_backend("tensorrt", torch_pipe.components, "cpu", "float32")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         sdrt.Pipeline.from_pretrained("random:tiny", backend="tensorrt")
+
+
+def test_sdrt_info_lists_a_tensorrt_folder(engines, capsys):
+    from sdrt.cli import main
+    assert main(["info", str(engines)]) == 0
+    out = capsys.readouterr().out
+    assert "backend tensorrt" in out
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert f"{name}: ok; sm_90, TensorRT 11.4.0.106, trt-fp32-O3" in out

@@ -2,7 +2,8 @@
 
 1. builds the kernels (nvcc, for this GPU) and checks the fused step kernel against the torch
    reference on fresh random inputs (float32 and float16, odd sizes, every table row);
-2. times the fused step against the unfused torch ops it replaces (eager and in a graph);
+2. times the fused step against the unfused torch ops it replaces (eager and in a graph), and
+   PyTorch's SDPA backends on SD 1.5's attention shapes (what a custom kernel must beat);
 3. end to end on random:sd15, 512x512, 50 steps, float16, batch 1 and 4, side by side:
    diffusers (eager, SDPA), sdrt's eager loop, the static loop as one CUDA graph with torch
    ops, with the fused kernel, and with the kernel + cross-attention K/V once per conditioning;
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     section("fatbin", lambda: str(kernels.find_fatbin()))
     section("kernel_check", lambda: fastpath.kernel_check(log=log))
     section("kernel_speed", lambda: fastpath.kernel_speed(size=args.size, batches=args.batches, log=log))
+    section("attention_backends", lambda: fastpath.attention_backends(log=log))
     for b in args.batches:
         section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
             args.model, args.size, args.steps, b, "cuda", "float16", args.repeat, log=log))

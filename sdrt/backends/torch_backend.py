@@ -30,16 +30,24 @@ class TorchBackend:
         inner = getattr(self.text_encoder, "text_model", self.text_encoder)
         self.final_layer_norm = inner.final_layer_norm
         self.kv = None
+        self._reset_attention()
+
+    def _reset_attention(self) -> None:
+        """Give every layer that another backend on these modules left cached K/V the plain
+        SDPA processor again."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        from ..attention import CachedKVProcessor
+        for module in self.unet_module.modules():
+            if isinstance(getattr(module, "processor", None), CachedKVProcessor):
+                module.set_processor(AttnProcessor2_0())
 
     def enable_kv_cache(self, enabled: bool = True) -> None:
         """Compute cross-attention keys and values once per conditioning (``sdrt.attention``)."""
-        from diffusers.models.attention_processor import AttnProcessor2_0
         from ..attention import CrossAttentionKV
         if enabled and self.kv is None:
             self.kv = CrossAttentionKV(self.unet_module)
-        elif not enabled and self.kv is not None:
-            for attn, _ in self.kv.layers:
-                attn.set_processor(AttnProcessor2_0())
+        elif not enabled:
+            self._reset_attention()
             self.kv = None
 
     @torch.inference_mode()
