@@ -89,6 +89,11 @@ class CrossAttentionKV:
         if not self.layers:
             raise ValueError("the UNet has no plain cross-attention layers to cache keys and values for")
 
+    def installed(self) -> bool:
+        """Whether every layer still runs this cache's processor (another backend over the same
+        modules may have replaced them)."""
+        return all(attn.processor is proc for attn, proc in self.layers)
+
     @torch.inference_mode()
     def precompute(self, contexts) -> None:
         """Project every context once in every cross-attention layer (rows (N, L, C) each)."""

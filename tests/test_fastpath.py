@@ -199,6 +199,9 @@ def test_a_new_backend_on_the_same_modules_starts_without_cached_kv(pipe):
         assert fresh.kv is None
         assert not any(type(getattr(m, "processor", None)).__name__ == "CachedKVProcessor"
                        for m in fresh.unet_module.modules())
+        assert not pipe.backend.kv.installed()
+        pipe.backend.enable_kv_cache(True)              # reinstalls rather than trusting a stale cache
+        assert pipe.backend.kv.installed()
     finally:
         pipe.backend.enable_kv_cache(False)
 

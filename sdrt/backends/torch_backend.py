@@ -44,7 +44,7 @@ class TorchBackend:
     def enable_kv_cache(self, enabled: bool = True) -> None:
         """Compute cross-attention keys and values once per conditioning (``sdrt.attention``)."""
         from ..attention import CrossAttentionKV
-        if enabled and self.kv is None:
+        if enabled and (self.kv is None or not self.kv.installed()):
             self.kv = CrossAttentionKV(self.unet_module)
         elif not enabled:
             self._reset_attention()
