@@ -104,8 +104,9 @@ class StaticLoop:
 
     def __init__(self, backend, schedule, sampler: str, sigmas, eta, batch: int, latent_shape,
                  context_index: list[int], context_shape, n_contexts: int, init: str = "sigma",
-                 use_kernel: bool = True, capture: bool | None = None):
+                 use_kernel: bool = True, capture: bool | None = None, cuda=None):
         self.backend, self.device = backend, backend.device
+        self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.steps = len(self.sigmas) - 1
@@ -114,7 +115,7 @@ class StaticLoop:
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel
         self.capture = (self.device.type == "cuda" and getattr(backend, "graph_safe", False)) if capture is None else capture
-        if self.capture and self.device.type != "cuda":
+        if self.capture and self.device.type != "cuda" and cuda is None:
             raise ValueError("CUDA-graph capture needs a CUDA device")
         dev, dt = self.device, backend.dtype
         self.init_scale = float(self.sigmas[0]) if init == "sigma" else math.sqrt(1.0 + float(self.sigmas[0]) ** 2)
@@ -179,20 +180,20 @@ class StaticLoop:
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS/cuDNN handles, the kernel module), then
         capture the body into one CUDA graph."""
-        dev = self.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        dev, cuda = self.device, self.cuda
+        side = cuda.Stream(dev)
+        side.wait_stream(cuda.current_stream(dev))
+        with cuda.stream(side):
             self._body()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        cuda.current_stream(dev).wait_stream(side)
+        graph = cuda.CUDAGraph()
         # thread_local: sdrt.Engine encodes the next batch's text on another thread meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with cuda.graph(graph, capture_error_mode="thread_local"):
             self._body()
         self._graph = graph
-        with torch.cuda.device(dev):
-            self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                          for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
+        pinned = dev.type == "cuda"
+        self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+                      for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
 
     def set_inputs(self, x0: torch.Tensor, noise: list[torch.Tensor], contexts: list[torch.Tensor], scales) -> None:
         """Copy one generation's inputs into the static buffers (asynchronous on a GPU)."""
@@ -223,7 +224,7 @@ class StaticLoop:
             self.replays += 1
             for name, host in self._host.items():
                 host.copy_(getattr(self, name), non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()   # the one wait, after the loop
+            self.cuda.current_stream(self.device).synchronize()    # the one wait, after the loop
             if callback is not None:
                 callback(self.steps, self.steps)
             out = self._host

@@ -284,13 +284,22 @@ class IExecutionContext(_Recorded):
         if any(n not in self._addresses for n in names) or any(
                 n not in self._shapes for n, (m, _) in names.items() if m == TensorIOMode.INPUT):
             return False
-        inputs = {n: _view(self._addresses[n], self._shapes[n], _TORCH[d]) for n, (m, d) in names.items()
-                  if m == TensorIOMode.INPUT}
-        outputs = EXECUTORS[net][0](**{k: v.clone() for k, v in inputs.items()})
-        for n, (m, d) in names.items():
-            if m == TensorIOMode.OUTPUT:
-                _view(self._addresses[n], self.get_tensor_shape(n), _TORCH[d]).copy_(outputs[n])
+        # what the enqueued kernels will read and write: the addresses and shapes bound now
+        plan = [(n, m, d, self._addresses[n], self._shapes.get(n) or self.get_tensor_shape(n))
+                for n, (m, d) in names.items()]
+        self._run(plan)
+        import cuda_graph_fake
+        cuda_graph_fake.record(lambda: self._run(plan))      # inside a capture: replayed later
         return True
+
+    def _run(self, plan):
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():      # the engine's own work is not torch's to record
+            inputs = {n: _view(a, s, _TORCH[d]) for n, m, d, a, s in plan if m == TensorIOMode.INPUT}
+            outputs = EXECUTORS[self._engine._network][0](**{k: v.clone() for k, v in inputs.items()})
+            for n, m, d, a, s in plan:
+                if m == TensorIOMode.OUTPUT:
+                    _view(a, s, _TORCH[d]).copy_(outputs[n])
 
 
 class Runtime(_Recorded):

@@ -257,3 +257,44 @@ def test_cuda_graph_replay_equals_eager(dtype):
     assert np.abs(eager.pixels - first.pixels).max() <= tol
     p._fast = None
     assert np.abs(p(**dict(args, seed=4)).pixels - second.pixels).max() <= tol
+
+
+# ---------------------------------------------------------------- capture and replay, on a CPU
+
+def test_capture_order_and_replay_with_a_fake_graph_api():
+    """The loop warms up on a side stream, captures once, then every generation is inputs ->
+    replay -> one synchronisation; replays of a graph recorded op by op (tests/cuda_graph_fake.py)
+    give the eager images for new seeds, prompts and scales, so nothing per-generation is baked in
+    and nothing in the body synchronises with the host."""
+    from cuda_graph_fake import FakeCuda
+    p = sdrt.Pipeline.from_pretrained("random:tiny")
+    p.backend.enable_kv_cache(True)
+    calls = []
+    unet = p.backend.unet
+    p.backend.unet = lambda *a: calls.append(1) or unet(*a)
+    fake = FakeCuda()
+    p.set_fast_path(capture=True)
+    p._fast["cuda"] = fake
+    runs = [dict(prompt="a [cat:dog:0.5]", seed=3, cfg_scale=5.0), dict(prompt="a [red:blue:0.5] cube", seed=8,
+                                                                        cfg_scale=[9.0, 2.0])]
+    got = [p(steps=6, width=64, height=64, sampler="Euler a", batch_size=2, **r) for r in runs]
+    assert fake.events == ["side waits for current", "enter side stream", "leave side stream",
+                           "current waits for side", "capture begin (thread_local)", "capture end",
+                           "replay", "current synchronize", "replay", "current synchronize"]
+    assert len(calls) == 12                         # the body ran twice (warm-up, capture), replays run none
+    loop = next(iter(p._loops._loops.values()))
+    assert loop.replays == 2 and len(fake.graphs) == 1
+    p._fast = None
+    for r, g in zip(runs, got):
+        want = p(steps=6, width=64, height=64, sampler="Euler a", batch_size=2, **r)
+        assert np.abs(want.pixels - g.pixels).max() <= 1e-4
+    p.backend.enable_kv_cache(False)
+
+
+def test_fake_graph_refuses_a_host_synchronisation():
+    from cuda_graph_fake import FakeCuda
+    fake = FakeCuda()
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="synchronises with the host"):
+        with fake.graph(fake.CUDAGraph()):
+            (x * 2).sum().item()

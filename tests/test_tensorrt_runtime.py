@@ -163,3 +163,31 @@ def test_sdrt_info_lists_a_tensorrt_folder(engines, capsys):
     assert "backend tensorrt" in out
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert f"{name}: ok; sm_90, TensorRT 11.4.0.106, trt-fp32-O3" in out
+
+
+def test_static_loop_captures_and_replays_the_engines(trt_pipe, torch_pipe):
+    """With a fake CUDA-graph API (tests/cuda_graph_fake.py): every engine runs once before the
+    capture (TensorRT's first enqueue after a shape change may allocate), no shape is set while
+    capturing, and replays enqueue nothing from the host yet give the torch backend's images for
+    new seeds and prompts."""
+    from cuda_graph_fake import FakeCuda
+    cuda = FakeCuda(mirror=fake.CALLS)
+    trt_pipe.set_fast_path(capture=True)
+    trt_pipe._fast["cuda"] = cuda
+    fake.CALLS.clear()
+    runs = [dict(prompt="a [cat:dog:0.5]", seed=2), dict(prompt="a [red:blue:0.5] cube", seed=5, cfg_scale=3.0)]
+    try:
+        got = [trt_pipe(steps=4, width=64, height=64, sampler="Euler a", batch_size=2, **r) for r in runs]
+    finally:
+        trt_pipe._fast = None
+    calls = fake.CALLS
+    begin, end = calls.index(("cuda", "capture begin (thread_local)")), calls.index(("cuda", "capture end"))
+    unet_runs = [i for i, c in enumerate(calls) if c[0] == "execute_async_v3" and c[1][0] == "unet"]
+    assert unet_runs[0] < begin and len([i for i in unet_runs if begin < i < end]) == 4
+    assert not [c for c in calls[begin:end] if c[0] == "set_input_shape"]
+    after = [c[1][0] for i, c in enumerate(calls) if i > end and c[0] == "execute_async_v3"]
+    assert after == ["text_encoder"]            # the next prompt's text; UNet and VAE only replay
+    assert [c[1] for c in calls if c[0] == "cuda" and c[1] == "replay"] == ["replay", "replay"]
+    for r, g in zip(runs, got):
+        want = torch_pipe(steps=4, width=64, height=64, sampler="Euler a", batch_size=2, **r)
+        assert np.abs(want.pixels - g.pixels).max() <= 1e-4
