@@ -30,14 +30,16 @@ def _load(model: str):
     from sdrt.models import load_model
     return load_model(model)
 
-# name -> (fast path, use_kernel, kv cache); graph capture follows the device
+# name -> (fast path, fused step kernel, kv cache, cross-attention kernel); graph capture follows
+# the device
 VARIANTS = {
-    "eager": (False, False, False),
-    "eager+kv": (False, False, True),
-    "static-ops": (True, False, False),
-    "static-ops+kv": (True, False, True),
-    "static-kernel": (True, True, False),
-    "static-kernel+kv": (True, True, True),
+    "eager": (False, False, False, False),
+    "eager+kv": (False, False, True, False),
+    "static-ops": (True, False, False, False),
+    "static-ops+kv": (True, False, True, False),
+    "static-kernel": (True, True, False, False),
+    "static-kernel+kv": (True, True, True, False),
+    "static-kernel+kv+attn": (True, True, True, True),
 }
 
 
@@ -71,13 +73,13 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
     # one pipeline per variant over the shared backend, so each keeps its own captured graph
     pipes = {}
     for name in variants:
-        fast, kernel, _ = VARIANTS[name]
+        fast, kernel = VARIANTS[name][:2]
         pipes[name] = sdrt.Pipeline(components, backend)
         if fast:
             pipes[name].set_fast_path(use_kernel=kernel)
 
     def configure(name):
-        backend.enable_kv_cache(VARIANTS[name][2])    # eager variants and graph captures see this
+        backend.enable_kv_cache(VARIANTS[name][2], custom_kernel=VARIANTS[name][3])   # eager runs and captures see this
         return pipes[name]
 
     runs = {v: [] for v in variants}
@@ -279,6 +281,22 @@ def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log
                                      rel_error=err)
             except RuntimeError as e:           # a backend that does not take this shape
                 row[name] = dict(error=str(e).splitlines()[0][:200])
+        if lk == 77:             # a whole cross-attention layer: SDPA with its transposes vs sdrt's kernel
+            from sdrt.kernels import cross_attention, cross_attention_reference
+            q_lin = q.transpose(1, 2).reshape(batch, lq, heads * d).contiguous()
+            kc, vc = k.contiguous(), v.contiguous()
+            ref_lin = cross_attention_reference(q_lin.float(), kc.float(), vc.float(), heads).float()
+
+            def sdpa_layer():
+                return F.scaled_dot_product_attention(q_lin.view(batch, lq, heads, d).transpose(1, 2), kc, vc) \
+                    .transpose(1, 2).reshape(batch, lq, heads * d)
+            for name, fn in (("sdpa layer", sdpa_layer), ("sdrt kernel", lambda: cross_attention(q_lin, kc, vc, heads))):
+                try:
+                    out = fn()
+                    row[name] = dict(seconds=_time_cuda(fn, iters=50),
+                                     rel_error=float((out.float() - ref_lin).norm() / ref_lin.norm()))
+                except (RuntimeError, ValueError) as e:
+                    row[name] = dict(error=str(e).splitlines()[0][:200])
         timed = {n: r["seconds"] for n, r in row.items() if "seconds" in r}
         best = min(timed, key=timed.get) if timed else None
         rows[f"q{lq} k{lk} d{d}"] = dict(row, fastest=best)

@@ -6,7 +6,9 @@ for a whole generation (or, with prompt editing, for each span of steps), so tho
 repeat the same work every step. ``CrossAttentionKV`` installs a processor on every
 cross-attention layer that looks the keys and values up by the context tensor's storage
 (pointer, shape, dtype, and the very tensor object) among those ``precompute`` filled, and
-falls back to computing them for any other context. Values are written into the same buffers each time, so a captured
+falls back to computing them for any other context. With ``custom_kernel`` the attention itself
+runs sdrt's cross-attention kernel (``kernels/cross_attention.cu``: queries read and outputs
+written in the linear layers' layout, no transposes) instead of PyTorch's SDPA. Values are written into the same buffers each time, so a captured
 CUDA graph that runs ``precompute`` in its prologue reads the new conditioning on every replay.
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ class CachedKVProcessor:
     """diffusers attention processor (the SDPA one) with precomputed keys and values for
     cross-attention. Layers with normalisations or masks it does not handle use ``fallback``."""
 
-    def __init__(self, fallback):
-        self.fallback = fallback
+    def __init__(self, fallback, custom_kernel: bool = False):
+        self.fallback, self.custom_kernel = fallback, custom_kernel
         self.table: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
 
@@ -53,6 +55,11 @@ class CachedKVProcessor:
         else:
             self.table[_key(context)] = (k.contiguous(), v.contiguous(), weakref.ref(context))
 
+    @staticmethod
+    def _kernel_fits(k: torch.Tensor, d: int) -> bool:
+        from .kernels import cross_attention_fits
+        return cross_attention_fits(k.shape[2], d, k.dtype, k.device)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         kv = None
@@ -68,9 +75,13 @@ class CachedKVProcessor:
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
         d = q.shape[-1] // attn.heads
-        q = q.view(b, -1, attn.heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d).to(q.dtype)
+        if self.custom_kernel and self._kernel_fits(k, d):
+            from .kernels import cross_attention
+            out = cross_attention(q.contiguous(), k, v, attn.heads, attn.scale)   # no transposes
+        else:
+            q = q.view(b, -1, attn.heads, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2).reshape(b, -1, attn.heads * d).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
@@ -78,12 +89,12 @@ class CachedKVProcessor:
 class CrossAttentionKV:
     """Installs ``CachedKVProcessor`` on a diffusers UNet's cross-attention layers."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, custom_kernel: bool = False):
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-        self.layers = []
+        self.layers, self.custom_kernel = [], custom_kernel
         for module in unet.modules():
             if isinstance(module, Attention) and module.is_cross_attention and CachedKVProcessor.plain(module):
-                proc = CachedKVProcessor(AttnProcessor2_0())
+                proc = CachedKVProcessor(AttnProcessor2_0(), custom_kernel)
                 module.set_processor(proc)
                 self.layers.append((module, proc))
         if not self.layers:

@@ -1,7 +1,7 @@
 """sdrt's CUDA kernels from Python: the fused sampler step, its reference, and the loader.
 
 The kernels live in ``kernels/*.cu`` and are built into one fatbin by the root CMakeLists.txt
-(``cmake -S . -B build && cmake --build build``); ``load_fatbin`` finds it (``$SDRT_KERNELS``,
+(``cmake -S . -B build && cmake --build build``); ``find_fatbin`` finds it (``$SDRT_KERNELS``,
 then ``build/sdrt_kernels.fatbin``) or compiles it with nvcc for the GPU at hand, and launches
 go through cuda-python's driver API on the caller's torch stream, so they are captured into
 CUDA graphs like any torch kernel.
@@ -18,6 +18,7 @@ with the eight per-step coefficients read from a device table row (``COEFFICIENT
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -28,13 +29,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = (ROOT / "kernels" / "fused_step.cu",)
+UNIT = ROOT / "kernels" / "sdrt_kernels.cu"          # includes every kernel source
+SOURCES = (UNIT, ROOT / "kernels" / "fused_step.cu", ROOT / "kernels" / "cross_attention.cu")
 FATBIN_NAME = "sdrt_kernels.fatbin"
 ARCHS = ("80", "86", "89", "90")             # what CMakeLists.txt builds by default
 # one row of the step table, in the kernel's order
 COEFFICIENTS = ("c_skip", "c_out", "a", "b", "e", "n", "c_in_next", "unused")
 BLOCK = 256
-KERNELS = {torch.float32: "sdrt_fused_step_f32", torch.float16: "sdrt_fused_step_f16"}
+STEP_KERNELS = {torch.float32: "sdrt_fused_step_f32", torch.float16: "sdrt_fused_step_f16"}
+ATTENTION_KERNELS = {torch.float32: "sdrt_cross_attention_f32", torch.float16: "sdrt_cross_attention_f16"}
+KERNEL_NAMES = tuple(STEP_KERNELS.values()) + tuple(ATTENTION_KERNELS.values())
 
 
 class KernelError(RuntimeError):
@@ -96,7 +100,7 @@ def check_step_args(out, x, d_prev, x_in, noise, coef, scale) -> None:
     b = x.shape[0]
     if x.dtype != torch.float32 or d_prev.dtype != torch.float32:
         raise ValueError("x and d_prev must be float32")
-    if out.dtype not in KERNELS or x_in.dtype != out.dtype:
+    if out.dtype not in STEP_KERNELS or x_in.dtype != out.dtype:
         raise ValueError(f"out and x_in must share a dtype among float32/float16, got {out.dtype}, {x_in.dtype}")
     if out.shape != x_in.shape or out.shape[0] != 2 * b or out.shape[1:] != x.shape[1:] or d_prev.shape != x.shape:
         raise ValueError(f"shapes disagree: out {tuple(out.shape)}, x_in {tuple(x_in.shape)}, "
@@ -112,7 +116,7 @@ def check_step_args(out, x, d_prev, x_in, noise, coef, scale) -> None:
         raise ValueError("every tensor of the fused step must be on one device")
 
 
-def nvcc_command(out_path, archs=ARCHS, sources=SOURCES, nvcc: str = "nvcc") -> list[str]:
+def nvcc_command(out_path, archs=ARCHS, sources=(UNIT,), nvcc: str = "nvcc") -> list[str]:
     """The nvcc command that builds the fatbin: a cubin per architecture plus PTX for the last."""
     archs = [str(a).replace("sm_", "") for a in archs]
     if not archs or not all(a.isdigit() for a in archs):
@@ -168,11 +172,20 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else values
 
 
-class FusedStepKernel:
-    """The fused step kernel on a CUDA device, launched through cuda-python on the current
-    torch stream. ``kernel(out, x, d_prev, x_in, noise, coef, scale)`` as the reference."""
+class CudaModule:
+    """sdrt's fatbin loaded on one CUDA device through cuda-python's driver API; launches go to
+    the current torch stream, so they order with torch's work and join CUDA-graph captures."""
 
     _lock = threading.Lock()
+    _loaded: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> "CudaModule":
+        device = torch.device(device)
+        with cls._lock:
+            if device not in cls._loaded:
+                cls._loaded[device] = cls(device)
+            return cls._loaded[device]
 
     def __init__(self, device: torch.device):
         try:
@@ -181,7 +194,7 @@ class FusedStepKernel:
             try:
                 from cuda import cuda as driver   # cuda-python < 12.6
             except ImportError:
-                raise KernelError("the fused step kernel needs cuda-python (pip install 'cuda-python>=12')") from None
+                raise KernelError("sdrt's CUDA kernels need cuda-python (pip install 'cuda-python>=12')") from None
         self.driver, self.device = driver, torch.device(device)
         torch.cuda.init()
         with torch.cuda.device(self.device):
@@ -193,36 +206,103 @@ class FusedStepKernel:
             self.path = find_fatbin(self.device)
             self._image = np.frombuffer(self.path.read_bytes(), dtype=np.uint8).copy()
             self.module = _check(driver.cuModuleLoadData(self._image.ctypes.data), f"cuModuleLoadData({self.path})")
-            self.functions = {dt: _check(driver.cuModuleGetFunction(self.module, name.encode()),
-                                         f"cuModuleGetFunction({name})") for dt, name in KERNELS.items()}
-            self.sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.functions = {name: _check(driver.cuModuleGetFunction(self.module, name.encode()),
+                                           f"cuModuleGetFunction({name})") for name in KERNEL_NAMES}
+            props = torch.cuda.get_device_properties(self.device)
+            self.sm_count = props.multi_processor_count
+            self.smem_optin = int(getattr(props, "shared_memory_per_block_optin", 48 << 10))
+        self._smem_set: dict[str, int] = {}
 
-    def __call__(self, out, x, d_prev, x_in, noise, coef, scale) -> None:
-        check_step_args(out, x, d_prev, x_in, noise, coef, scale)
-        if x.device != self.device:
-            raise ValueError(f"tensors are on {x.device}, the kernel was loaded for {self.device}")
-        per_image, batch = x[0].numel(), x.shape[0]
-        grid, block = launch_config(per_image * batch, self.sm_count)
-        args = [ctypes.c_void_p(t.data_ptr()) for t in (out, x, d_prev, x_in)]
-        args += [ctypes.c_void_p(noise.data_ptr() if noise is not None else 0),
-                 ctypes.c_void_p(coef.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
-                 ctypes.c_int(per_image), ctypes.c_int(batch)]
+    def launch(self, name: str, grid: tuple, block: int, smem: int, args: list) -> None:
+        """``args``: ctypes values in the kernel's parameter order."""
+        fn = self.functions[name]
+        if smem > 48 << 10 and self._smem_set.get(name, 0) < smem:     # opt in to more shared memory
+            attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(self.driver.cuFuncSetAttribute(fn, attr, smem), f"cuFuncSetAttribute({name}, {smem} B)")
+            self._smem_set[name] = smem
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         stream = self.driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
-        _check(self.driver.cuLaunchKernel(self.functions[out.dtype], grid, 1, 1, block, 1, 1, 0, stream,
-                                          ctypes.addressof(params), 0), "cuLaunchKernel(fused step)")
+        gx, gy = (grid + (1,))[:2] if isinstance(grid, tuple) else (grid, 1)
+        _check(self.driver.cuLaunchKernel(fn, gx, gy, 1, block, 1, 1, smem, stream, ctypes.addressof(params), 0),
+               f"cuLaunchKernel({name})")
 
 
-_KERNELS: dict = {}
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
 def fused_step(out, x, d_prev, x_in, noise, coef, scale, use_kernel: bool = True) -> None:
     """The fused step in place: the CUDA kernel on a GPU (when ``use_kernel``), else the torch
     reference (CPU, or a GPU where the kernel is off)."""
-    if x.device.type == "cuda" and use_kernel:
-        with FusedStepKernel._lock:
-            kernel = _KERNELS.get(x.device) or _KERNELS.setdefault(x.device, FusedStepKernel(x.device))
-        kernel(out, x, d_prev, x_in, noise, coef, scale)
-    else:
-        check_step_args(out, x, d_prev, x_in, noise, coef, scale)
+    check_step_args(out, x, d_prev, x_in, noise, coef, scale)
+    if x.device.type != "cuda" or not use_kernel:
         fused_step_reference(out, x, d_prev, x_in, noise, coef, scale)
+        return
+    mod = CudaModule.get(x.device)
+    per_image, batch = x[0].numel(), x.shape[0]
+    grid, block = launch_config(per_image * batch, mod.sm_count)
+    mod.launch(STEP_KERNELS[out.dtype], (grid,), block, 0,
+               [_ptr(out), _ptr(x), _ptr(d_prev), _ptr(x_in), _ptr(noise), _ptr(coef), _ptr(scale),
+                ctypes.c_int(per_image), ctypes.c_int(batch)])
+
+
+# ---------------------------------------------------------------- cross-attention
+
+ATTENTION_WARPS, ATTENTION_QUERIES_PER_WARP = 4, 4      # as in kernels/cross_attention.cu
+
+
+def attention_smem_bytes(lk: int, d: int, dtype: torch.dtype) -> int:
+    """Dynamic shared memory of the cross-attention kernel: keys and values of one head, and
+    per warp a query row and a row of scores (float32)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * lk * d * item + ATTENTION_WARPS * (d + lk) * 4
+
+
+def attention_grid(lq: int, batch_heads: int) -> tuple[int, int]:
+    per_block = ATTENTION_WARPS * ATTENTION_QUERIES_PER_WARP
+    return (lq + per_block - 1) // per_block, batch_heads
+
+
+def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                              scale: float | None = None) -> torch.Tensor:
+    """q (B, Lq, H*D), k and v (B, H, Lk, D) -> (B, Lq, H*D): softmax(q k^T * scale) v per head,
+    in float32, returned in q's dtype."""
+    b, lq, hd = q.shape
+    d = hd // heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qh = q.float().view(b, lq, heads, d).transpose(1, 2)
+    w = torch.softmax((qh @ k.float().transpose(-1, -2)) * scale, dim=-1)
+    return (w @ v.float()).transpose(1, 2).reshape(b, lq, hd).to(q.dtype)
+
+
+def cross_attention_fits(lk: int, d: int, dtype: torch.dtype, device) -> bool:
+    """Whether the kernel's shared memory holds this head (else use SDPA)."""
+    if dtype not in ATTENTION_KERNELS:
+        return False
+    limit = CudaModule.get(device).smem_optin if torch.device(device).type == "cuda" else 48 << 10
+    return attention_smem_bytes(lk, d, dtype) <= limit
+
+
+def cross_attention(q, k, v, heads: int, scale: float | None = None, use_kernel: bool = True) -> torch.Tensor:
+    """Cross-attention in sdrt's layouts (see ``cross_attention_reference``): the CUDA kernel on a
+    GPU, the reference elsewhere."""
+    b, lq, hd = q.shape
+    if hd % heads or k.shape != v.shape or k.shape[0] != b or k.shape[1] != heads or k.shape[3] != hd // heads:
+        raise ValueError(f"cross_attention: q {tuple(q.shape)} with {heads} heads does not match "
+                         f"k {tuple(k.shape)} / v {tuple(v.shape)}")
+    d, lk = hd // heads, k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if q.device.type != "cuda" or not use_kernel:
+        return cross_attention_reference(q, k, v, heads, scale)
+    if not (q.dtype == k.dtype == v.dtype) or not all(t.is_contiguous() for t in (q, k, v)):
+        raise ValueError("cross_attention: q, k and v must be contiguous and share a dtype")
+    mod = CudaModule.get(q.device)
+    smem = attention_smem_bytes(lk, d, q.dtype)
+    if smem > mod.smem_optin:
+        raise ValueError(f"cross_attention: {lk} keys of dimension {d} need {smem} bytes of shared memory, "
+                         f"this GPU allows {mod.smem_optin}")
+    out = torch.empty_like(q)
+    mod.launch(ATTENTION_KERNELS[q.dtype], attention_grid(lq, b * heads), ATTENTION_WARPS * 32, smem,
+               [_ptr(q), _ptr(k), _ptr(v), _ptr(out), ctypes.c_int(heads), ctypes.c_int(lq), ctypes.c_int(lk),
+                ctypes.c_int(d), ctypes.c_float(scale)])
+    return out

@@ -298,3 +298,23 @@ def test_fake_graph_refuses_a_host_synchronisation():
     with pytest.raises(RuntimeError, match="synchronises with the host"):
         with fake.graph(fake.CUDAGraph()):
             (x * 2).sum().item()
+
+
+def test_cross_attention_kernel_path_gives_the_same_image(pipe):
+    """enable_kv_cache(custom_kernel=True) routes cross-attention through sdrt.kernels'
+    cross_attention (its torch reference on a CPU, the CUDA kernel on a GPU)."""
+    args = dict(prompt="a [cat:dog:0.5] photo", steps=4, width=64, height=64, seed=6, sampler="Euler a")
+    pipe._fast = None
+    pipe.backend.enable_kv_cache(False)
+    plain = pipe(**args)
+    try:
+        pipe.backend.enable_kv_cache(True, custom_kernel=True)
+        assert all(p.custom_kernel for _, p in pipe.backend.kv.layers)
+        custom = pipe(**args)
+        pipe.set_fast_path()
+        static = pipe(**args)
+    finally:
+        pipe.backend.enable_kv_cache(False)
+        pipe._fast = None
+    assert np.abs(plain.pixels - custom.pixels).max() <= 1e-5
+    assert np.abs(plain.pixels - static.pixels).max() <= 1e-4

@@ -25,11 +25,11 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_fused_step_compiles_for_arch(arch, tmp_path):
     out = tmp_path / f"step_sm{arch}.cubin"
     proc = subprocess.run([NVCC, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "-o", str(out),
-                           str(kernels.SOURCES[0])], capture_output=True, text=True)
+                           str(kernels.UNIT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF"
-    for name in kernels.KERNELS.values():
+    for name in kernels.KERNEL_NAMES:
         assert name.encode() in data
 
 
@@ -43,7 +43,7 @@ def test_cmake_builds_the_fatbin(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     data = (build / kernels.FATBIN_NAME).read_bytes()
-    assert all(name.encode() in data for name in kernels.KERNELS.values())
+    assert all(name.encode() in data for name in kernels.KERNEL_NAMES)
 
 
 @needs_nvcc
@@ -192,3 +192,47 @@ def test_kernel_replays_in_a_cuda_graph_with_device_coefficients():
         kernels.fused_step(out, ref_x, ref_d, ref_in, noise, table[i], scale, use_kernel=False)
         torch.cuda.synchronize()
         assert float((x - ref_x).abs().max()) <= 1e-5 * max(1.0, float(ref_x.abs().max()))
+
+
+# ---------------------------------------------------------------- cross-attention
+
+@pytest.mark.parametrize("b,heads,lq,lk,d", [(2, 8, 65, 77, 40), (1, 5, 17, 154, 80), (3, 2, 9, 5, 160)])
+def test_cross_attention_reference_equals_sdpa(b, heads, lq, lk, d):
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(b, lq, heads * d, generator=g)
+    k, v = torch.randn(b, heads, lk, d, generator=g), torch.randn(b, heads, lk, d, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(q.view(b, lq, heads, d).transpose(1, 2).double(),
+                                                            k.double(), v.double())
+    got = kernels.cross_attention(q, k, v, heads)                       # the reference on a CPU
+    assert torch.allclose(got.double(), want.transpose(1, 2).reshape(b, lq, heads * d), atol=1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.cross_attention(q, k[:, :1], v[:, :1], heads)
+
+
+def test_cross_attention_launch_geometry():
+    # SD 1.5 at 512 px, deepest level: 160-dim heads, 77 keys: 2*77*160*2 B + 4*(160+77)*4 B
+    assert kernels.attention_smem_bytes(77, 160, torch.float16) == 2 * 77 * 160 * 2 + 4 * (160 + 77) * 4
+    assert kernels.attention_smem_bytes(77, 40, torch.float32) == 2 * 77 * 40 * 4 + 4 * (40 + 77) * 4
+    assert kernels.attention_grid(4096, 16) == (256, 16)
+    assert kernels.attention_grid(4097, 16) == (257, 16)                # a tail block for the odd query
+    assert kernels.cross_attention_fits(77, 40, torch.float16, "cpu")
+    assert not kernels.cross_attention_fits(308, 160, torch.float16, "cpu")   # 4 windows: over 48 KiB
+    assert not kernels.cross_attention_fits(77, 40, torch.float64, "cpu")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,heads,lq,lk,d", [(2, 8, 4096, 77, 40), (2, 8, 1025, 154, 80), (1, 8, 257, 77, 160),
+                                              (3, 5, 63, 7, 40)])
+def test_cross_attention_kernel_matches_reference(dtype, b, heads, lq, lk, d):
+    g = torch.Generator(device="cuda").manual_seed(lq + lk)
+    q = torch.randn(b, lq, heads * d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(b, heads, lk, d, device="cuda", generator=g).to(dtype) for _ in range(2))
+    if not kernels.cross_attention_fits(lk, d, dtype, "cuda"):
+        pytest.skip("this GPU's shared memory does not hold the head")
+    got = kernels.cross_attention(q, k, v, heads)
+    want = kernels.cross_attention_reference(q.double(), k.double(), v.double(), heads)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all()                                     # every element written
+    rel = float((got.double() - want).norm() / want.norm())
+    assert rel <= (2e-3 if dtype == torch.float16 else 1e-5)

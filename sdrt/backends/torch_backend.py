@@ -41,11 +41,12 @@ class TorchBackend:
             if isinstance(getattr(module, "processor", None), CachedKVProcessor):
                 module.set_processor(AttnProcessor2_0())
 
-    def enable_kv_cache(self, enabled: bool = True) -> None:
-        """Compute cross-attention keys and values once per conditioning (``sdrt.attention``)."""
+    def enable_kv_cache(self, enabled: bool = True, custom_kernel: bool = False) -> None:
+        """Compute cross-attention keys and values once per conditioning (``sdrt.attention``);
+        ``custom_kernel`` also runs the attention on sdrt's cross-attention kernel (CUDA)."""
         from ..attention import CrossAttentionKV
-        if enabled and (self.kv is None or not self.kv.installed()):
-            self.kv = CrossAttentionKV(self.unet_module)
+        if enabled and (self.kv is None or not self.kv.installed() or self.kv.custom_kernel != custom_kernel):
+            self.kv = CrossAttentionKV(self.unet_module, custom_kernel)
         elif not enabled:
             self._reset_attention()
             self.kv = None
