@@ -7,6 +7,10 @@ has run on real TensorRT (it cannot be installed on the machines this was writte
 tests drive it through a fake of that API, and check every name it uses against the real
 TensorRT 11.4 binding's name table.
 
+Precision follows TensorRT 11, which removed weak typing (``BuilderFlag.FP16``/``BF16``): an fp16
+engine is built from a float16 graph (float32 inputs and outputs, the VAE's normalisations in
+float32) parsed as a strongly typed network, which TensorRT 10 builds the same way.
+
     trt = require_tensorrt()
     plan = build_engine(trt, "unet.onnx", "unet", profile, BuildOptions(precision="fp16"), dims)
 """
@@ -134,14 +138,37 @@ def _progress_monitor(trt, on_progress: Callable[[str, int, int], None] | None):
     return Monitor()
 
 
+def strongly_typed_flag(trt) -> int:
+    """``create_network`` flags for a strongly typed network: the graph's own types decide each
+    layer's precision. Required for typed graphs on TensorRT 10 (>= 9.2 has the flag); TensorRT 11
+    types every network strongly and accepts the flag."""
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    member = getattr(flags, "STRONGLY_TYPED", None)
+    return 0 if member is None else 1 << int(member)
+
+
+def check_precision(trt, precision: Precision) -> None:
+    """Refuse what this TensorRT cannot build. fp16 engines come from a float16 graph (strong
+    typing, both 10 and 11); bf16 needs TensorRT 10's BuilderFlag.BF16, which TensorRT 11 removed
+    with all weak typing, and sdrt's exporter writes no bfloat16 graph yet."""
+    if precision is Precision.BF16 and not hasattr(trt.BuilderFlag, "BF16"):
+        raise ValueError(f"bf16 engines need a bfloat16 ONNX graph on TensorRT {trt.__version__} (TensorRT 11 "
+                         "removed BuilderFlag.BF16 with weak typing) and sdrt's exporter writes float32/float16 "
+                         "graphs only: build fp16 (--dtype float16) or fp32, or use TensorRT 10")
+
+
 def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, options: BuildOptions,
                  on_progress: Callable[[str, int, int], None] | None = None) -> bytes:
-    """Parse ``onnx_path`` (external data next to it), set one optimization profile from
-    ``shapes`` ({input: (min, opt, max)}), the precision flag, workspace limit, optimisation
-    level, refit and timing cache, and return the serialized engine."""
+    """Parse ``onnx_path`` (external data next to it; already in the engine's precision for fp32
+    and fp16, see ``build_tensorrt``) as a strongly typed network, set one optimization profile
+    from ``shapes`` ({input: (min, opt, max)}), workspace limit, optimisation level, refit and
+    timing cache, and return the serialized engine."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)          # explicit batch is the only mode in TensorRT 10+
+    weak = options.precision is Precision.BF16     # fp32/fp16 are typed in the graph (build_tensorrt)
+    if weak:
+        check_precision(trt, options.precision)
+    network = builder.create_network(0 if weak else strongly_typed_flag(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):   # reads the external data file next to it
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -153,10 +180,8 @@ def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, op
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
-    if options.precision is Precision.FP16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif options.precision is Precision.BF16:
-        config.set_flag(trt.BuilderFlag.BF16)
+    if weak:
+        config.set_flag(trt.BuilderFlag.BF16)      # TensorRT 10 only (check_precision)
     if options.refit:
         config.set_flag(trt.BuilderFlag.REFIT)
     cache_path = Path(options.timing_cache) if options.timing_cache else None
@@ -217,12 +242,13 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     the target (architecture, TensorRT version). Up-to-date engines are kept."""
     from .build import (MANIFEST, artifact_key, check_artifact, file_digest, key_digest, read_manifest,
                         write_manifest)
-    from .onnx_export import export_onnx
+    from .onnx_export import export_onnx, to_float16
     from .specs import default_profile
 
     trt = trt or require_tensorrt()
-    arch = check_arch(target, arch if arch is not None else native_arch())
     options = options or BuildOptions()
+    check_precision(trt, options.precision)             # before any export
+    arch = check_arch(target, arch if arch is not None else native_arch())
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(engine_dir)
@@ -250,6 +276,8 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
         onnx_path = engine_dir / "onnx" / f"{name}.onnx"
         t0 = time.perf_counter()
         export_onnx(components, name, onnx_path)
+        if options.precision is Precision.FP16:      # strong typing: the graph carries the precision
+            to_float16(onnx_path, name)
         t1 = time.perf_counter()
         shapes = profile_shapes(name, profile, dims)
         plan_path = engine_dir / f"{name}.plan"

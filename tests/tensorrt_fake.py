@@ -38,9 +38,19 @@ class MemoryPoolType:
 
 
 class BuilderFlag:
+    """TensorRT 11: the precision flags (FP16, BF16, INT8, ...) are gone with weak typing."""
+    REFIT = "REFIT"
+    TF32 = "TF32"
+
+
+class NetworkDefinitionCreationFlag:
+    STRONGLY_TYPED = 1
+
+
+class BuilderFlag10(BuilderFlag):
+    """TensorRT 10's, which still has the weak-typing precision flags (``module(weak=True)``)."""
     FP16 = "FP16"
     BF16 = "BF16"
-    REFIT = "REFIT"
 
 
 class IProgressMonitor:
@@ -79,6 +89,10 @@ class OnnxParser(_Recorded):
         graph = onnx.load(str(path), load_external_data=False).graph
         inits = {i.name for i in graph.initializer}
         self._network._inputs = [_Tensor(i.name) for i in graph.input if i.name not in inits]
+        # the weights' element types: a strongly typed network computes in these
+        types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+        self._network._weight_types = {types.get(i.data_type, str(i.data_type)) for i in graph.initializer
+                                       if len(i.dims) > 1}
         return True
 
     @property
@@ -143,7 +157,9 @@ class Builder(_Recorded):
 
     def create_network(self, flags=0):
         _call("create_network", flags)
-        return INetworkDefinition()
+        network = INetworkDefinition()
+        network._flags = flags
+        return network
 
     def create_builder_config(self):
         return IBuilderConfig()
@@ -318,18 +334,23 @@ class Runtime(_Recorded):
         return ICudaEngine(network, shapes)
 
 
-def module(version: str = "11.4.0.106"):
-    """A stand-in for ``import tensorrt``."""
+def module(version: str = "11.4.0.106", weak: bool = False):
+    """A stand-in for ``import tensorrt`` (TensorRT 11; ``weak=True``: TensorRT 10's flags too)."""
     class Module(_Recorded, types.ModuleType):
         pass
     m = Module("tensorrt")
     for obj in (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, Builder, OnnxParser, Runtime, TensorIOMode,
-                DataType, ExecutionContextAllocationStrategy):
+                DataType, ExecutionContextAllocationStrategy, NetworkDefinitionCreationFlag):
         setattr(m, obj.__name__, obj)
+    if weak:
+        m.BuilderFlag = BuilderFlag10
     m.__version__ = version
     return m
 
 
-FAKE_CLASSES = (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, INetworkDefinition, OnnxParser,
+FAKE_CLASSES = (Logger, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag, IProgressMonitor, INetworkDefinition, OnnxParser,
                 IOptimizationProfile, ITimingCache, IBuilderConfig, Builder, TensorIOMode, DataType,
                 ExecutionContextAllocationStrategy, ICudaEngine, IExecutionContext, Runtime)
+# enum-like classes: their members must be enum members of the real binding, not just words in it
+FAKE_ENUMS = (Logger, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag, TensorIOMode, DataType,
+              ExecutionContextAllocationStrategy)

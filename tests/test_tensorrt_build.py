@@ -39,9 +39,9 @@ def tiny_onnx(tmp_path_factory, tiny):
     return {n: export_onnx(tiny.components, n, d / f"{n}.onnx") for n in ("unet", "vae_decoder")}
 
 
-@pytest.mark.parametrize("precision, flag", [("fp32", None), ("fp16", "FP16"), ("bf16", "BF16")])
-def test_build_engine_sets_profile_precision_and_cache(tiny_onnx, tiny, tmp_path, precision, flag):
-    trt = fake.module()
+@pytest.mark.parametrize("precision, weak, flag", [("fp32", False, None), ("fp16", False, None), ("bf16", True, "BF16")])
+def test_build_engine_sets_profile_precision_and_cache(tiny_onnx, tiny, tmp_path, precision, weak, flag):
+    trt = fake.module(weak=weak)
     p = Profile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128), windows=(1, 1, 2))
     dims = ModelDims(tiny.components.latent_factor, 4, int(tiny.components.text_encoder.config.hidden_size), 2)
     shapes = profile_shapes("unet", p, dims)
@@ -56,6 +56,8 @@ def test_build_engine_sets_profile_precision_and_cache(tiny_onnx, tiny, tmp_path
     assert config.profiles[0].shapes == shapes
     assert config.pools == {"WORKSPACE": 1 << 30} and config.builder_optimization_level == 5
     assert config.flags == ({flag} if flag else set()) | {"REFIT"}
+    # fp32/fp16: a strongly typed network (the graph's types decide); bf16: TensorRT 10's weak typing
+    assert network._flags == (0 if weak else 1 << fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert plan.startswith(b"fake-plan|")
     assert cache.read_bytes() == b"fake-timing-cache:+"
     assert progress[0] == ("Building engine", 0, 2) and progress[-1] == ("Building engine", 2, 2)
@@ -132,3 +134,23 @@ def test_without_tensorrt_the_build_names_the_package_and_the_install_command(mo
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(RuntimeError, match=r"TensorRT is not installed \(Python package 'tensorrt'\): pip install"):
         require_tensorrt()
+
+
+def test_fp16_engines_come_from_a_float16_graph_and_bf16_needs_tensorrt_10(tiny, tmp_path):
+    """TensorRT 11 has no precision flags: the fp16 build parses a float16 graph (float32 I/O)
+    as a strongly typed network; bf16 is refused before any export, naming why and what to do."""
+    import onnx
+    p = Profile(batch=(1, 1, 1), height=(64, 64, 64), width=(64, 64, 64), windows=(1, 1, 1))
+    fake.CALLS.clear()
+    build_tensorrt(tiny.components, tmp_path / "fp16", profile=p, options=BuildOptions(precision="fp16"),
+                   networks=("unet",), trt=fake.module(), arch="sm_90", log=lambda m: None)
+    network = [c for c in fake.CALLS if c[0] == "build_serialized_network"][0][1][0]
+    assert network._weight_types == {"float16"}
+    assert network._flags == 1 << fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    graph = onnx.load(str(tmp_path / "fp16" / "onnx" / "unet.onnx"), load_external_data=False).graph
+    assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT}     # float32 I/O
+    fake.CALLS.clear()
+    with pytest.raises(ValueError, match="bf16 engines need a bfloat16 ONNX graph on TensorRT 11.4"):
+        build_tensorrt(tiny.components, tmp_path / "bf16", profile=p, options=BuildOptions(precision="bf16"),
+                       networks=("unet",), trt=fake.module(), arch="sm_90", log=lambda m: None)
+    assert not (tmp_path / "bf16" / "onnx").exists() and not fake.CALLS       # refused before exporting
