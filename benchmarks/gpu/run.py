@@ -57,6 +57,14 @@ def main(argv=None) -> int:
     record = dict(suite="gpu", card=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
                   settings=vars(args), machine=machine(), versions=versions(), sections={}, errors={})
 
+    card = re.sub(r"[^A-Za-z0-9]+", "-", record["card"]).strip("-").lower()
+    stem = Path(args.out) / f"gpu-{card}-{datetime.date.today().isoformat()}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        record["wall_seconds"] = time.perf_counter() - t0
+        Path(f"{stem}.json").write_text(json.dumps(record, indent=2, default=float))
+
     def section(name, fn):
         t = time.perf_counter()
         try:
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
             record["errors"][name] = f"{type(e).__name__}: {e}"
             log(f"{name}: FAILED: {record['errors'][name]}")
         log(f"{name}: {time.perf_counter() - t:.0f} s")
+        save()                      # a run cut short by its time limit keeps what it measured
 
     section("fatbin", lambda: str(kernels.find_fatbin()))
     section("kernel_check", lambda: fastpath.kernel_check(log=log))
@@ -74,7 +83,6 @@ def main(argv=None) -> int:
         section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
             args.model, args.size, args.steps, b, "cuda", "float16", args.repeat, log=log))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b))
-    record["wall_seconds"] = time.perf_counter() - t0
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time
     lines = [f"{record['card']}  {args.model} {args.size}px {args.steps} steps float16"]
@@ -91,10 +99,7 @@ def main(argv=None) -> int:
             e2e["loop_overhead_fraction"] = max(0.0, step - unet) / step
             lines.append(f"  batch {b} UNet alone {1e3 * unet:.2f} ms/call, graph step {1e3 * step:.2f} ms "
                          f"(includes text encoder + VAE): overhead {100 * e2e['loop_overhead_fraction']:.1f}%")
-    card = re.sub(r"[^A-Za-z0-9]+", "-", record["card"]).strip("-").lower()
-    stem = Path(args.out) / f"gpu-{card}-{datetime.date.today().isoformat()}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(record, indent=2, default=float))
+    save()
     print("\n".join(lines + [f"errors: {record['errors']}" if record["errors"] else "no errors",
                              f"wrote {stem}.json in {record['wall_seconds']:.0f} s"]))
     return 1 if record["errors"] else 0

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run HERE (with network) before a GPU call: downloads the pure-Python wheels the GPU machine's
+# image lacks (it has torch, transformers, safetensors, onnx, onnxruntime, cuda-bindings, pytest)
+# into .cache/gpu-wheels/, which the device call carries:
+#   bash benchmarks/gpu/prepare.sh
+#   device run: command "bash benchmarks/gpu/run.sh", carry [".cache/gpu-wheels"], timeout_s 590
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .cache/gpu-wheels
+pip download -q --no-deps -d .cache/gpu-wheels diffusers==0.42.1 torchsde==0.2.6 trampoline==0.1.2 \
+    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth lark
+ls .cache/gpu-wheels
