@@ -239,11 +239,21 @@ def fused_step(out, x, d_prev, x_in, noise, coef, scale, use_kernel: bool = True
         fused_step_reference(out, x, d_prev, x_in, noise, coef, scale)
         return
     mod = CudaModule.get(x.device)
-    per_image, batch = x[0].numel(), x.shape[0]
-    grid, block = launch_config(per_image * batch, mod.sm_count)
-    mod.launch(STEP_KERNELS[out.dtype], (grid,), block, 0,
-               [_ptr(out), _ptr(x), _ptr(d_prev), _ptr(x_in), _ptr(noise), _ptr(coef), _ptr(scale),
-                ctypes.c_int(per_image), ctypes.c_int(batch)])
+    grid, block = launch_config(x.numel(), mod.sm_count)
+    mod.launch(STEP_KERNELS[out.dtype], (grid,), block, 0, step_kernel_args(out, x, d_prev, x_in, noise, coef, scale))
+
+
+def step_kernel_args(out, x, d_prev, x_in, noise, coef, scale) -> list:
+    """The fused step kernel's parameters, in the order of kernels/fused_step.cu."""
+    return [_ptr(out), _ptr(x), _ptr(d_prev), _ptr(x_in), _ptr(noise), _ptr(coef), _ptr(scale),
+            ctypes.c_int(x[0].numel()), ctypes.c_int(x.shape[0])]
+
+
+def attention_kernel_args(q, k, v, out, heads: int, scale: float) -> list:
+    """The cross-attention kernel's parameters, in the order of kernels/cross_attention.cu."""
+    b, lq, hd = q.shape
+    return [_ptr(q), _ptr(k), _ptr(v), _ptr(out), ctypes.c_int(heads), ctypes.c_int(lq), ctypes.c_int(k.shape[2]),
+            ctypes.c_int(hd // heads), ctypes.c_float(scale)]
 
 
 # ---------------------------------------------------------------- cross-attention
@@ -303,6 +313,5 @@ def cross_attention(q, k, v, heads: int, scale: float | None = None, use_kernel:
                          f"this GPU allows {mod.smem_optin}")
     out = torch.empty_like(q)
     mod.launch(ATTENTION_KERNELS[q.dtype], attention_grid(lq, b * heads), ATTENTION_WARPS * 32, smem,
-               [_ptr(q), _ptr(k), _ptr(v), _ptr(out), ctypes.c_int(heads), ctypes.c_int(lq), ctypes.c_int(lk),
-                ctypes.c_int(d), ctypes.c_float(scale)])
+               attention_kernel_args(q, k, v, out, heads, scale))
     return out

@@ -236,3 +236,76 @@ def test_cross_attention_kernel_matches_reference(dtype, b, heads, lq, lk, d):
     assert torch.isfinite(got).all()                                     # every element written
     rel = float((got.double() - want).norm() / want.norm())
     assert rel <= (2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def _signature(name: str) -> list[str]:
+    """Parameter kinds of an extern "C" kernel, read from its source: ptr, int or float."""
+    import re
+    src = "\n".join(p.read_text() for p in kernels.SOURCES)
+    m = re.search(r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+' + name + r"\(([^)]*)\)", src)
+    assert m, f"{name} not found in the kernel sources"
+    kinds = []
+    for param in m.group(1).split(","):
+        param = " ".join(param.split())
+        kinds.append("ptr" if "*" in param else "int" if param.startswith("int ") else
+                     "float" if param.startswith("float ") else param)
+    return kinds
+
+
+def _kinds(args) -> list[str]:
+    import ctypes
+    return ["ptr" if isinstance(a, ctypes.c_void_p) else "int" if isinstance(a, ctypes.c_int) else
+            "float" if isinstance(a, ctypes.c_float) else type(a).__name__ for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_launch_arguments_match_the_kernel_signatures(dtype):
+    """What fused_step and cross_attention hand cuLaunchKernel: one value per kernel parameter,
+    of its kind, in its order, with the tensors' addresses and the sizes."""
+    out, x, d_prev, noise, scale = _inputs(3, (4, 5, 7), dtype)
+    x_in, coef = torch.empty_like(out), torch.zeros(8)
+    args = kernels.step_kernel_args(out, x, d_prev, x_in, noise, coef, scale)
+    assert _kinds(args) == _signature(kernels.STEP_KERNELS[dtype])
+    assert [a.value for a in args[:7]] == [t.data_ptr() for t in (out, x, d_prev, x_in, noise, coef, scale)]
+    assert (args[7].value, args[8].value) == (4 * 5 * 7, 3)
+    assert kernels.step_kernel_args(out, x, d_prev, x_in, None, coef, scale)[4].value is None   # NULL noise
+    q = torch.randn(2, 33, 8 * 40).to(dtype)
+    k, v = (torch.randn(2, 8, 77, 40).to(dtype) for _ in range(2))
+    o = torch.empty_like(q)
+    args = kernels.attention_kernel_args(q, k, v, o, 8, 0.125)
+    assert _kinds(args) == _signature(kernels.ATTENTION_KERNELS[dtype])
+    assert [a.value for a in args[4:8]] == [8, 33, 77, 40] and args[8].value == 0.125
+
+
+def test_cuda_module_launch_packs_parameters_and_opts_in_to_shared_memory():
+    """CudaModule.launch against a fake of cuda-python's driver module: cuLaunchKernel gets an
+    array of pointers to each parameter's value, the grid, the block, the shared memory, and
+    the stream; more than 48 KiB of shared memory is opted in once per kernel."""
+    import ctypes
+    import types
+
+    calls = []
+
+    class Attr:
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+    def launch(fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        arr = (ctypes.c_void_p * 3).from_address(params)
+        values = (ctypes.c_void_p.from_address(arr[0]).value, ctypes.c_int.from_address(arr[1]).value,
+                  ctypes.c_float.from_address(arr[2]).value)
+        calls.append(("launch", fn, (gx, gy, gz), (bx, by, bz), smem, stream, values, extra))
+        return (0,)
+
+    driver = types.SimpleNamespace(
+        CUfunction_attribute=Attr, CUstream=lambda handle: ("stream", handle), cuLaunchKernel=launch,
+        cuFuncSetAttribute=lambda fn, attr, value: calls.append(("attr", fn, attr, value)) or (0,))
+    mod = object.__new__(kernels.CudaModule)
+    mod.driver, mod.device, mod.functions, mod._smem_set = driver, torch.device("cpu"), {"k": "FN"}, {}
+    import unittest.mock as mock
+    stream = types.SimpleNamespace(cuda_stream=1234)
+    with mock.patch.object(torch.cuda, "current_stream", lambda device=None: stream):
+        for smem in (1024, 64 << 10, 64 << 10):
+            mod.launch("k", (5, 3), 128, smem, [ctypes.c_void_p(0xABC0), ctypes.c_int(-7), ctypes.c_float(0.5)])
+    launches = [c for c in calls if c[0] == "launch"]
+    assert launches[0][1:] == ("FN", (5, 3, 1), (128, 1, 1), 1024, ("stream", 1234), (0xABC0, -7, 0.5), 0)
+    assert [c for c in calls if c[0] == "attr"] == [("attr", "FN", 8, 64 << 10)]      # once, above 48 KiB
