@@ -10,7 +10,7 @@
 // each warp takes 4 queries: scores over the Lk keys (lanes over keys), softmax with warp
 // reductions, then the weighted sum of values (lanes over the head dimension). float32
 // arithmetic on float16 or float32 storage. Dynamic shared memory:
-//   2 * Lk * D * sizeof(T) + warps * (D + Lk) * 4 bytes   (sdrt.kernels.attention_smem_bytes)
+//   align16(2 * Lk * D * sizeof(T)) + warps * (D + Lk) * 4 bytes   (sdrt.kernels.attention_smem_bytes)
 #include <cuda_fp16.h>
 
 namespace {
@@ -38,7 +38,8 @@ __device__ void cross_attention(const T* __restrict__ q, const T* __restrict__ k
   extern __shared__ __align__(16) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + (size_t)lk * d;
-  float* qs = reinterpret_cast<float*>(vs + (size_t)lk * d);   // kWarps * d
+  const size_t kv_bytes = (2 * (size_t)lk * d * sizeof(T) + 15) & ~(size_t)15;   // float rows 16-byte aligned
+  float* qs = reinterpret_cast<float*>(smem + kv_bytes);        // kWarps * d
   float* ps = qs + kWarps * d;                                   // kWarps * lk
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -265,7 +265,8 @@ def attention_smem_bytes(lk: int, d: int, dtype: torch.dtype) -> int:
     """Dynamic shared memory of the cross-attention kernel: keys and values of one head, and
     per warp a query row and a row of scores (float32)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return 2 * lk * d * item + ATTENTION_WARPS * (d + lk) * 4
+    kv = (2 * lk * d * item + 15) // 16 * 16          # the float32 rows start 16-byte aligned
+    return kv + ATTENTION_WARPS * (d + lk) * 4
 
 
 def attention_grid(lq: int, batch_heads: int) -> tuple[int, int]:
