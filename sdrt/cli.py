@@ -126,7 +126,7 @@ def _serve(args) -> int:
     config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                           engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
                           max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images,
-                          threads=args.threads)
+                          threads=args.threads, fast_path=args.fast_path)
     scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica)
     run(config, host=args.host, port=args.port, scaling=scaling, use_ray=not args.no_ray,
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per image, queue included")
     s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine worker (tiny models: 1)")
+    s.add_argument("--fast-path", action="store_true", help="static loop; one CUDA graph per batch shape on a GPU")
     s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.set_defaults(func=_serve)

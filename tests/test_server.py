@@ -188,3 +188,17 @@ def test_old_combined_sampler_names_set_the_schedule(client):
     info = json.loads(r.json()["info"])
     assert info["sampler_name"] == "DPM++ 2M" and info["extra_generation_params"]["Schedule type"] == "Karras"
     assert "Sampler: DPM++ 2M, Schedule type: Karras," in info["infotexts"][0]
+
+
+def test_server_with_the_fast_path_serves_the_same_images(tiny):
+    state = ServerState(ServerConfig(fast_path=True, max_wait=0.0))
+    try:
+        with TestClient(create_app(state=state)) as c:
+            r = c.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "seed": 5, "sampler_name": "Euler a", **SMALL})
+        assert r.status_code == 200, r.text
+        assert len(state.pipe._loops) == 1                          # it ran on the static loop
+        want = tiny("a boat", seed=5, sampler="Euler a", **SMALL)
+        got = decode(r.json()["images"][0])
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want.images[0], dtype=int)).max() <= 1
+    finally:
+        state.engine.close()
