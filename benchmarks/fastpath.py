@@ -184,7 +184,7 @@ def kernel_check(device="cuda", log=print) -> dict:
     for dtype in (torch.float32, torch.float16):
         err = 0.0
         for b, shape in ((1, (4, 64, 64)), (3, (4, 17, 23)), (4, (4, 96, 64))):
-            for sampler in ("Euler a", "DPM++ 2M", "DDIM"):
+            for sampler in ("Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM"):
                 table, _ = step_table(sampler, sigmas, eta=0.5 if sampler == "DDIM" else None)
                 for row in table:
                     g = torch.Generator(device=device).manual_seed(len(worst) * 1000 + b)

@@ -6,8 +6,8 @@ Everything a step needs is precomputed on the device before the loop runs:
 
 - ``step_table``: eight float32 coefficients per step for the fused step
   (``sdrt.kernels``): CFG combine, model output -> denoised, the sampler update and the next
-  step's input scaling. Euler, Euler a, DDIM (any eta), DPM++ 2M and LCM are one linear form
-  ``x' = a x + b D + e D_prev + n noise``.
+  step's input scaling. Euler, Euler a, DDIM (any eta), DPM++ 2M, DPM++ 2M SDE and LCM are one
+  linear form ``x' = a x + b D + e D_prev + n noise``.
 - the timestep of every step (``(steps, 2B)``), which conditioning every step uses (a fixed
   buffer per distinct context: prompt editing switches buffers, not values), the CFG scale of
   every image, and the ancestral noise of every step, drawn from the image's generator in the
@@ -30,16 +30,17 @@ from .kernels import COEFFICIENTS, fused_step
 from .samplers import _ancestral_step
 
 # samplers whose update is x' = a x + b D + e D_prev + n noise (one model call per step)
-STEP_SAMPLERS = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "LCM")
+STEP_SAMPLERS = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M SDE", "LCM")
 
 
 def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 1.0,
-               v_prediction: bool = False) -> tuple[np.ndarray, list[bool]]:
+               v_prediction: bool = False, solver_type: str = "midpoint") -> tuple[np.ndarray, list[bool]]:
     """The fused step's coefficients for every step, and which steps draw ancestral noise.
 
     sigmas: the decreasing host schedule (steps + 1 values, usually ending in 0). Returns
     ``(table (steps, 8) float64 in COEFFICIENTS order, draws)``: ``draws[i]`` is True where the
-    eager sampler asks its noise source for a tensor at step i (Euler a, DDIM with eta > 0, LCM).
+    eager sampler asks its noise source for a tensor at step i (Euler a, DDIM with eta > 0, LCM,
+    DPM++ 2M SDE: its Brownian increments between the step's sigmas).
     The algorithms are those of ``sdrt.samplers`` (k-diffusion's), rewritten as one linear form.
     """
     if sampler not in STEP_SAMPLERS:
@@ -48,7 +49,9 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
     if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
         raise ValueError("sigmas must be a decreasing list of at least 2 values >= 0")
     if eta is None:
-        eta = 1.0 if sampler == "Euler a" else 0.0
+        eta = 1.0 if sampler in ("Euler a", "DPM++ 2M SDE") else 0.0
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     table = np.zeros((len(s) - 1, len(COEFFICIENTS)), dtype=np.float64)
     draws = []
     for i, (sig, nxt) in enumerate(zip(s, s[1:])):
@@ -74,6 +77,20 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
                     b, e = phi * (1 + 1 / (2 * r)), -phi / (2 * r)
                 else:
                     b = phi
+        elif sampler == "DPM++ 2M SDE":
+            if nxt == 0:
+                b = 1.0
+            else:
+                h = math.log(sig) - math.log(nxt)
+                eta_h = eta * h
+                phi = -math.expm1(-h - eta_h)
+                a, b = nxt / sig * math.exp(-eta_h), phi
+                if i > 0:
+                    r = (math.log(s[i - 1]) - math.log(sig)) / h
+                    coef = (phi / (-h - eta_h) + 1) / r if solver_type == "heun" else 0.5 * phi / r
+                    b, e = b + coef, -coef
+                draw = bool(eta)
+                n = nxt * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if draw else 0.0
         else:  # LCM: jump to the denoised estimate, re-noise to the next sigma
             b = 1.0
             draw = nxt > 0
@@ -104,14 +121,14 @@ class StaticLoop:
 
     def __init__(self, backend, schedule, sampler: str, sigmas, eta, batch: int, latent_shape,
                  context_index: list[int], context_shape, n_contexts: int, init: str = "sigma",
-                 use_kernel: bool = True, capture: bool | None = None, cuda=None):
+                 use_kernel: bool = True, capture: bool | None = None, cuda=None, options: dict | None = None):
         self.backend, self.device = backend, backend.device
         self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.steps = len(self.sigmas) - 1
-        table, self.draws = step_table(sampler, self.sigmas, eta,
-                                       v_prediction=schedule.prediction_type == "v_prediction")
+        table, self.draws = step_table(sampler, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
+                                       **{k: v for k, v in (options or {}).items() if k == "solver_type"})
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel
         self.capture = (self.device.type == "cuda" and getattr(backend, "graph_safe", False)) if capture is None else capture

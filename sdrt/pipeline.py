@@ -289,7 +289,7 @@ class Pipeline:
     def set_fast_path(self, enabled: bool = True, use_kernel: bool = True, capture: bool | None = None,
                       cache_size: int = 4) -> None:
         """Run requests that the static loop supports (``sdrt.fastpath``: Euler, Euler a, DDIM,
-        DPM++ 2M, LCM; plain or edited prompts, no AND) as a static loop: per-step tables on
+        DPM++ 2M, DPM++ 2M SDE, LCM; plain or edited prompts, no AND) as a static loop: per-step tables on
         the device, the fused step (the CUDA kernel on a GPU unless ``use_kernel=False``), and on
         a CUDA device one CUDA graph per configuration, captured on first use and replayed
         (``capture=False`` keeps it eager). Other requests keep the eager loop. On a graph
@@ -314,12 +314,17 @@ class Pipeline:
                tuple(distinct[0].shape), len(distinct))
         loop = self._loops.get(key, lambda: StaticLoop(
             be, c.schedule, spec.name, sig, eta_value, a["batch_size"], latent_shape, index,
-            tuple(distinct[0].shape), len(distinct), init=spec.init, **self._fast))
+            tuple(distinct[0].shape), len(distinct), init=spec.init, options=spec.options, **self._fast))
         gen = ImageRNG(latent_shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
                        seed_resize_from=a["seed_resize_from"], source=a["rng"],
                        eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
         x0 = gen.next().float()
-        noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
+        if spec.noise == "brownian":      # the increments between each drawing step's sigmas
+            positive = sig[sig > 0]
+            tree = BrownianNoise(x0, float(positive.min()), float(positive.max()), a["seeds"])
+            noise = [tree(sig[i], sig[i + 1]) for i, d in enumerate(loop.draws) if d]
+        else:
+            noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
         pixels, images, finite = loop.run(x0, noise, distinct, a["cfg_scales"], callback)
         t_loop = time.perf_counter() - t0
         bad = [i for i in range(len(finite)) if not finite[i]]

@@ -34,9 +34,11 @@ def _model(x, sigma):
 
 
 @pytest.mark.parametrize("sigmas", list(SIGMAS))
-@pytest.mark.parametrize("sampler,eta", [("Euler", None), ("Euler a", None), ("Euler a", 0.5), ("DDIM", 0.0),
-                                         ("DDIM", 0.8), ("DPM++ 2M", None), ("LCM", None)])
-def test_step_table_reproduces_the_eager_sampler(sampler, eta, sigmas):
+@pytest.mark.parametrize("sampler,eta,solver", [
+    ("Euler", None, None), ("Euler a", None, None), ("Euler a", 0.5, None), ("DDIM", 0.0, None), ("DDIM", 0.8, None),
+    ("DPM++ 2M", None, None), ("DPM++ 2M SDE", None, None), ("DPM++ 2M SDE", 0.0, None),
+    ("DPM++ 2M SDE", 0.7, "heun"), ("LCM", None, None)])
+def test_step_table_reproduces_the_eager_sampler(sampler, eta, solver, sigmas):
     """x' = a x + b D + e D_prev + n noise, run with the table, equals sdrt.samplers' own loop
     (float64, the same stand-in model and noise)."""
     sig = SIGMAS[sigmas]
@@ -50,9 +52,10 @@ def test_step_table_reproduces_the_eager_sampler(sampler, eta, sigmas):
         drawn.append(s)
         return noises[len(drawn) - 1]
     kwargs = {"eta": eta if eta is not None else spec.eta_default} if spec.eta_default is not None else {}
-    want = spec.fn(_model, x0.clone(), sig, noise=noise, **kwargs)
+    extra = {"solver_type": solver} if solver else {}
+    want = spec.fn(_model, x0.clone(), sig, noise=noise, **kwargs, **extra)
 
-    table, draws = step_table(sampler, sig, eta=kwargs.get("eta"))
+    table, draws = step_table(sampler, sig, eta=kwargs.get("eta"), **extra)
     it = iter(noises)
     x, d_prev = x0.clone(), None
     for i, (c_skip, c_out, a, b, e, n, _, _) in enumerate(table):
@@ -81,6 +84,8 @@ def test_step_table_refuses_other_samplers_and_bad_sigmas():
         step_table("Heun", SIGMAS["uniform"])
     with pytest.raises(ValueError, match="decreasing"):
         step_table("Euler", [1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="solver_type"):
+        step_table("DPM++ 2M SDE", SIGMAS["uniform"], solver_type="euler")
 
 
 def _compare(pipe, **kw):
@@ -98,6 +103,7 @@ def _compare(pipe, **kw):
     dict(sampler="DPM++ 2M", schedule="Karras"),
     dict(sampler="DDIM", eta=0.7, rng="cpu"),
     dict(sampler="LCM"),
+    dict(sampler="DPM++ 2M SDE", schedule="Karras", batch_size=2, seed=[4, 9]),
     dict(sampler="Euler", prompt="a [cat:dog:0.4] photo", negative_prompt="[blurry::2]", batch_size=2,
          cfg_scale=[5.0, 9.0], seed=[3, 11]),
     dict(sampler="Euler a", rng="nv", eta_noise_seed_delta=31337, subseed=5, subseed_strength=0.3),

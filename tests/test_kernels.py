@@ -156,7 +156,7 @@ def test_step_arguments_are_checked():
 @pytest.mark.parametrize("b,shape", [(1, (4, 64, 64)), (3, (4, 17, 23)), (4, (4, 96, 64))])
 def test_kernel_matches_reference(dtype, b, shape):
     sigmas = np.array([14.6, 6.0, 2.1, 0.7, 0.03, 0.0])
-    for sampler in ("Euler a", "DPM++ 2M", "DDIM"):
+    for sampler in ("Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM"):
         table, _ = step_table(sampler, sigmas, eta=0.5 if sampler == "DDIM" else None)
         for row in table:
             out, x, d_prev, noise, scale = _inputs(b, shape, dtype, device="cuda", seed=b)
