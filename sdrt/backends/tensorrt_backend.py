@@ -7,9 +7,10 @@ TensorRT** (it cannot be installed where this was written); the tests drive it t
 faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked against the real
 11.4 binding.
 
-- Each engine is deserialized once; one execution context per engine, all sharing one device
-  scratch buffer sized for the largest (``device_memory_size_v2``): the networks run one after
-  another on one stream, so they never need it at the same time.
+- Each engine is deserialized once; one execution context per engine. The UNet and VAE contexts
+  share one device scratch buffer sized for the larger (``device_memory_size_v2``): they run one
+  after the other on one stream. The text encoder has its own, because ``sdrt.Engine`` encodes the
+  next batch's text on another thread while a batch denoises.
 - Inputs are bound by address, straight from the loop's tensors; outputs go to buffers
   allocated once per shape. Shapes and addresses are set only when they change.
 - Everything is enqueued on torch's current CUDA stream, so TensorRT, torch ops and sdrt's
@@ -30,6 +31,7 @@ from ..tokenizer import MAX_LENGTH
 from . import check_profile_request, check_profile_windows, check_text_input
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
+LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
 
 
 def default_engine_dir(components, precision: str, arch: str) -> Path:
@@ -154,11 +156,16 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(self.logger)
         self.engines = {n: _Engine(trt, self.runtime, n, self.engine_dir / manifest["networks"][n]["file"], device)
                         for n in NETWORKS}
-        # one scratch buffer for all contexts, sized for the largest
-        self.scratch_bytes = max(e.scratch_bytes for e in self.engines.values())
+        # one scratch buffer for the UNet and the VAE, sized for the larger: they run one after the
+        # other in the denoising stage. The text encoder gets its own: sdrt.Engine encodes the next
+        # batch's text on another thread (and stream) while this one denoises.
+        self.scratch_bytes = max(self.engines[n].scratch_bytes for n in LOOP_NETWORKS)
         self.scratch = torch.empty(max(1, self.scratch_bytes), dtype=torch.uint8, device=device)
-        for e in self.engines.values():
-            e.set_scratch(self.scratch)
+        for n in LOOP_NETWORKS:
+            self.engines[n].set_scratch(self.scratch)
+        text = self.engines["text_encoder"]
+        self.text_scratch = torch.empty(max(1, text.scratch_bytes), dtype=torch.uint8, device=device)
+        text.set_scratch(self.text_scratch)
         self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
         self._ids_host: dict[tuple, torch.Tensor] = {}
         self._ids_dev: dict[tuple, torch.Tensor] = {}
