@@ -169,6 +169,7 @@ class TensorRTBackend:
         self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
         self._ids_host: dict[tuple, torch.Tensor] = {}
         self._ids_dev: dict[tuple, torch.Tensor] = {}
+        self._ids_copied: dict[tuple, object] = {}      # CUDA event after each pinned copy
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -187,12 +188,18 @@ class TensorRTBackend:
         for start in range(0, ids.shape[0], rows):
             chunk = ids[start:start + rows]
             shape, dt = tuple(chunk.shape), engine.dtypes["input_ids"]
+            cuda = self.device.type == "cuda"
             if shape not in self._ids_dev:
-                self._ids_host[shape] = torch.empty(shape, dtype=dt, pin_memory=self.device.type == "cuda")
+                self._ids_host[shape] = torch.empty(shape, dtype=dt, pin_memory=cuda)
                 self._ids_dev[shape] = torch.empty(shape, dtype=dt, device=self.device)
-            host, dev = self._ids_host[shape], self._ids_dev[shape]
+                self._ids_copied[shape] = torch.cuda.Event() if cuda else None
+            host, dev, copied = self._ids_host[shape], self._ids_dev[shape], self._ids_copied[shape]
+            if copied is not None:
+                copied.synchronize()          # the previous copy out of this pinned buffer is done
             host.copy_(chunk)
             dev.copy_(host, non_blocking=True)             # pinned -> device, asynchronous
+            if copied is not None:
+                copied.record()
             hidden = engine(self._stream(), input_ids=dev)["hidden_states"]    # (L, rows, 77, C)
             parts.append(hidden[hidden.shape[0] - clip_skip].clone())
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
