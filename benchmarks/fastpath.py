@@ -306,13 +306,16 @@ def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log
 
 
 def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16",
-                       kv: bool = True) -> float:
+                       kv: bool = True, compile_mode: str | None = None) -> float:
     """Seconds per CFG UNet call replayed alone from a CUDA graph: the floor the loop's per-step
-    time is compared with (loop overhead = step time - this)."""
+    time is compared with (loop overhead = step time - this). ``compile_mode`` wraps the UNet in
+    torch.compile first (e.g. "max-autotune-no-cudagraphs": sdrt captures the graph itself)."""
     from sdrt.backends import create_backend
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
     be.enable_kv_cache(kv)
+    if compile_mode:
+        be.unet_module = torch.compile(be.unet_module, mode=compile_mode, fullgraph=False)
     f = components.latent_factor
     with torch.inference_mode():
         x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
@@ -323,7 +326,8 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            be.unet(x, t, ctx)
+            for _ in range(3 if compile_mode else 1):      # compilation and autotuning happen here
+                be.unet(x, t, ctx)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

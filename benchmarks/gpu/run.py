@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--quick", action="store_true", help="random:tiny, 64 px, 8 steps (a smoke run)")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="also time the UNet graph under torch.compile(mode=MODE), e.g. max-autotune-no-cudagraphs "
+                         "(minutes of compilation)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
         section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
             args.model, args.size, args.steps, b, "cuda", "float16", args.repeat, log=log))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b))
+    if args.compile:               # last: it wraps the shared UNet's forward in a compiled module
+        section("unet_graph_compiled_batch1", lambda: fastpath.unet_graph_seconds(
+            args.model, args.size, 1, compile_mode=args.compile))
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time
     lines = [f"{record['card']}  {args.model} {args.size}px {args.steps} steps float16"]
