@@ -267,5 +267,9 @@ class LoopCache:
             self._loops.popitem(last=False)[1].release()
         return loop
 
+    def clear(self) -> None:
+        while self._loops:
+            self._loops.popitem()[1].release()
+
     def __len__(self) -> int:
         return len(self._loops)

@@ -295,6 +295,8 @@ class Pipeline:
         (``capture=False`` keeps it eager). Other requests keep the eager loop. On a graph
         replay a progress callback is called once, after the last step."""
         from .fastpath import LoopCache
+        if getattr(self, "_loops", None) is not None:
+            self._loops.clear()                    # their graphs and cached K/V entries go
         self._fast = dict(use_kernel=use_kernel, capture=capture) if enabled else None
         self._loops = LoopCache(cache_size)
 

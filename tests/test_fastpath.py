@@ -191,6 +191,8 @@ def test_kv_cache_same_image_and_once_per_conditioning(pipe):
         assert all(len(p.table) == 2 for _, p in kv.layers)                # the loop's two contexts
         pipe(**dict(args, width=72))                                       # evicts and releases it
         assert all(len(p.table) == 2 for _, p in kv.layers)
+        pipe.set_fast_path()                                               # a new cache releases the old
+        assert all(len(p.table) == 0 for _, p in kv.layers)
     finally:
         pipe.backend.enable_kv_cache(False)
     assert not any(hasattr(m, "processor") and type(m.processor).__name__ == "CachedKVProcessor"
