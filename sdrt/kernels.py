@@ -1,4 +1,5 @@
-"""sdrt's CUDA kernels from Python: the fused sampler step, its reference, and the loader.
+"""sdrt's CUDA kernels from Python: the fused sampler step and the cross-attention kernel, their
+torch references, and the loader.
 
 The kernels live in ``kernels/*.cu`` and are built into one fatbin by the root CMakeLists.txt
 (``cmake -S . -B build && cmake --build build``); ``find_fatbin`` finds it (``$SDRT_KERNELS``,
