@@ -45,14 +45,8 @@ VARIANTS = {
 
 def _diffusers_pipe(components, device, dtype):
     import diffusers
-    from sdrt.bench import _BETAS
-    sched = diffusers.EulerDiscreteScheduler(**_BETAS)
-    c = components
-    pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                             unet=c.unet, scheduler=sched, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    from sdrt.bench import _BETAS, diffusers_pipeline
+    return diffusers_pipeline(components, diffusers.EulerDiscreteScheduler(**_BETAS), device, dtype)
 
 
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",

@@ -177,6 +177,18 @@ def _sdrt_runner(s: Settings, backend: str, components):
     return run
 
 
+def diffusers_pipeline(components, scheduler, device, dtype: torch.dtype):
+    """diffusers' StableDiffusionPipeline over the same modules (no safety checker, no progress
+    bar): the reference sdrt is timed and compared against."""
+    import diffusers
+    c = components
+    pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                             unet=c.unet, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
 def _diffusers_runner(s: Settings, components):
     import diffusers
 
@@ -187,13 +199,8 @@ def _diffusers_runner(s: Settings, components):
     cls, kw = DIFFUSERS_SCHEDULERS[key]
     sched = getattr(diffusers, cls)(**_BETAS, **kw)
     dtype = torch.float16 if s.dtype == "float16" else torch.float32
-    c = components
-    pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                             unet=c.unet, scheduler=sched, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe = pipe.to(s.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    f = c.latent_factor
+    pipe = diffusers_pipeline(components, sched, s.device, dtype)
+    f = components.latent_factor
     targets = [("text_encoder", pipe.text_encoder, "forward"), ("unet_all", pipe.unet, "forward"),
                ("vae", pipe.vae, "decode")]
 

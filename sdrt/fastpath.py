@@ -101,9 +101,9 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
     return table, draws
 
 
-def unsupported_reason(a: dict, job: dict) -> str | None:
-    """Why a request cannot run on the static loop (None when it can)."""
-    spec = a["spec"]
+def unsupported_reason(job: dict) -> str | None:
+    """Why an encoded request (``Pipeline._encode``) cannot run on the static loop (None when it can)."""
+    spec = job["a"]["spec"]
     if spec.name not in STEP_SAMPLERS:
         return f"sampler {spec.name!r} has no fused step (static loop: {', '.join(STEP_SAMPLERS)})"
     if any(len(parts) != 1 or parts[0][0] != 1.0 for parts in job["conds"]):
@@ -128,7 +128,7 @@ class StaticLoop:
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.steps = len(self.sigmas) - 1
         table, self.draws = step_table(sampler, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
-                                       **{k: v for k, v in (options or {}).items() if k == "solver_type"})
+                                       solver_type=(options or {}).get("solver_type", "midpoint"))
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel
         self.capture = (self.device.type == "cuda" and getattr(backend, "graph_safe", False)) if capture is None else capture

@@ -19,6 +19,7 @@ with the eight per-step coefficients read from a device table row (``COEFFICIENT
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import shutil
@@ -60,25 +61,14 @@ def fused_step_reference(out: torch.Tensor, x: torch.Tensor, d_prev: torch.Tenso
     c, u = out[:b], out[b:]
     view = (-1,) + (1,) * (x.dim() - 1)
     g = u + scale.view(view) * (c - u)
-    k = coef.tolist() if coef.device.type == "cpu" else None
-    if k is None:   # keep everything on the device (inside a captured graph): a masked form
-        c_skip, c_out, a, bb, e, n, c_in = (coef[i] for i in range(7))
-        d = c_skip * x + c_out * g
-        xn = a * x + bb * d + torch.where(e != 0, e * d_prev, torch.zeros_like(x))
-        if noise is not None:
-            xn = xn + torch.where(n != 0, n * noise, torch.zeros_like(x))
-        v = xn * c_in
-    else:
-        c_skip, c_out, a, bb, e, n, c_in = k[:7]
-        d = c_skip * x + c_out * g
-        xn = a * x + bb * d
-        if e != 0.0:
-            xn = xn + e * d_prev
-        if n != 0.0:
-            if noise is None:
-                raise ValueError("this step table row adds noise (n != 0) but no noise tensor was given")
-            xn = xn + n * noise
-        v = xn * c_in
+    # coefficients stay on the device (no host read inside a captured graph); a zero coefficient
+    # masks its term out, as the kernel's branch does, so an unwritten d_prev never leaks in
+    c_skip, c_out, a, bb, e, n, c_in = (coef[i] for i in range(7))
+    d = c_skip * x + c_out * g
+    xn = a * x + bb * d + torch.where(e != 0, e * d_prev, 0.0)
+    if noise is not None:
+        xn = xn + torch.where(n != 0, n * noise, 0.0)
+    v = xn * c_in
     x.copy_(xn)
     d_prev.copy_(d)
     x_in[:b].copy_(v)
@@ -115,6 +105,8 @@ def check_step_args(out, x, d_prev, x_in, noise, coef, scale) -> None:
         raise ValueError("every tensor of the fused step must be contiguous")
     if len({t.device for t in tensors}) != 1:
         raise ValueError("every tensor of the fused step must be on one device")
+    if noise is None and coef.device.type == "cpu" and float(coef[5]) != 0.0:   # host read: CPU only
+        raise ValueError("this step table row adds noise (n != 0) but no noise tensor was given")
 
 
 def nvcc_command(out_path, archs=ARCHS, sources=(UNIT,), nvcc: str = "nvcc") -> list[str]:
@@ -146,7 +138,7 @@ def build_fatbin(out_path, archs=ARCHS) -> Path:
 
 def find_fatbin(device: torch.device | None = None) -> Path:
     """The kernels' fatbin: $SDRT_KERNELS, build/sdrt_kernels.fatbin if it is newer than the
-    sources, else one compiled now for this GPU's architecture into ~/.cache/sdrt."""
+    sources, else one compiled now for this GPU's architecture into the cache (``cache_root()``)."""
     env = os.environ.get("SDRT_KERNELS")
     if env:
         if not Path(env).is_file():
@@ -157,7 +149,8 @@ def find_fatbin(device: torch.device | None = None) -> Path:
     if built.is_file() and built.stat().st_mtime >= newest:
         return built
     major, minor = torch.cuda.get_device_capability(device)
-    cached = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt" / f"kernels-sm{major}{minor}.fatbin"
+    from .backends import cache_root
+    cached = cache_root() / f"kernels-sm{major}{minor}.fatbin"
     if cached.is_file() and cached.stat().st_mtime >= newest:
         return cached
     return build_fatbin(cached, archs=(f"{major}{minor}",))
@@ -287,6 +280,7 @@ def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (w @ v.float()).transpose(1, 2).reshape(b, lq, hd).to(q.dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def cross_attention_fits(lk: int, d: int, dtype: torch.dtype, device) -> bool:
     """Whether the kernel's shared memory holds this head (else use SDPA)."""
     if dtype not in ATTENTION_KERNELS:

@@ -100,11 +100,18 @@ def nan_error(bad: list[int], dtype: torch.dtype) -> FloatingPointError:
         f"(the model overflowed in {str(dtype).replace('torch.', '')}){hint}")
 
 
+def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
+    """The SDE samplers' noise over the schedule's positive sigmas (x gives shape and device)."""
+    positive = sigmas[sigmas > 0]
+    return BrownianNoise(x, float(positive.min()), float(positive.max()), seeds)
+
+
 class Pipeline:
     """Stable Diffusion text-to-image over one backend. See DESIGN.md for the public API."""
 
     def __init__(self, components: Components, backend):
         self.components, self.backend = components, backend
+        self._fast = self._loops = None        # the static loop's settings and cache (set_fast_path)
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
@@ -235,19 +242,15 @@ class Pipeline:
     def _sample(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
         """Stage 2 (job -> images): the denoising loop and the VAE. Returns the result and the
         indices of images that hold NaN or Inf (the caller decides whether that fails them)."""
-        if getattr(self, "_fast", None) is not None:
+        if self._fast is not None:
             from .fastpath import unsupported_reason
-            if unsupported_reason(job["a"], job) is None:
+            if unsupported_reason(job) is None:
                 return self._sample_static(job, callback)
         a, sig = job["a"], job["sigmas"]
         c, be, spec = self.components, self.backend, a["spec"]
         n_steps = len(sig) - 1
         t0 = time.perf_counter()
-        f = c.latent_factor
-        latent_shape = (c.latent_channels, a["height"] // f, a["width"] // f)
-        gen = ImageRNG(latent_shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
-                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
-                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
+        latent_shape, gen = self._noise(a)
         x = gen.next().float()
         x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
         denoiser = CFGDenoiser(be, c.schedule, job["conds"], job["uncond"], a["cfg_scales"], latent_shape,
@@ -256,8 +259,7 @@ class Pipeline:
         if spec.noise == "rng":
             noise = lambda s, s_next: gen.next().float()  # noqa: E731
         elif spec.noise == "brownian":
-            positive = sig[sig > 0]
-            noise = BrownianNoise(x, float(positive.min()), float(positive.max()), a["seeds"])
+            noise = _brownian(x, sig, a["seeds"])
         kwargs = dict(spec.options)
         eta_value = spec.eta_default if a["eta"] is None else a["eta"]
         if spec.eta_default is not None:
@@ -279,6 +281,16 @@ class Pipeline:
         images = (255.0 * np.nan_to_num(pixels)).astype(np.uint8)
         return self._result(job, pixels, images, eta_value, dict(unet=t_unet, vae=t_vae)), bad
 
+    def _noise(self, a: dict):
+        """(latent shape (C, h, w), the images' noise generator) for validated arguments."""
+        c = self.components
+        f = c.latent_factor
+        shape = (c.latent_channels, a["height"] // f, a["width"] // f)
+        gen = ImageRNG(shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
+                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
+                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=self.backend.device, latent_factor=f)
+        return shape, gen
+
     def _result(self, job: dict, pixels: np.ndarray, images: np.ndarray, eta_value, timings: dict):
         a = job["a"]
         texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]
@@ -295,7 +307,7 @@ class Pipeline:
         (``capture=False`` keeps it eager). Other requests keep the eager loop. On a graph
         replay a progress callback is called once, after the last step."""
         from .fastpath import LoopCache
-        if getattr(self, "_loops", None) is not None:
+        if self._loops is not None:
             self._loops.clear()                    # their graphs and cached K/V entries go
         self._fast = dict(use_kernel=use_kernel, capture=capture) if enabled else None
         self._loops = LoopCache(cache_size)
@@ -308,8 +320,7 @@ class Pipeline:
         c, be, spec = self.components, self.backend, a["spec"]
         n_steps = len(sig) - 1
         t0 = time.perf_counter()
-        f = c.latent_factor
-        latent_shape = (c.latent_channels, a["height"] // f, a["width"] // f)
+        latent_shape, gen = self._noise(a)
         eta_value = spec.eta_default if a["eta"] is None else a["eta"]
         distinct, index = plan_contexts(job["conds"], job["uncond"], n_steps, be.device, be.dtype)
         key = (a["batch_size"], latent_shape, spec.name, sig.tobytes(), eta_value, tuple(index),
@@ -317,13 +328,9 @@ class Pipeline:
         loop = self._loops.get(key, lambda: StaticLoop(
             be, c.schedule, spec.name, sig, eta_value, a["batch_size"], latent_shape, index,
             tuple(distinct[0].shape), len(distinct), init=spec.init, options=spec.options, **self._fast))
-        gen = ImageRNG(latent_shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
-                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
-                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=be.device, latent_factor=f)
         x0 = gen.next().float()
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
-            positive = sig[sig > 0]
-            tree = BrownianNoise(x0, float(positive.min()), float(positive.max()), a["seeds"])
+            tree = _brownian(x0, sig, a["seeds"])
             noise = [tree(sig[i], sig[i + 1]) for i, d in enumerate(loop.draws) if d]
         else:
             noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order

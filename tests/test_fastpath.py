@@ -150,7 +150,7 @@ def test_unsupported_requests_run_eagerly(pipe):
                                         batch_size=1, clip_skip=1, rng="gpu", eta_noise_seed_delta=0, subseed=-1,
                                         subseed_strength=0.0, seed_resize_from=None, eta=None,
                                         emphasis="Original", sigmas=None, callback=None)))
-    assert "AND" in unsupported_reason(job["a"], job)
+    assert "AND" in unsupported_reason(job)
 
 
 def test_static_loop_reports_nan_and_steps(pipe):

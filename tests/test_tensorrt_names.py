@@ -31,9 +31,6 @@ class _Names(set):
         n = name.encode()
         return b"\x00" + n + b"\x00" in self.data or re.search(rb"[A-Z0-9]_" + n + rb"\x00", self.data) is not None
 
-    def __rsub__(self, other):
-        return {n for n in other if n not in self}
-
 
 @pytest.fixture(scope="module")
 def binding_names() -> set[str]:

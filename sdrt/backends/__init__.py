@@ -10,6 +10,8 @@ and exposes ``device`` (a torch.device) and ``dtype`` (the networks' torch dtype
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -25,6 +27,16 @@ class Backend(Protocol):
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor: ...
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def cache_root() -> Path:
+    """Where sdrt keeps what it builds (engines, compiled kernels): $SDRT_CACHE, else ~/.cache/sdrt."""
+    return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
+
+
+def default_engine_dir(components, *tags: str) -> Path:
+    """The engine folder of a model for a backend and its build settings, under ``cache_root()``."""
+    return cache_root() / "engines" / "-".join((components.model_hash, *tags))
 
 
 def parse_device(device) -> torch.device:

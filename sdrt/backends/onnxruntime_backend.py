@@ -7,7 +7,6 @@ nothing through numpy.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,14 +14,9 @@ import numpy as np
 import torch
 
 from ..tokenizer import MAX_LENGTH
-from . import check_profile_request, check_profile_windows, check_text_input
+from . import check_profile_request, check_profile_windows, check_text_input, default_engine_dir
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-
-
-def default_engine_dir(components, dtype: torch.dtype) -> Path:
-    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
-    return root / "engines" / f"{components.model_hash}-onnxruntime-{str(dtype).replace('torch.', '')}"
 
 
 def _providers(device: torch.device) -> list:
@@ -46,7 +40,8 @@ class OnnxRuntimeBackend:
         from sdrt.export import DEFAULT_NETWORKS, Profile, build_onnxruntime
 
         self.device, self.dtype = device, dtype
-        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, dtype)
+        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(
+            components, "onnxruntime", str(dtype).replace("torch.", ""))
         log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
         precision = str(dtype).replace("torch.", "")
         providers = _providers(device)          # fail before a possibly long build

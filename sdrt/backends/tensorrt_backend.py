@@ -21,22 +21,16 @@ faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked a
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..tokenizer import MAX_LENGTH
-from . import check_profile_request, check_profile_windows, check_text_input
+from . import check_profile_request, check_profile_windows, check_text_input, default_engine_dir
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
-
-
-def default_engine_dir(components, precision: str, arch: str) -> Path:
-    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
-    return root / "engines" / f"{components.model_hash}-tensorrt-{precision}-{arch}"
 
 
 def torch_dtype(trt, data_type) -> torch.dtype:
@@ -129,7 +123,7 @@ class TensorRTBackend:
         if arch is None:
             raise ValueError("backend 'tensorrt' needs a CUDA GPU (none is visible)")
         precision = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, precision, arch)
+        self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(components, "tensorrt", precision, arch)
         manifest = read_manifest(self.engine_dir)
         target = manifest.get("target")
         if target and manifest.get("networks"):
@@ -167,9 +161,8 @@ class TensorRTBackend:
         self.text_scratch = torch.empty(max(1, text.scratch_bytes), dtype=torch.uint8, device=device)
         text.set_scratch(self.text_scratch)
         self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
-        self._ids_host: dict[tuple, torch.Tensor] = {}
-        self._ids_dev: dict[tuple, torch.Tensor] = {}
-        self._ids_copied: dict[tuple, object] = {}      # CUDA event after each pinned copy
+        # per token-id shape: pinned host buffer, device buffer, CUDA event after its last copy
+        self._ids: dict[tuple, tuple] = {}
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -188,12 +181,12 @@ class TensorRTBackend:
         for start in range(0, ids.shape[0], rows):
             chunk = ids[start:start + rows]
             shape, dt = tuple(chunk.shape), engine.dtypes["input_ids"]
-            cuda = self.device.type == "cuda"
-            if shape not in self._ids_dev:
-                self._ids_host[shape] = torch.empty(shape, dtype=dt, pin_memory=cuda)
-                self._ids_dev[shape] = torch.empty(shape, dtype=dt, device=self.device)
-                self._ids_copied[shape] = torch.cuda.Event() if cuda else None
-            host, dev, copied = self._ids_host[shape], self._ids_dev[shape], self._ids_copied[shape]
+            if shape not in self._ids:
+                cuda = self.device.type == "cuda"
+                self._ids[shape] = (torch.empty(shape, dtype=dt, pin_memory=cuda),
+                                    torch.empty(shape, dtype=dt, device=self.device),
+                                    torch.cuda.Event() if cuda else None)
+            host, dev, copied = self._ids[shape]
             if copied is not None:
                 copied.synchronize()          # the previous copy out of this pinned buffer is done
             host.copy_(chunk)
