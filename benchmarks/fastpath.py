@@ -96,9 +96,16 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
         sync(device)
         return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
 
-    for name in variants:               # warm-up at full length: captures the graphs
-        configure(name)(**args)
-        log(f"{name}: warmed up")
+    errors = {}
+    for name in list(variants):         # warm-up at full length: captures the graphs
+        try:
+            configure(name)(**args)
+            log(f"{name}: warmed up")
+        except Exception as e:  # noqa: BLE001 - a failing variant is reported, the others still run
+            errors[name] = f"{type(e).__name__}: {e}"
+            log(f"{name}: FAILED: {errors[name]}")
+            variants.remove(name)
+            del runs[name]
     if ref is not None:
         run_diffusers()
     for i in range(repeat):
@@ -130,7 +137,7 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
     kv_layers = len(backend.kv.layers)
     backend.enable_kv_cache(False)
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
-                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers)
+                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, errors=errors)
 
 
 def unet_step_kv(model="random:sd15", size=256, batch=1, device="cpu", dtype="float32", repeat=5, log=print) -> dict:

@@ -14,6 +14,7 @@
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
     python benchmarks/gpu/run.py [--steps 50] [--repeat 3] [--batches 1 4] [--quick]
+                                 [--compile MODE] [--only PREFIX ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="also time the UNet graph under torch.compile(mode=MODE), e.g. max-autotune-no-cudagraphs "
                          "(minutes of compilation)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                    help="run only the sections whose names start with one of these (e.g. kernel unet_graph)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
 
     card = re.sub(r"[^A-Za-z0-9]+", "-", record["card"]).strip("-").lower()
     stem = Path(args.out) / f"gpu-{card}-{datetime.date.today().isoformat()}"
+    if args.only:
+        stem = stem.with_name(stem.name + "-" + "-".join(re.sub(r"[^A-Za-z0-9_]+", "", p) for p in args.only))
     stem.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -69,9 +74,13 @@ def main(argv=None) -> int:
         Path(f"{stem}.json").write_text(json.dumps(record, indent=2, default=float))
 
     def section(name, fn):
+        if args.only and not any(name.startswith(p) for p in args.only):
+            return
         t = time.perf_counter()
         try:
-            record["sections"][name] = fn()
+            result = record["sections"][name] = fn()
+            if isinstance(result, dict):    # e.g. one end-to-end variant that failed
+                record["errors"].update({f"{name}/{part}": err for part, err in result.get("errors", {}).items()})
         except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
             record["errors"][name] = f"{type(e).__name__}: {e}"
             log(f"{name}: FAILED: {record['errors'][name]}")
