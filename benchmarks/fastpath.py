@@ -50,10 +50,12 @@ def _diffusers_pipe(components, device, dtype):
 
 
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
-               repeat=3, variants=None, diffusers_ref=True, log=print) -> dict:
+               repeat=3, variants=None, diffusers_ref=True, tune=None, log=print) -> dict:
     """Total seconds per generation of each variant (Euler, uniform schedule, CFG 7), medians of
     ``repeat`` interleaved runs, with UNet iterations per second and the max abs pixel difference
-    against the eager loop's image."""
+    against the eager loop's image. ``tune``: TorchBackend.tune options for every variant (the
+    weight layout and cuDNN's autotuning reach diffusers' run too: the modules are shared; the
+    SDPA order only sdrt's); they are reset afterwards."""
     import sdrt
     from sdrt.backends import create_backend
 
@@ -62,6 +64,8 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
         variants = [v for v in variants if "kernel" not in v]     # on a CPU the step is the torch reference
     components = _load(model)
     backend = create_backend("torch", components, device, dtype)
+    if tune:
+        backend.tune(**tune)
     args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size,
                 height=size, batch_size=batch, rng="cpu", cfg_scale=7.0)
     # one pipeline per variant over the shared backend, so each keeps its own captured graph
@@ -136,8 +140,10 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
     backend.enable_kv_cache(True)
     kv_layers = len(backend.kv.layers)
     backend.enable_kv_cache(False)
+    if tune:
+        backend.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
-                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, errors=errors)
+                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors)
 
 
 def unet_step_kv(model="random:sd15", size=256, batch=1, device="cpu", dtype="float32", repeat=5, log=print) -> dict:
@@ -307,13 +313,15 @@ def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log
 
 
 def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16",
-                       kv: bool = True, compile_mode: str | None = None) -> float:
+                       kv: bool = True, compile_mode: str | None = None, tune: dict | None = None) -> float:
     """Seconds per CFG UNet call replayed alone from a CUDA graph: the floor the loop's per-step
     time is compared with (loop overhead = step time - this). ``compile_mode`` wraps the UNet in
-    torch.compile first (e.g. "max-autotune-no-cudagraphs": sdrt captures the graph itself)."""
+    torch.compile first (e.g. "max-autotune-no-cudagraphs": sdrt captures the graph itself);
+    ``tune``: TorchBackend.tune options, reset afterwards."""
     from sdrt.backends import create_backend
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
+    be.tune(**(tune or {}))
     be.enable_kv_cache(kv)
     if compile_mode:
         be.unet_module = torch.compile(be.unet_module, mode=compile_mode, fullgraph=False)
@@ -334,8 +342,66 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
         with torch.cuda.graph(graph):
             be.unet(x, t, ctx)
         seconds = _time_cuda(graph.replay, iters=30, warmup=5)
+    del graph
     be.enable_kv_cache(False)
+    if compile_mode:
+        be.unet_module = components.unet
+    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
     return seconds
+
+
+CUDNN_FIRST = ("cudnn", "flash", "efficient", "math")
+# name -> TorchBackend.tune options, measured on the UNet alone (graph replay)
+LEVERS = {
+    "baseline": {},
+    "cudnn_benchmark": dict(cudnn_benchmark=True),
+    "channels_last": dict(channels_last=True),
+    "channels_last+cudnn_benchmark": dict(channels_last=True, cudnn_benchmark=True),
+    "sdpa_cudnn_first": dict(sdpa_order=CUDNN_FIRST),
+    "all": dict(channels_last=True, cudnn_benchmark=True, sdpa_order=CUDNN_FIRST),
+}
+
+
+def unet_levers(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16", levers=None,
+                log=print) -> dict:
+    """Seconds per CFG UNet call (K/V once, graph replay) under each of ``LEVERS``, measured twice
+    in rotation; the fastest lever and its gain over the baseline."""
+    levers = levers or LEVERS
+    times = {name: [] for name in levers}
+    for _ in range(2):
+        for name, opts in levers.items():
+            times[name].append(unet_graph_seconds(model, size, batch, device, dtype, tune=opts))
+    rows = {name: dict(seconds=min(ts), runs=ts, tune=levers[name]) for name, ts in times.items()}
+    base = rows["baseline"]["seconds"]
+    for r in rows.values():
+        r["speedup"] = base / r["seconds"]
+    best = min(rows, key=lambda n: rows[n]["seconds"])
+    log(f"UNet levers, batch {batch}: " + ", ".join(f"{n} {1e3 * r['seconds']:.2f} ms" for n, r in rows.items())
+        + f" -> {best} (x{rows[best]['speedup']:.3f})")
+    return dict(rows=rows, best=best, best_tune=levers[best])
+
+
+def decode_text_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16") -> dict:
+    """The per-generation work outside the denoising loop: the VAE decode replayed from a CUDA
+    graph, and the text encoder (eager, cond + uncond) as the pipeline runs it."""
+    from sdrt.backends import create_backend
+    components = _load(model)
+    be = create_backend("torch", components, device, dtype)
+    f = components.latent_factor
+    with torch.inference_mode():
+        lat = torch.randn((batch, 4, size // f, size // f), device=device)
+        ids = torch.randint(0, 49407, (2 * batch, 77), device="cpu")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            be.decode(lat)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            be.decode(lat)
+        vae = _time_cuda(graph.replay, iters=10, warmup=3)
+        text = _time_cuda(lambda: be.encode_text(ids), iters=20, warmup=3)
+    return dict(vae_decode_s=vae, text_encode_s=text)
 
 
 def main(argv=None) -> int:

@@ -312,6 +312,17 @@ class Pipeline:
         self._fast = dict(use_kernel=use_kernel, capture=capture) if enabled else None
         self._loops = LoopCache(cache_size)
 
+    def tune(self, **options) -> None:
+        """The torch backend's speed options (``TorchBackend.tune``: channels_last,
+        cudnn_benchmark, sdpa_order). Captured graphs that the change invalidates are dropped
+        (they are captured again on next use)."""
+        tune = getattr(self.backend, "tune", None)
+        if tune is None:
+            raise ValueError(f"the {type(self.backend).__name__} has no speed options to tune "
+                             "(they belong to backend='torch')")
+        if tune(**options) and self._loops is not None:
+            self._loops.clear()
+
     def _sample_static(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
         """Stage 2 on the static loop (same images as ``_sample`` up to float rounding)."""
         from .denoiser import plan_contexts

@@ -133,3 +133,33 @@ class FakeCuda:
             _ACTIVE.pop()
         g.ops = rec.ops
         self.events.append("capture end")
+
+
+class FakeEvent:
+    """``torch.cuda.Event(enable_timing=True)`` on a CPU: host time (work there is synchronous)."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return 1e3 * (end.t - self.t)
+
+
+def patch_torch_cuda(monkeypatch, fake: FakeCuda | None = None) -> FakeCuda:
+    """Point torch.cuda's graph, stream and event API at the fake (for code that calls torch.cuda
+    directly, such as the GPU suite's timing functions), and claim a GPU named 'Fake GPU'."""
+    fake = fake or FakeCuda()
+    for name in ("Stream", "current_stream", "stream", "CUDAGraph", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    return fake

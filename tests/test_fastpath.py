@@ -252,7 +252,11 @@ def test_engine_batches_on_the_static_loop():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cuda_graph_replay_equals_eager(dtype):
+def test_cuda_graph_replay_equals_eager(dtype, monkeypatch):
+    # float32 compared at 1e-4 needs full float32 arithmetic: with cuDNN's default TF32
+    # convolutions the eager and replayed images differed by up to 1.0e-3 on an H200
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     p = sdrt.Pipeline.from_pretrained("random:tiny", device="cuda", dtype=dtype)
     args = dict(prompt="a [cat:dog:0.5]", steps=8, width=64, height=64, seed=3, sampler="Euler a", batch_size=2)
     eager = p(**args)

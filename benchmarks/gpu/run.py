@@ -4,12 +4,16 @@
    reference on fresh random inputs (float32 and float16, odd sizes, every table row);
 2. times the fused step against the unfused torch ops it replaces (eager and in a graph), and
    PyTorch's SDPA backends on SD 1.5's attention shapes (what a custom kernel must beat);
-3. end to end on random:sd15, 512x512, 50 steps, float16, batch 1 and 4, side by side:
+3. per batch size: the UNet alone (graph replay) under each speed option of
+   TorchBackend.tune (channels_last, cuDNN autotuning, SDPA backend order: fastpath.LEVERS);
+   the VAE decode (graph) and text encoder alone;
+4. end to end on random:sd15, 512x512, 50 steps, float16, batch 1 and 4, side by side:
    diffusers (eager, SDPA), sdrt's eager loop, the static loop as one CUDA graph with torch
    ops, with the fused kernel, and with the kernel + cross-attention K/V once per conditioning;
-   it/s, ratios, max abs pixel difference against sdrt's eager image;
-4. the loop's overhead outside the networks: graph-replay step time minus one UNet call
-   replayed alone from a graph.
+   it/s, ratios, max abs pixel difference against sdrt's eager image; again with the fastest
+   option from 3 where it gained over 2%;
+5. the loop's overhead outside the networks: graph-replay step time minus one UNet call
+   replayed alone from a graph minus (VAE decode + text encoder) / steps.
 
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
@@ -44,6 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="also time the UNet graph under torch.compile(mode=MODE), e.g. max-autotune-no-cudagraphs "
                          "(minutes of compilation)")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help="end-to-end variants (benchmarks/fastpath.py VARIANTS; default all); eager always runs")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)   # cpu: tests, with a fake graph API
+    ap.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
                     help="run only the sections whose names start with one of these (e.g. kernel unet_graph)")
     ap.add_argument("--out", default=str(RESULTS))
@@ -91,29 +99,56 @@ def main(argv=None) -> int:
     section("kernel_check", lambda: fastpath.kernel_check(log=log))
     section("kernel_speed", lambda: fastpath.kernel_speed(size=args.size, batches=args.batches, log=log))
     section("attention_backends", lambda: fastpath.attention_backends(log=log))
+    variants = None
+    if args.variants:
+        unknown = [v for v in args.variants if v not in fastpath.VARIANTS]
+        if unknown:
+            log(f"unknown variants {unknown}; valid: {', '.join(fastpath.VARIANTS)}")
+            return 2
+        variants = ["eager"] + [v for v in args.variants if v != "eager"]
     for b in args.batches:
+        section(f"unet_levers_batch{b}", lambda b=b: fastpath.unet_levers(args.model, args.size, b, args.device, args.dtype, log=log))
+        section(f"decode_text_batch{b}", lambda b=b: fastpath.decode_text_seconds(args.model, args.size, b, args.device, args.dtype))
         section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
-            args.model, args.size, args.steps, b, "cuda", "float16", args.repeat, log=log))
-        section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b))
-    if args.compile:               # last: it wraps the shared UNet's forward in a compiled module
+            args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat, variants=variants, log=log))
+        levers = record["sections"].get(f"unet_levers_batch{b}")
+        if levers and levers["best"] != "baseline" and levers["rows"][levers["best"]]["speedup"] > 1.02:
+            # the levers that measurably helped the UNet, end to end (side by side with diffusers again)
+            section(f"end_to_end_tuned_batch{b}", lambda b=b: fastpath.end_to_end(
+                args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat, variants=variants,
+                tune=levers["best_tune"], log=log))
+        section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b, args.device, args.dtype))
+    if args.compile:               # last: compilation takes minutes
         section("unet_graph_compiled_batch1", lambda: fastpath.unet_graph_seconds(
-            args.model, args.size, 1, compile_mode=args.compile))
+            args.model, args.size, 1, args.device, args.dtype, compile_mode=args.compile))
 
-    # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time
-    lines = [f"{record['card']}  {args.model} {args.size}px {args.steps} steps float16"]
+    # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time - (VAE
+    # decode + text encoder) / steps
+    lines = [f"{record['card']}  {args.model} {args.size}px {args.steps} steps {args.dtype}"]
     for b in args.batches:
-        e2e, unet = record["sections"].get(f"end_to_end_batch{b}"), record["sections"].get(f"unet_graph_batch{b}")
-        if not e2e:
-            continue
-        for name, row in e2e["rows"].items():
-            lines.append(f"  batch {b} {name:18s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "
-                         f"x{row['speedup_vs_diffusers'] or 0:.2f} vs diffusers  max|diff| {row['max_abs_diff_vs_eager']:.1e}")
-        best = e2e["rows"].get("static-kernel+kv")
-        if best and unet:
-            step = best["median_s"] / args.steps
-            e2e["loop_overhead_fraction"] = max(0.0, step - unet) / step
-            lines.append(f"  batch {b} UNet alone {1e3 * unet:.2f} ms/call, graph step {1e3 * step:.2f} ms "
-                         f"(includes text encoder + VAE): overhead {100 * e2e['loop_overhead_fraction']:.1f}%")
+        unet = record["sections"].get(f"unet_graph_batch{b}")
+        other = record["sections"].get(f"decode_text_batch{b}")
+        levers = record["sections"].get(f"unet_levers_batch{b}")
+        if levers:
+            lines.append(f"  batch {b} UNet levers: " + ", ".join(
+                f"{n} x{r['speedup']:.3f}" for n, r in levers["rows"].items()))
+        for key in (f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}"):
+            e2e = record["sections"].get(key)
+            if not e2e:
+                continue
+            tag = f"tuned {e2e['tune']}" if e2e.get("tune") else "default options"
+            lines.append(f"  batch {b}, {tag}:")
+            for name, row in e2e["rows"].items():
+                lines.append(f"    {name:22s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "
+                             f"x{row['speedup_vs_diffusers'] or 0:.2f} vs diffusers  "
+                             f"max|diff| {row['max_abs_diff_vs_eager']:.1e}")
+            best = e2e["rows"].get("static-kernel+kv")
+            if best and unet and key == f"end_to_end_batch{b}":
+                step = best["median_s"] / args.steps
+                outside = (other["vae_decode_s"] + other["text_encode_s"]) / args.steps if other else 0.0
+                e2e["loop_overhead_fraction"] = max(0.0, step - unet - outside) / step
+                lines.append(f"    UNet alone {1e3 * unet:.2f} ms/call, graph step {1e3 * step:.2f} ms, VAE + text "
+                             f"{1e3 * outside:.2f} ms/step: loop overhead {100 * e2e['loop_overhead_fraction']:.2f}%")
     save()
     print("\n".join(lines + [f"errors: {record['errors']}" if record["errors"] else "no errors",
                              f"wrote {stem}.json in {record['wall_seconds']:.0f} s"]))

@@ -1,6 +1,8 @@
 """The PyTorch reference backend: the diffusers/transformers modules, eager, CPU or CUDA."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..tokenizer import MAX_LENGTH
@@ -12,6 +14,10 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype)
     return module
+
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
 
 
 class TorchBackend:
@@ -31,6 +37,49 @@ class TorchBackend:
         self.final_layer_norm = inner.final_layer_norm
         self.kv = None
         self._reset_attention()
+        self.options = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+        self._sdpa = None
+
+    def tune(self, channels_last: bool | None = None, cudnn_benchmark: bool | None = None,
+             sdpa_order: tuple[str, ...] | None | str = "keep") -> bool:
+        """Speed options, each measured on a GPU by benchmarks/gpu/run.py (unet_levers):
+
+        - ``channels_last``: the UNet's and VAE's weights in NHWC (cuDNN's fast convolution
+          layout). This replaces the weight tensors, so CUDA graphs captured before are invalid:
+          ``Pipeline.tune`` drops them.
+        - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` (process-wide): cuDNN times its
+          convolution algorithms per shape on first use.
+        - ``sdpa_order``: the order in which PyTorch's SDPA backends are tried in the UNet and VAE,
+          names from ``SDPA_BACKENDS`` (e.g. ``("cudnn", "flash", "efficient", "math")``); None is
+          PyTorch's own order.
+
+        Arguments left out keep their setting. Returns whether the weights were replaced."""
+        from torch.nn.attention import SDPBackend
+        moved = False
+        if channels_last is not None and channels_last != self.options["channels_last"]:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self.unet_module.to(memory_format=fmt)
+            self.vae.to(memory_format=fmt)
+            self.options["channels_last"], moved = bool(channels_last), True
+        if cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = self.options["cudnn_benchmark"] = bool(cudnn_benchmark)
+        if sdpa_order != "keep":
+            if sdpa_order is not None:
+                unknown = [n for n in sdpa_order if n not in SDPA_BACKENDS]
+                if unknown or not sdpa_order:
+                    raise ValueError(f"sdpa_order {sdpa_order!r}: valid names are {', '.join(SDPA_BACKENDS)}")
+                self._sdpa = [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in sdpa_order]
+                sdpa_order = tuple(sdpa_order)
+            else:
+                self._sdpa = None
+            self.options["sdpa_order"] = sdpa_order
+        return moved
+
+    def _attention_order(self):
+        if self._sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+        return sdpa_kernel(self._sdpa, set_priority=True)
 
     def _reset_attention(self) -> None:
         """Give every layer that another backend on these modules left cached K/V the plain
@@ -68,10 +117,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype),
-                                return_dict=False)[0]
+        with self._attention_order():
+            return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype),
+                                    return_dict=False)[0]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor, return_dict=False)[0]
+        with self._attention_order():
+            out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor, return_dict=False)[0]
         return out.float()

@@ -1,0 +1,67 @@
+"""The GPU suite (benchmarks/gpu/run.py) on a CPU, with torch.cuda's graph, stream and event API
+replaced by the recording fake: its sections run, write their results and the summary, so a
+lent GPU's minutes are not lost to a bug in the harness. (The numbers here mean nothing.)"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import fastpath
+    from cuda_graph_fake import patch_torch_cuda
+    import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401 - its type hints use torch.cuda.Stream
+    import diffusers.pipelines  # noqa: F401
+    fastpath._load("random:tiny")
+    return patch_torch_cuda(monkeypatch)
+
+
+def test_unet_levers_reset_the_backend(fake_cuda):
+    import fastpath
+    from sdrt.backends import create_backend
+    levers = {"baseline": {}, "channels_last": dict(channels_last=True),
+              "sdpa_cudnn_first": dict(sdpa_order=fastpath.CUDNN_FIRST)}
+    r = fastpath.unet_levers("random:tiny", 64, 1, "cpu", "float32", levers=levers, log=lambda m: None)
+    assert set(r["rows"]) == set(levers) and r["best"] in levers
+    assert all(row["seconds"] > 0 and len(row["runs"]) == 2 for row in r["rows"].values())
+    assert r["rows"]["baseline"]["speedup"] == 1.0
+    assert len(fake_cuda.graphs) == 6                       # one capture per lever per round
+    be = create_backend("torch", fastpath._load("random:tiny"), "cpu", "float32")
+    conv = next(m for m in be.unet_module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 3
+                and m.weight.shape[1] > 4)
+    assert conv.weight.is_contiguous()                      # channels_last was undone
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_suite_sections_and_summary(fake_cuda, tmp_path, capsys):
+    import run
+    rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--steps", "3", "--batches", "1",
+                   "--variants", "static-ops+kv", "--out", str(tmp_path),
+                   "--only", "unet_levers", "decode_text", "end_to_end", "unet_graph"])
+    out = capsys.readouterr().out
+    files = list(tmp_path.glob("gpu-fake-gpu-*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert rc == 0, record["errors"]
+    s = record["sections"]
+    assert set(s) >= {"unet_levers_batch1", "decode_text_batch1", "end_to_end_batch1", "unet_graph_batch1"}
+    assert set(s["end_to_end_batch1"]["rows"]) == {"eager", "static-ops+kv", "diffusers"}
+    assert s["decode_text_batch1"]["vae_decode_s"] > 0 and s["unet_graph_batch1"] > 0
+    if s["unet_levers_batch1"]["rows"][s["unet_levers_batch1"]["best"]]["speedup"] > 1.02:
+        assert s["end_to_end_tuned_batch1"]["tune"] == s["unet_levers_batch1"]["best_tune"]
+    assert "UNet levers" in out and "default options" in out
+
+
+def test_suite_refuses_unknown_variants(fake_cuda, tmp_path):
+    import run
+    assert run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--variants", "static-fast",
+                     "--out", str(tmp_path), "--only", "end_to_end"]) == 2
