@@ -14,6 +14,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PY" -m pip install -q --no-deps --no-index .cache/gpu-wheels/*.whl 2>&1 | grep -v "running pip as" | tail -2
 # offline: no build isolation (it would fetch setuptools); the image's setuptools builds it
 "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . 2>&1 | grep -v "running pip as" | tail -2
+if ! "$PY" -c "import sdrt.export" 2>/dev/null; then
+  # seen on the H200 image: the offline editable install fails; import from the tree instead
+  # (setup.py maps sdrt.export to export/, hence the link)
+  echo "editable install failed: importing sdrt from the working tree"
+  [ -e sdrt/export ] || ln -s ../export sdrt/export
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 "$PY" -c "import sdrt, sdrt.export, diffusers; print('sdrt', sdrt.__file__, 'diffusers', diffusers.__version__)" \
   || { echo "sdrt does not import: stopping"; exit 3; }
 arch=$("$PY" -c "import torch; print(';' + ''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null)
