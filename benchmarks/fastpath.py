@@ -368,17 +368,33 @@ def unet_levers(model="random:sd15", size=512, batch=1, device="cuda", dtype="fl
     in rotation; the fastest lever and its gain over the baseline."""
     levers = levers or LEVERS
     times = {name: [] for name in levers}
+    errors = {}
     for _ in range(2):
         for name, opts in levers.items():
-            times[name].append(unet_graph_seconds(model, size, batch, device, dtype, tune=opts))
-    rows = {name: dict(seconds=min(ts), runs=ts, tune=levers[name]) for name, ts in times.items()}
+            if name in errors:
+                continue
+            try:
+                times[name].append(unet_graph_seconds(model, size, batch, device, dtype, tune=opts))
+            except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the others still run
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log(f"UNet lever {name}: FAILED: {errors[name]}")
+                _reset_backend(model, device, dtype)
+    rows = {name: dict(seconds=min(ts), runs=ts, tune=levers[name]) for name, ts in times.items() if ts}
     base = rows["baseline"]["seconds"]
     for r in rows.values():
         r["speedup"] = base / r["seconds"]
     best = min(rows, key=lambda n: rows[n]["seconds"])
     log(f"UNet levers, batch {batch}: " + ", ".join(f"{n} {1e3 * r['seconds']:.2f} ms" for n, r in rows.items())
         + f" -> {best} (x{rows[best]['speedup']:.3f})")
-    return dict(rows=rows, best=best, best_tune=levers[best])
+    return dict(rows=rows, best=best, best_tune=levers[best], errors=errors)
+
+
+def _reset_backend(model, device, dtype) -> None:
+    """After a failure mid-measurement: the shared modules back to plain attention, NCHW weights,
+    no cuDNN autotuning."""
+    from sdrt.backends import create_backend
+    be = create_backend("torch", _load(model), device, dtype)
+    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
 
 
 def decode_text_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16") -> dict:

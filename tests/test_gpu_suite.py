@@ -29,9 +29,11 @@ def test_unet_levers_reset_the_backend(fake_cuda):
     import fastpath
     from sdrt.backends import create_backend
     levers = {"baseline": {}, "channels_last": dict(channels_last=True),
-              "sdpa_cudnn_first": dict(sdpa_order=fastpath.CUDNN_FIRST)}
+              "sdpa_cudnn_first": dict(sdpa_order=fastpath.CUDNN_FIRST),
+              "broken": dict(channels_last=True, sdpa_order=("fastest",))}     # refused
     r = fastpath.unet_levers("random:tiny", 64, 1, "cpu", "float32", levers=levers, log=lambda m: None)
-    assert set(r["rows"]) == set(levers) and r["best"] in levers
+    assert "sdpa_order ('fastest',)" in r["errors"]["broken"]
+    assert set(r["rows"]) == set(levers) - {"broken"} and r["best"] in levers
     assert all(row["seconds"] > 0 and len(row["runs"]) == 2 for row in r["rows"].values())
     assert r["rows"]["baseline"]["speedup"] == 1.0
     assert len(fake_cuda.graphs) == 6                       # one capture per lever per round

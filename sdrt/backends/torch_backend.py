@@ -37,8 +37,7 @@ class TorchBackend:
         self.final_layer_norm = inner.final_layer_norm
         self.kv = None
         self._reset_attention()
-        self.options = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
-        self._sdpa = None
+        self._sdpa, self._sdpa_names = None, None
 
     def tune(self, channels_last: bool | None = None, cudnn_benchmark: bool | None = None,
              sdpa_order: tuple[str, ...] | None | str = "keep") -> bool:
@@ -55,25 +54,35 @@ class TorchBackend:
 
         Arguments left out keep their setting. Returns whether the weights were replaced."""
         from torch.nn.attention import SDPBackend
+        if sdpa_order not in ("keep", None):
+            unknown = [n for n in sdpa_order if n not in SDPA_BACKENDS]
+            if unknown or not sdpa_order or isinstance(sdpa_order, str):
+                raise ValueError(f"sdpa_order {sdpa_order!r}: give a sequence of {', '.join(SDPA_BACKENDS)}")
         moved = False
-        if channels_last is not None and channels_last != self.options["channels_last"]:
+        if channels_last is not None and channels_last != self.channels_last:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             self.unet_module.to(memory_format=fmt)
             self.vae.to(memory_format=fmt)
-            self.options["channels_last"], moved = bool(channels_last), True
+            moved = True
         if cudnn_benchmark is not None:
-            torch.backends.cudnn.benchmark = self.options["cudnn_benchmark"] = bool(cudnn_benchmark)
+            torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         if sdpa_order != "keep":
-            if sdpa_order is not None:
-                unknown = [n for n in sdpa_order if n not in SDPA_BACKENDS]
-                if unknown or not sdpa_order:
-                    raise ValueError(f"sdpa_order {sdpa_order!r}: valid names are {', '.join(SDPA_BACKENDS)}")
-                self._sdpa = [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in sdpa_order]
-                sdpa_order = tuple(sdpa_order)
-            else:
-                self._sdpa = None
-            self.options["sdpa_order"] = sdpa_order
+            self._sdpa_names = tuple(sdpa_order) if sdpa_order is not None else None
+            self._sdpa = [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in sdpa_order] if sdpa_order else None
         return moved
+
+    @property
+    def options(self) -> dict:
+        """The speed options in force (see ``tune``)."""
+        return dict(channels_last=self.channels_last, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                    sdpa_order=self._sdpa_names)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the UNet's weights are in NHWC now (read off the weights: other backends on
+        the same modules may have changed them)."""
+        w = self.unet_module.conv_in.weight
+        return bool(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
 
     def _attention_order(self):
         if self._sdpa is None:
