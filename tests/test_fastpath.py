@@ -330,3 +330,66 @@ def test_cross_attention_kernel_path_gives_the_same_image(pipe):
         pipe._fast = None
     assert np.abs(plain.pixels - custom.pixels).max() <= 1e-5
     assert np.abs(plain.pixels - static.pixels).max() <= 1e-4
+
+
+# ---------------------------------------------------------------- speed options (Pipeline.tune)
+
+def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
+    """channels_last replaces the weight tensors (graphs captured before would read freed
+    memory), so Pipeline.tune drops the cached loops when it does; the SDPA order and cuDNN
+    autotuning leave the image alone."""
+    args = dict(prompt="a [cat:dog:0.5] photo", steps=4, width=64, height=64, seed=6, sampler="Euler a")
+    pipe._fast = None
+    plain = pipe(**args)
+    pipe.set_fast_path()
+    pipe(**args)
+    assert len(pipe._loops) == 1
+    be = pipe.backend
+    try:
+        pipe.tune(sdpa_order=("cudnn", "flash", "efficient", "math"), cudnn_benchmark=True)
+        assert len(pipe._loops) == 1                                # no weights moved: graphs stay
+        pipe.tune(channels_last=True)
+        assert len(pipe._loops) == 0
+        assert be.options == dict(channels_last=True, cudnn_benchmark=True,
+                                  sdpa_order=("cudnn", "flash", "efficient", "math"))
+        w = be.unet_module.conv_in.weight
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        tuned = pipe(**args)
+        pipe._fast = None
+        tuned_eager = pipe(**args)
+    finally:
+        pipe.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+        pipe._fast = None
+    assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+    assert be.unet_module.conv_in.weight.is_contiguous() and not torch.backends.cudnn.benchmark
+    assert np.abs(plain.pixels - tuned.pixels).max() <= 1e-4
+    assert np.abs(plain.pixels - tuned_eager.pixels).max() <= 1e-4
+
+
+@pytest.mark.parametrize("order", [("fastest",), (), "flash"])
+def test_tune_refuses_a_bad_sdpa_order_before_changing_anything(pipe, order):
+    with pytest.raises(ValueError, match="sdpa_order"):
+        pipe.tune(channels_last=True, sdpa_order=order)
+    assert pipe.backend.options["channels_last"] is False
+
+
+def test_tune_belongs_to_the_torch_backend(tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.server import ServerConfig, ServerState
+    assert main(["generate", "a cat", "--backend", "onnxruntime", "--channels-last", "-o",
+                 str(tmp_path / "x.png")]) != 0
+    assert "--channels-last is an option of backend 'torch'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="channels_last is an option of backend 'torch'"):
+        ServerState(ServerConfig(backend="onnxruntime", channels_last=True))
+
+
+def test_cli_channels_last_gives_the_same_image(tmp_path):
+    from PIL import Image
+
+    from sdrt.cli import main
+    common = ["--model", "random:tiny", "--steps", "3", "--seed", "4", "--quiet"]
+    assert main(["generate", "a lighthouse", *common, "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "a lighthouse", *common, "--channels-last", "-o", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=int) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() <= 1
