@@ -137,11 +137,11 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
         log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
             + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
             + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
+    if tune:
+        backend.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
     backend.enable_kv_cache(True)
     kv_layers = len(backend.kv.layers)
     backend.enable_kv_cache(False)
-    if tune:
-        backend.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
                 sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors)
 
@@ -313,41 +313,59 @@ def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log
 
 
 def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16",
-                       kv: bool = True, compile_mode: str | None = None, tune: dict | None = None) -> float:
+                       kv: bool | None = None, tune: dict | None = None) -> float:
     """Seconds per CFG UNet call replayed alone from a CUDA graph: the floor the loop's per-step
-    time is compared with (loop overhead = step time - this). ``compile_mode`` wraps the UNet in
-    torch.compile first (e.g. "max-autotune-no-cudagraphs": sdrt captures the graph itself);
-    ``tune``: TorchBackend.tune options, reset afterwards."""
+    time is compared with (loop overhead = step time - this). ``tune``: TorchBackend.tune
+    options, reset afterwards; with ``compile`` among them (e.g. "default") the UNet compiles
+    during the warm-up and the K/V cache is off (``kv`` defaults to on otherwise)."""
     from sdrt.backends import create_backend
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
+    compiling = bool((tune or {}).get("compile"))
+    be.enable_kv_cache(not compiling if kv is None else kv)
     be.tune(**(tune or {}))
-    be.enable_kv_cache(kv)
-    if compile_mode:
-        be.unet_module = torch.compile(be.unet_module, mode=compile_mode, fullgraph=False)
     f = components.latent_factor
-    with torch.inference_mode():
-        x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
-        t = torch.full((2 * batch,), 500.0, device=device)
-        ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size), device=device).to(be.dtype)
-        if be.kv is not None:
-            be.kv.precompute([ctx])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3 if compile_mode else 1):      # compilation and autotuning happen here
+    try:
+        with torch.inference_mode():
+            x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
+            t = torch.full((2 * batch,), 500.0, device=device)
+            ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size),
+                              device=device).to(be.dtype)
+            if be.kv is not None:
+                be.kv.precompute([ctx])
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3 if compiling else 1):      # compilation and autotuning happen here
+                    be.unet(x, t, ctx)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 be.unet(x, t, ctx)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            be.unet(x, t, ctx)
-        seconds = _time_cuda(graph.replay, iters=30, warmup=5)
-    del graph
-    be.enable_kv_cache(False)
-    if compile_mode:
-        be.unet_module = components.unet
-    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+            seconds = _time_cuda(graph.replay, iters=30, warmup=5)
+        del graph
+    finally:
+        be.enable_kv_cache(False)
+        be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
     return seconds
+
+
+def compiled_unet(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16", mode="default",
+                  log=print) -> dict:
+    """The UNet alone (graph replay, K/V cache off, channels_last) eager and under
+    torch.compile(mode), side by side, with the compilation time."""
+    base = dict(channels_last=True)
+    eager = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=base)
+    t0 = time.perf_counter()
+    compiled = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
+    wall = time.perf_counter() - t0
+    again = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
+    eager2 = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=base)
+    e, c = min(eager, eager2), min(compiled, again)
+    log(f"UNet batch {batch}, channels_last, no K/V cache: eager {1e3 * e:.2f} ms, torch.compile({mode}) "
+        f"{1e3 * c:.2f} ms: x{e / c:.3f} (first compile + timing {wall:.0f} s)")
+    return dict(mode=mode, eager_s=e, compiled_s=c, runs=dict(eager=[eager, eager2], compiled=[compiled, again]),
+                speedup=e / c, compile_and_time_s=wall)
 
 
 CUDNN_FIRST = ("cudnn", "flash", "efficient", "math")
@@ -394,7 +412,7 @@ def _reset_backend(model, device, dtype) -> None:
     no cuDNN autotuning."""
     from sdrt.backends import create_backend
     be = create_backend("torch", _load(model), device, dtype)
-    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
 
 
 def decode_text_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16") -> dict:

@@ -45,3 +45,22 @@ def ksampling():
         for name in stand_ins:
             sys.modules.pop(name, None)
     return sampling
+
+
+@pytest.fixture
+def dynamo_only(monkeypatch):
+    """torch.compile through dynamo without inductor (seconds, not minutes, on a CPU): the
+    wiring is what these tests check; the compiled speed is the GPU suite's business."""
+    import torch._dynamo
+    from sdrt.backends import torch_backend
+    calls = []
+    real = torch.compile
+
+    def compile_(module, mode=None, dynamic=None, **kw):
+        calls.append(mode)
+        return real(module, backend="eager", dynamic=dynamic)
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch_backend, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    torch._dynamo.reset()
+    yield calls
+    torch._dynamo.reset()

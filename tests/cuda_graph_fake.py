@@ -154,12 +154,13 @@ class FakeEvent:
 
 def patch_torch_cuda(monkeypatch, fake: FakeCuda | None = None) -> FakeCuda:
     """Point torch.cuda's graph, stream and event API at the fake (for code that calls torch.cuda
-    directly, such as the GPU suite's timing functions), and claim a GPU named 'Fake GPU'."""
+    directly, such as the GPU suite's timing functions), and name the GPU 'Fake GPU'.
+    ``torch.cuda.is_available`` stays as it is (False on a CPU): claiming a GPU would send
+    torch's own code (dynamo, for one) looking for CUDA."""
     fake = fake or FakeCuda()
     for name in ("Stream", "current_stream", "stream", "CUDAGraph", "graph"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     return fake

@@ -393,3 +393,39 @@ def test_cli_channels_last_gives_the_same_image(tmp_path):
     assert main(["generate", "a lighthouse", *common, "--channels-last", "-o", str(tmp_path / "b.png")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / n), dtype=int) for n in ("a.png", "b.png"))
     assert np.abs(a - b).max() <= 1
+
+
+def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
+    args = dict(prompt="a [cat:dog:0.5] photo", steps=3, width=64, height=64, seed=2, sampler="DPM++ 2M")
+    be = pipe.backend
+    pipe._fast = None
+    plain = pipe(**args)
+    with pytest.raises(ValueError, match="K/V cache"):
+        be.enable_kv_cache(True)
+        be.tune(compile="default")
+    be.enable_kv_cache(False)
+    try:
+        pipe.tune(compile="default")
+        assert dynamo_only == ["default"] and be.unet_module is not be._eager_unet
+        assert be.options["compile"] == "default"
+        with pytest.raises(ValueError, match="torch.compile"):
+            be.enable_kv_cache(True)
+        eager = pipe(**args)
+        pipe.set_fast_path()
+        static = pipe(**args)
+        from sdrt.backends import create_backend
+        other = create_backend("torch", pipe.components, "cpu", "float32")
+        other.tune(compile="default")
+        assert other.unet_module is be.unet_module and dynamo_only == ["default"]   # one wrapper per module
+    finally:
+        pipe.tune(compile=False)
+        pipe._fast = None
+    assert be.unet_module is be._eager_unet and be.options["compile"] is None
+    assert np.abs(plain.pixels - eager.pixels).max() <= 1e-5
+    assert np.abs(plain.pixels - static.pixels).max() <= 1e-4
+
+
+@pytest.mark.parametrize("bad", [True, 3])
+def test_tune_compile_takes_a_mode(pipe, bad):
+    with pytest.raises(ValueError, match="torch.compile mode"):
+        pipe.tune(compile=bad)

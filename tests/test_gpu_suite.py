@@ -67,3 +67,21 @@ def test_suite_refuses_unknown_variants(fake_cuda, tmp_path):
     import run
     assert run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--variants", "static-fast",
                      "--out", str(tmp_path), "--only", "end_to_end"]) == 2
+
+
+def test_suite_compile_sections(fake_cuda, dynamo_only, tmp_path):
+    import run
+    rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--steps", "3", "--batches", "1",
+                   "--variants", "static-ops+kv", "--compile", "default", "--out", str(tmp_path),
+                   "--only", "compile", "end_to_end_compiled"])
+    record = json.loads(next(tmp_path.glob("gpu-fake-gpu-*.json")).read_text())
+    assert rc == 0, record["errors"]
+    s = record["sections"]
+    assert s["compile_batch1"]["compiled_s"] > 0 and s["compile_batch1"]["mode"] == "default"
+    assert set(s["end_to_end_compiled_batch1"]["rows"]) == {"eager", "static-ops", "diffusers"}
+    assert s["end_to_end_compiled_batch1"]["tune"] == {"channels_last": True, "compile": "default"}
+    assert dynamo_only and set(dynamo_only) == {"default"}
+    from sdrt.backends import create_backend
+    import fastpath
+    be = create_backend("torch", fastpath._load("random:tiny"), "cpu", "float32")
+    assert be.options["compile"] is None and not be.channels_last

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                     help="run only the sections whose names start with one of these (e.g. kernel unet_graph)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks/gpu/run.py: refusing to run: no CUDA GPU is visible on this machine "
               "(torch.cuda.is_available() is False); use benchmarks/fastpath.py on a CPU", file=sys.stderr)
         return 2
@@ -119,8 +119,13 @@ def main(argv=None) -> int:
                 tune=levers["best_tune"], log=log))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b, args.device, args.dtype))
     if args.compile:               # last: compilation takes minutes
-        section("unet_graph_compiled_batch1", lambda: fastpath.unet_graph_seconds(
-            args.model, args.size, 1, args.device, args.dtype, compile_mode=args.compile))
+        section("compile_batch1", lambda: fastpath.compiled_unet(
+            args.model, args.size, 1, args.device, args.dtype, mode=args.compile, log=log))
+        # end to end with the compiled UNet (no K/V cache under dynamo), channels_last
+        section("end_to_end_compiled_batch1", lambda: fastpath.end_to_end(
+            args.model, args.size, args.steps, 1, args.device, args.dtype, args.repeat,
+            variants=sorted({v.split("+kv")[0] for v in variants or fastpath.VARIANTS}, key=list(fastpath.VARIANTS).index),
+            tune=dict(channels_last=True, compile=args.compile), log=log))
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time - (VAE
     # decode + text encoder) / steps
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
         if levers:
             lines.append(f"  batch {b} UNet levers: " + ", ".join(
                 f"{n} x{r['speedup']:.3f}" for n, r in levers["rows"].items()))
-        for key in (f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}"):
+        for key in (f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}", f"end_to_end_compiled_batch{b}"):
             e2e = record["sections"].get(key)
             if not e2e:
                 continue

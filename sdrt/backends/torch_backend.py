@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -16,6 +17,18 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return module
 
 
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """One torch.compile wrapper per module and mode, shared by every backend on that module, so
+    a second backend does not compile again."""
+    per_mode = _COMPILED.setdefault(module, {})
+    if mode not in per_mode:
+        per_mode[mode] = torch.compile(module, mode=mode, dynamic=False)
+    return per_mode[mode]
+
+
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
 
@@ -28,7 +41,8 @@ class TorchBackend:
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.text_encoder = _place(components.text_encoder, device, dtype)
-        self.unet_module = _place(components.unet, device, dtype)
+        self.unet_module = self._eager_unet = _place(components.unet, device, dtype)
+        self._compile_mode = None
         self.vae = _place(components.vae, device, dtype)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.num_text_layers = int(self.text_encoder.config.num_hidden_layers)
@@ -40,7 +54,7 @@ class TorchBackend:
         self._sdpa, self._sdpa_names = None, None
 
     def tune(self, channels_last: bool | None = None, cudnn_benchmark: bool | None = None,
-             sdpa_order: tuple[str, ...] | None | str = "keep") -> bool:
+             sdpa_order: tuple[str, ...] | None | str = "keep", compile: str | bool | None = None) -> bool:
         """Speed options, each measured on a GPU by benchmarks/gpu/run.py (unet_levers):
 
         - ``channels_last``: the UNet's and VAE's weights in NHWC (cuDNN's fast convolution
@@ -51,18 +65,32 @@ class TorchBackend:
         - ``sdpa_order``: the order in which PyTorch's SDPA backends are tried in the UNet and VAE,
           names from ``SDPA_BACKENDS`` (e.g. ``("cudnn", "flash", "efficient", "math")``); None is
           PyTorch's own order.
+        - ``compile``: a ``torch.compile`` mode for the UNet (e.g. ``"default"``,
+          ``"max-autotune-no-cudagraphs"``; sdrt captures its own CUDA graphs), False for eager.
+          Compilation happens on the first call (minutes for SD 1.5). Not with the cross-attention
+          K/V cache, whose lookups dynamo cannot trace.
 
-        Arguments left out keep their setting. Returns whether the weights were replaced."""
+        Arguments left out keep their setting. Returns whether captured graphs are invalid (the
+        weights were replaced or the UNet's code changed)."""
         from torch.nn.attention import SDPBackend
         if sdpa_order not in ("keep", None):
             unknown = [n for n in sdpa_order if n not in SDPA_BACKENDS]
             if unknown or not sdpa_order or isinstance(sdpa_order, str):
                 raise ValueError(f"sdpa_order {sdpa_order!r}: give a sequence of {', '.join(SDPA_BACKENDS)}")
+        if compile and self.kv is not None:
+            raise ValueError("compile: turn the cross-attention K/V cache off first (enable_kv_cache(False)); "
+                             "dynamo cannot trace its lookups")
+        if compile is True or (compile and not isinstance(compile, str)):
+            raise ValueError(f"compile={compile!r}: give a torch.compile mode such as 'default', or False")
         moved = False
         if channels_last is not None and channels_last != self.channels_last:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            self.unet_module.to(memory_format=fmt)
+            self._eager_unet.to(memory_format=fmt)
             self.vae.to(memory_format=fmt)
+            moved = True
+        if compile is not None and (compile or None) != self._compile_mode:
+            self._compile_mode = compile or None
+            self.unet_module = _compiled(self._eager_unet, compile) if compile else self._eager_unet
             moved = True
         if cudnn_benchmark is not None:
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
@@ -75,13 +103,13 @@ class TorchBackend:
     def options(self) -> dict:
         """The speed options in force (see ``tune``)."""
         return dict(channels_last=self.channels_last, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-                    sdpa_order=self._sdpa_names)
+                    sdpa_order=self._sdpa_names, compile=self._compile_mode)
 
     @property
     def channels_last(self) -> bool:
         """Whether the UNet's weights are in NHWC now (read off the weights: other backends on
         the same modules may have changed them)."""
-        w = self.unet_module.conv_in.weight
+        w = self._eager_unet.conv_in.weight
         return bool(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
 
     def _attention_order(self):
@@ -95,7 +123,7 @@ class TorchBackend:
         SDPA processor again."""
         from diffusers.models.attention_processor import AttnProcessor2_0
         from ..attention import CachedKVProcessor
-        for module in self.unet_module.modules():
+        for module in self._eager_unet.modules():
             if isinstance(getattr(module, "processor", None), CachedKVProcessor):
                 module.set_processor(AttnProcessor2_0())
 
@@ -103,8 +131,11 @@ class TorchBackend:
         """Compute cross-attention keys and values once per conditioning (``sdrt.attention``);
         ``custom_kernel`` also runs the attention on sdrt's cross-attention kernel (CUDA)."""
         from ..attention import CrossAttentionKV
+        if enabled and self._compile_mode:
+            raise ValueError("the cross-attention K/V cache does not work under torch.compile (dynamo cannot "
+                             "trace its lookups): tune(compile=False) first")
         if enabled and (self.kv is None or not self.kv.installed() or self.kv.custom_kernel != custom_kernel):
-            self.kv = CrossAttentionKV(self.unet_module, custom_kernel)
+            self.kv = CrossAttentionKV(self._eager_unet, custom_kernel)
         elif not enabled:
             self._reset_attention()
             self.kv = None
