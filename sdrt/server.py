@@ -46,6 +46,7 @@ class ServerConfig:
     engine_dir: str | None = None
     fast_path: bool = False           # the static loop (one CUDA graph per configuration on a GPU)
     channels_last: bool = False       # torch backend: NHWC weights (Pipeline.tune)
+    compile: str | None = None        # torch backend: torch.compile mode for the UNet (Pipeline.tune)
     max_batch_size: int = 8           # images per UNet batch (sdrt.Engine)
     max_wait: float = 0.02            # seconds a partial batch waits
     max_queue: int = 256              # images waiting; beyond it 503
@@ -123,13 +124,14 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, pipe: Pipeline | None = None):
         self.config = config
-        if config.channels_last and config.backend != "torch":
-            raise ValueError(f"channels_last is an option of backend 'torch', not {config.backend!r}")
+        for name in ("channels_last", "compile"):
+            if getattr(config, name) and config.backend != "torch":
+                raise ValueError(f"{name} is an option of backend 'torch', not {config.backend!r}")
         self.pipe = pipe or Pipeline.from_pretrained(config.model, backend=config.backend, device=config.device,
                                                      dtype=config.dtype, engine_dir=config.engine_dir,
                                                      fast_path=config.fast_path)
-        if config.channels_last and pipe is None:
-            self.pipe.tune(channels_last=True)
+        if (config.channels_last or config.compile) and pipe is None:
+            self.pipe.tune(channels_last=config.channels_last or None, compile=config.compile)
         self.engine = Engine(self.pipe, max_batch_size=config.max_batch_size, max_wait=config.max_wait,
                              max_queue=config.max_queue, timeout=config.timeout, threads=config.threads)
         c = self.pipe.components

@@ -351,7 +351,7 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
         pipe.tune(channels_last=True)
         assert len(pipe._loops) == 0
         assert be.options == dict(channels_last=True, cudnn_benchmark=True,
-                                  sdpa_order=("cudnn", "flash", "efficient", "math"))
+                                  sdpa_order=("cudnn", "flash", "efficient", "math"), compile=None)
         w = be.unet_module.conv_in.weight
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
         tuned = pipe(**args)
@@ -360,7 +360,7 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
     finally:
         pipe.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
         pipe._fast = None
-    assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+    assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=None)
     assert be.unet_module.conv_in.weight.is_contiguous() and not torch.backends.cudnn.benchmark
     assert np.abs(plain.pixels - tuned.pixels).max() <= 1e-4
     assert np.abs(plain.pixels - tuned_eager.pixels).max() <= 1e-4
@@ -382,6 +382,11 @@ def test_tune_belongs_to_the_torch_backend(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(ValueError, match="channels_last is an option of backend 'torch'"):
         ServerState(ServerConfig(backend="onnxruntime", channels_last=True))
+    assert main(["generate", "a cat", "--backend", "onnxruntime", "--compile", "default", "-o",
+                 str(tmp_path / "x.png")]) != 0
+    assert "--compile is an option of backend 'torch'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compile is an option of backend 'torch'"):
+        ServerState(ServerConfig(backend="onnxruntime", compile="default"))
 
 
 def test_cli_channels_last_gives_the_same_image(tmp_path):
@@ -429,3 +434,16 @@ def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
 def test_tune_compile_takes_a_mode(pipe, bad):
     with pytest.raises(ValueError, match="torch.compile mode"):
         pipe.tune(compile=bad)
+
+
+def test_cli_compile_gives_the_same_image(tmp_path, dynamo_only):
+    from PIL import Image
+
+    from sdrt.cli import main
+    common = ["--model", "random:tiny", "--steps", "3", "--seed", "4", "--quiet", "--fast-path"]
+    assert main(["generate", "a lighthouse", *common, "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "a lighthouse", *common, "--compile", "default", "--channels-last",
+                 "-o", str(tmp_path / "b.png")]) == 0
+    assert dynamo_only == ["default"]
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=int) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() <= 1
