@@ -6,6 +6,8 @@
 #   device run: command "bash benchmarks/gpu/run.sh", carry [".cache/gpu-wheels"], timeout_s 590
 # On an H200 (2026-11-26) the whole call ran in 200 s (all variants, --repeat 2) and in 316 s
 # with --variants static-ops+kv static-kernel+kv --compile default, plus about 50 s to start.
+# The next run to make: bash benchmarks/gpu/run.sh --repeat 2 --variants static-kernel+kv --compile default
+# (compile and end to end at batch 1 and 4; the batch-4 compiled ratio has not been measured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .cache/gpu-wheels

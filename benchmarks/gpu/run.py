@@ -13,7 +13,9 @@
    it/s, ratios, max abs pixel difference against sdrt's eager image; again with the fastest
    option from 3 where it gained over 2%;
 5. the loop's overhead outside the networks: graph-replay step time minus one UNet call
-   replayed alone from a graph minus (VAE decode + text encoder) / steps.
+   replayed alone from a graph minus (VAE decode + text encoder) / steps;
+6. with --compile MODE, per batch size: the UNet alone eager against torch.compile(mode)
+   (channels_last, no K/V cache), and end to end with the compiled UNet.
 
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
@@ -46,8 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="random:sd15")
     ap.add_argument("--quick", action="store_true", help="random:tiny, 64 px, 8 steps (a smoke run)")
     ap.add_argument("--compile", default=None, metavar="MODE",
-                    help="also time the UNet graph under torch.compile(mode=MODE), e.g. max-autotune-no-cudagraphs "
-                         "(minutes of compilation)")
+                    help="also time the UNet under torch.compile(mode=MODE), e.g. default, alone and end to end, "
+                         "per batch size (about a minute of compilation each on a 16-core host)")
     ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                     help="end-to-end variants (benchmarks/fastpath.py VARIANTS; default all); eager always runs")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)   # cpu: tests, with a fake graph API
@@ -118,14 +120,16 @@ def main(argv=None) -> int:
                 args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat, variants=variants,
                 tune=levers["best_tune"], log=log))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b, args.device, args.dtype))
-    if args.compile:               # last: compilation takes minutes
-        section("compile_batch1", lambda: fastpath.compiled_unet(
-            args.model, args.size, 1, args.device, args.dtype, mode=args.compile, log=log))
-        # end to end with the compiled UNet (no K/V cache under dynamo), channels_last
-        section("end_to_end_compiled_batch1", lambda: fastpath.end_to_end(
-            args.model, args.size, args.steps, 1, args.device, args.dtype, args.repeat,
-            variants=sorted({v.split("+kv")[0] for v in variants or fastpath.VARIANTS}, key=list(fastpath.VARIANTS).index),
-            tune=dict(channels_last=True, compile=args.compile), log=log))
+    if args.compile:               # last: compilation takes minutes (once per batch size)
+        for b in args.batches:
+            section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(
+                args.model, args.size, b, args.device, args.dtype, mode=args.compile, log=log))
+            # end to end with the compiled UNet (no K/V cache under dynamo), channels_last
+            section(f"end_to_end_compiled_batch{b}", lambda b=b: fastpath.end_to_end(
+                args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat,
+                variants=sorted({v.split("+kv")[0] for v in variants or fastpath.VARIANTS},
+                                key=list(fastpath.VARIANTS).index),
+                tune=dict(channels_last=True, compile=args.compile), log=log))
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time - (VAE
     # decode + text encoder) / steps
