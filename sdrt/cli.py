@@ -140,6 +140,16 @@ def _serve(args) -> int:
     return 0
 
 
+def _speed_options(p: argparse.ArgumentParser) -> None:
+    """The torch backend's speed options (Pipeline.tune), for generate and serve."""
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch backend: UNet and VAE weights in NHWC (1.17x per UNet call at batch 1 on an H200, "
+                        "0.97x at batch 4)")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch backend: the UNet under torch.compile(mode=MODE), e.g. default; compiles on first "
+                        "use (45 s for SD 1.5 on a 16-core host); 1.6x per UNet call on an H200")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
     from .schedules import SCHEDULES
@@ -156,12 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine-dir", default=None)
     g.add_argument("--fast-path", action="store_true",
                    help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
-    g.add_argument("--channels-last", action="store_true",
-                   help="torch backend: UNet and VAE weights in NHWC (1.17x per UNet call at batch 1 on an H200, "
-                        "0.97x at batch 4)")
-    g.add_argument("--compile", default=None, metavar="MODE",
-                   help="torch backend: the UNet under torch.compile(mode=MODE), e.g. default; compiles on first "
-                        "use (45 s for SD 1.5 on a 16-core host); 1.6x per UNet call on an H200")
+    _speed_options(g)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg-scale", type=float, default=7.0)
     g.add_argument("--sampler", default="Euler a", help="one of: " + ", ".join(SAMPLERS))
@@ -238,12 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads per engine worker (tiny models: 1)")
     s.add_argument("--fast-path", action="store_true", help="static loop; one CUDA graph per batch shape on a GPU")
-    s.add_argument("--channels-last", action="store_true",
-                   help="torch backend: UNet and VAE weights in NHWC (1.17x per UNet call at batch 1 on an H200, "
-                        "0.97x at batch 4)")
-    s.add_argument("--compile", default=None, metavar="MODE",
-                   help="torch backend: the UNet under torch.compile(mode=MODE), e.g. default; compiles on first "
-                        "use (45 s for SD 1.5 on a 16-core host); 1.6x per UNet call on an H200")
+    _speed_options(s)
     s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.set_defaults(func=_serve)
