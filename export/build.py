@@ -136,12 +136,44 @@ TARGETS = ("cpu", "cuda")
 _FUSION_MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
+def _num_heads_from_concat(get_num_heads):
+    """ONNX Runtime's UNet attention fusion reads the head count of a PyTorch 2 graph with
+    ``int()`` of a one-element array, which NumPy 2.5 refuses (TypeError: only 0-dimensional
+    arrays...): on SD 1.5 the whole fusion pass failed and the graph stayed unfused. Read it
+    with ``.item()`` instead; anything else goes to ONNX Runtime's own code."""
+    import numpy as np
+
+    def fixed(self, reshape_q, is_torch2: bool = False) -> int:
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and value.size == 1 and int(value.reshape(-1)[0]) > 0:
+                    return int(value.reshape(-1)[0])
+        return get_num_heads(self, reshape_q, is_torch2)
+    fixed.sdrt_fixed = True
+    return fixed
+
+
+def _patch_ort_attention_fusion() -> None:
+    import sys
+
+    import onnxruntime.transformers.fusion_attention_unet as fau
+    # ONNX Runtime's transformers package imports its modules by bare name too: patch both copies
+    for module in {fau, sys.modules.get("fusion_attention_unet")} - {None}:
+        cls = module.FusionAttentionUnet
+        if not getattr(cls.get_num_heads, "sdrt_fixed", False):
+            cls.get_num_heads = _num_heads_from_concat(cls.get_num_heads)
+
+
 def diffusion_fusions(path: Path, network: str) -> dict:
     """ONNX Runtime's Stable Diffusion fusions (onnxruntime.transformers.optimizer: GroupNorm,
     SkipGroupNorm, BiasSplitGelu, NhwcConv, attention, SkipLayerNorm, ...). Their kernels are
     CUDA ones, so they are applied for the CUDA target only. Returns the fused-operator counts."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    _patch_ort_attention_fusion()
 
     model_type = _FUSION_MODEL_TYPE[network]
     opts = FusionOptions(model_type)
@@ -178,7 +210,11 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
     wanted = profile                       # None: any recorded profile will do
     profile = profile or default_profile(components.latent_factor, components.native_size)
-    optimization = "ort-extended" + ("+diffusion-fusions" if target == "cuda" else "") + \
+    # CPU: ONNX Runtime's portable optimisations saved into the graph. CUDA: its SD fusions, on
+    # the exported graph (after ORT's own fusions their attention patterns no longer match) and
+    # nothing offline after them (a CPU session cannot load their CUDA-only operators); the
+    # CUDA session applies its own optimisations when it starts.
+    optimization = ("diffusion-fusions" if target == "cuda" else "ort-extended") + \
         ("+fp16" if precision == "float16" else "")
     manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
                     backend="onnxruntime", precision=precision)
@@ -199,8 +235,9 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
             export_onnx(components, name, path)
         fused = {}
         with stage("optimise"):
-            ort_offline_optimize(path)
-            if target == "cuda":
+            if target == "cpu":
+                ort_offline_optimize(path)
+            else:
                 try:
                     fused = diffusion_fusions(path, name)
                 except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version

@@ -191,6 +191,9 @@ def test_cuda_target_applies_the_diffusion_fusions(tiny, tmp_path):
     assert entry["key"]["target"] == "cuda" and "diffusion-fusions" in entry["key"]["optimization"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False).graph.node}
     assert entry["fused_operators"].get("GroupNorm", 0) > 0 and "GroupNorm" in ops
+    # the attention fusion too (it needs the exported graph, before ONNX Runtime's own fusions,
+    # and sdrt's fix for NumPy 2.5 on PyTorch 2 graphs)
+    assert entry["fused_operators"].get("MultiHeadAttention", 0) > 0 and "MultiHeadAttention" in ops
     logs.clear()
     build_onnxruntime(tiny.components, tmp_path, target="cpu", log=logs.append, networks=("unet",))
     assert "target differ" in logs[0] or "optimization" in logs[0]
