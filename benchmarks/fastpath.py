@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sdrt.backends import sync
+from sdrt.backends.torch_backend import UNTUNED
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -64,84 +65,84 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
         variants = [v for v in variants if "kernel" not in v]     # on a CPU the step is the torch reference
     components = _load(model)
     backend = create_backend("torch", components, device, dtype)
-    if tune:
-        backend.tune(**tune)
-    args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size,
-                height=size, batch_size=batch, rng="cpu", cfg_scale=7.0)
-    # one pipeline per variant over the shared backend, so each keeps its own captured graph
-    pipes = {}
-    for name in variants:
-        fast, kernel = VARIANTS[name][:2]
-        pipes[name] = sdrt.Pipeline(components, backend)
-        if fast:
-            pipes[name].set_fast_path(use_kernel=kernel)
-
-    def configure(name):
-        backend.enable_kv_cache(VARIANTS[name][2], custom_kernel=VARIANTS[name][3])   # eager runs and captures see this
-        return pipes[name]
-
-    runs = {v: [] for v in variants}
-    pixels = {}
-    ref = None
-    if diffusers_ref:
-        ref = _diffusers_pipe(components, device, torch.float16 if dtype == "float16" else torch.float32)
-        runs["diffusers"] = []
-    f = components.latent_factor
-    noise = torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
-                         for i in range(batch)])
-
-    def run_diffusers():
-        backend.enable_kv_cache(False)      # the modules are shared: diffusers' own processors
-        lat = noise.to(device, ref.unet.dtype)
-        sync(device)
-        t0 = time.perf_counter()
-        out = ref([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
-                  latents=lat, output_type="np").images
-        sync(device)
-        return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
-
-    errors = {}
-    for name in list(variants):         # warm-up at full length: captures the graphs
-        try:
-            configure(name)(**args)
-            log(f"{name}: warmed up")
-        except Exception as e:  # noqa: BLE001 - a failing variant is reported, the others still run
-            errors[name] = f"{type(e).__name__}: {e}"
-            log(f"{name}: FAILED: {errors[name]}")
-            variants.remove(name)
-            del runs[name]
-    if ref is not None:
-        run_diffusers()
-    for i in range(repeat):
+    try:
+        backend.tune(**(tune or {}))
+        args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size,
+                    height=size, batch_size=batch, rng="cpu", cfg_scale=7.0)
+        # one pipeline per variant over the shared backend, so each keeps its own captured graph
+        pipes = {}
         for name in variants:
-            pipe = configure(name)
+            fast, kernel = VARIANTS[name][:2]
+            pipes[name] = sdrt.Pipeline(components, backend)
+            if fast:
+                pipes[name].set_fast_path(use_kernel=kernel)
+
+        def configure(name):
+            backend.enable_kv_cache(VARIANTS[name][2], custom_kernel=VARIANTS[name][3])   # eager runs and captures see this
+            return pipes[name]
+
+        runs = {v: [] for v in variants}
+        pixels = {}
+        ref = None
+        if diffusers_ref:
+            ref = _diffusers_pipe(components, device, torch.float16 if dtype == "float16" else torch.float32)
+            runs["diffusers"] = []
+        f = components.latent_factor
+        noise = torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
+                             for i in range(batch)])
+
+        def run_diffusers():
+            backend.enable_kv_cache(False)      # the modules are shared: diffusers' own processors
+            lat = noise.to(device, ref.unet.dtype)
             sync(device)
             t0 = time.perf_counter()
-            r = pipe(**args)
+            out = ref([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                      latents=lat, output_type="np").images
             sync(device)
-            runs[name].append(time.perf_counter() - t0)
-            pixels[name] = r.pixels
-            log(f"{name}: run {i + 1}/{repeat}: {runs[name][-1]:.3f} s")
+            return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
+
+        errors = {}
+        for name in list(variants):         # warm-up at full length: captures the graphs
+            try:
+                configure(name)(**args)
+                log(f"{name}: warmed up")
+            except Exception as e:  # noqa: BLE001 - a failing variant is reported, the others still run
+                errors[name] = f"{type(e).__name__}: {e}"
+                log(f"{name}: FAILED: {errors[name]}")
+                variants.remove(name)
+                del runs[name]
         if ref is not None:
-            t, pixels["diffusers"] = run_diffusers()
-            runs["diffusers"].append(t)
-            log(f"diffusers: run {i + 1}/{repeat}: {t:.3f} s")
-    base = statistics.median(runs["eager"])
-    dref = statistics.median(runs["diffusers"]) if ref is not None else None
-    rows = {}
-    for name, ts in runs.items():
-        med = statistics.median(ts)
-        rows[name] = dict(median_s=med, min_s=min(ts), runs=ts, it_per_s=steps / med,
-                          speedup_vs_eager=base / med, speedup_vs_diffusers=(dref / med) if dref else None,
-                          max_abs_diff_vs_eager=float(np.abs(pixels[name] - pixels["eager"]).max()))
-        log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
-            + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
-            + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
-    if tune:
-        backend.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
-    backend.enable_kv_cache(True)
-    kv_layers = len(backend.kv.layers)
-    backend.enable_kv_cache(False)
+            run_diffusers()
+        for i in range(repeat):
+            for name in variants:
+                pipe = configure(name)
+                sync(device)
+                t0 = time.perf_counter()
+                r = pipe(**args)
+                sync(device)
+                runs[name].append(time.perf_counter() - t0)
+                pixels[name] = r.pixels
+                log(f"{name}: run {i + 1}/{repeat}: {runs[name][-1]:.3f} s")
+            if ref is not None:
+                t, pixels["diffusers"] = run_diffusers()
+                runs["diffusers"].append(t)
+                log(f"diffusers: run {i + 1}/{repeat}: {t:.3f} s")
+        base = statistics.median(runs["eager"])
+        dref = statistics.median(runs["diffusers"]) if ref is not None else None
+        rows = {}
+        for name, ts in runs.items():
+            med = statistics.median(ts)
+            rows[name] = dict(median_s=med, min_s=min(ts), runs=ts, it_per_s=steps / med,
+                              speedup_vs_eager=base / med, speedup_vs_diffusers=(dref / med) if dref else None,
+                              max_abs_diff_vs_eager=float(np.abs(pixels[name] - pixels["eager"]).max()))
+            log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
+                + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
+                + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
+    finally:
+        backend.enable_kv_cache(False)
+        backend.tune(**UNTUNED)
+    from diffusers.models.attention_processor import Attention
+    kv_layers = sum(isinstance(m, Attention) and m.is_cross_attention for m in components.unet.modules())
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
                 sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors)
 
@@ -322,10 +323,10 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
     compiling = bool((tune or {}).get("compile"))
-    be.enable_kv_cache(not compiling if kv is None else kv)
-    be.tune(**(tune or {}))
     f = components.latent_factor
     try:
+        be.enable_kv_cache(not compiling if kv is None else kv)
+        be.tune(**(tune or {}))
         with torch.inference_mode():
             x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
             t = torch.full((2 * batch,), 500.0, device=device)
@@ -346,7 +347,7 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
         del graph
     finally:
         be.enable_kv_cache(False)
-        be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
+        be.tune(**UNTUNED)
     return seconds
 
 
@@ -396,7 +397,6 @@ def unet_levers(model="random:sd15", size=512, batch=1, device="cuda", dtype="fl
             except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the others still run
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 log(f"UNet lever {name}: FAILED: {errors[name]}")
-                _reset_backend(model, device, dtype)
     rows = {name: dict(seconds=min(ts), runs=ts, tune=levers[name]) for name, ts in times.items() if ts}
     base = rows["baseline"]["seconds"]
     for r in rows.values():
@@ -405,14 +405,6 @@ def unet_levers(model="random:sd15", size=512, batch=1, device="cuda", dtype="fl
     log(f"UNet levers, batch {batch}: " + ", ".join(f"{n} {1e3 * r['seconds']:.2f} ms" for n, r in rows.items())
         + f" -> {best} (x{rows[best]['speedup']:.3f})")
     return dict(rows=rows, best=best, best_tune=levers[best], errors=errors)
-
-
-def _reset_backend(model, device, dtype) -> None:
-    """After a failure mid-measurement: the shared modules back to plain attention, NCHW weights,
-    no cuDNN autotuning."""
-    from sdrt.backends import create_backend
-    be = create_backend("torch", _load(model), device, dtype)
-    be.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
 
 
 def decode_text_seconds(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16") -> dict:

@@ -12,6 +12,7 @@ import torch
 
 import sdrt
 from sdrt import samplers
+from sdrt.backends.torch_backend import UNTUNED
 from sdrt.fastpath import step_table, unsupported_reason
 
 SIGMAS = {
@@ -358,7 +359,7 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
         pipe._fast = None
         tuned_eager = pipe(**args)
     finally:
-        pipe.tune(channels_last=False, cudnn_benchmark=False, sdpa_order=None)
+        pipe.tune(**UNTUNED)
         pipe._fast = None
     assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=None)
     assert be.unet_module.conv_in.weight.is_contiguous() and not torch.backends.cudnn.benchmark
@@ -411,7 +412,7 @@ def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
     be.enable_kv_cache(False)
     try:
         pipe.tune(compile="default")
-        assert dynamo_only == ["default"] and be.unet_module is not be._eager_unet
+        assert be.unet_module is not be._eager_unet and dynamo_only == ["default"]   # wrapped on first use
         assert be.options["compile"] == "default"
         with pytest.raises(ValueError, match="torch.compile"):
             be.enable_kv_cache(True)

@@ -69,6 +69,16 @@ def main(argv=None) -> int:
     from sdrt.bench import machine, versions
 
     log = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
+    variants = list(fastpath.VARIANTS)
+    if args.variants:
+        unknown = [v for v in args.variants if v not in fastpath.VARIANTS]
+        if unknown:
+            log(f"unknown variants {unknown}; valid: {', '.join(fastpath.VARIANTS)}")
+            return 2
+        variants = ["eager"] + [v for v in args.variants if v != "eager"]
+    # under torch.compile the K/V cache is off: each variant without it
+    compiled_variants = sorted({v.split("+kv")[0] for v in variants}, key=list(fastpath.VARIANTS).index)
+    common = dict(model=args.model, size=args.size, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
     record = dict(suite="gpu", card=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
                   settings=vars(args), machine=machine(), versions=versions(), sections={}, errors={})
@@ -101,35 +111,23 @@ def main(argv=None) -> int:
     section("kernel_check", lambda: fastpath.kernel_check(log=log))
     section("kernel_speed", lambda: fastpath.kernel_speed(size=args.size, batches=args.batches, log=log))
     section("attention_backends", lambda: fastpath.attention_backends(log=log))
-    variants = None
-    if args.variants:
-        unknown = [v for v in args.variants if v not in fastpath.VARIANTS]
-        if unknown:
-            log(f"unknown variants {unknown}; valid: {', '.join(fastpath.VARIANTS)}")
-            return 2
-        variants = ["eager"] + [v for v in args.variants if v != "eager"]
+    e2e = dict(common, steps=args.steps, repeat=args.repeat, log=log)
     for b in args.batches:
-        section(f"unet_levers_batch{b}", lambda b=b: fastpath.unet_levers(args.model, args.size, b, args.device, args.dtype, log=log))
-        section(f"decode_text_batch{b}", lambda b=b: fastpath.decode_text_seconds(args.model, args.size, b, args.device, args.dtype))
-        section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
-            args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat, variants=variants, log=log))
+        section(f"unet_levers_batch{b}", lambda b=b: fastpath.unet_levers(batch=b, log=log, **common))
+        section(f"decode_text_batch{b}", lambda b=b: fastpath.decode_text_seconds(batch=b, **common))
+        section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(batch=b, variants=variants, **e2e))
         levers = record["sections"].get(f"unet_levers_batch{b}")
         if levers and levers["best"] != "baseline" and levers["rows"][levers["best"]]["speedup"] > 1.02:
             # the levers that measurably helped the UNet, end to end (side by side with diffusers again)
             section(f"end_to_end_tuned_batch{b}", lambda b=b: fastpath.end_to_end(
-                args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat, variants=variants,
-                tune=levers["best_tune"], log=log))
-        section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(args.model, args.size, b, args.device, args.dtype))
+                batch=b, variants=variants, tune=levers["best_tune"], **e2e))
+        section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(batch=b, **common))
     if args.compile:               # last: compilation takes minutes (once per batch size)
         for b in args.batches:
-            section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(
-                args.model, args.size, b, args.device, args.dtype, mode=args.compile, log=log))
-            # end to end with the compiled UNet (no K/V cache under dynamo), channels_last
+            section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(batch=b, mode=args.compile, log=log,
+                                                                             **common))
             section(f"end_to_end_compiled_batch{b}", lambda b=b: fastpath.end_to_end(
-                args.model, args.size, args.steps, b, args.device, args.dtype, args.repeat,
-                variants=sorted({v.split("+kv")[0] for v in variants or fastpath.VARIANTS},
-                                key=list(fastpath.VARIANTS).index),
-                tune=dict(channels_last=True, compile=args.compile), log=log))
+                batch=b, variants=compiled_variants, tune=dict(channels_last=True, compile=args.compile), **e2e))
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time - (VAE
     # decode + text encoder) / steps

@@ -29,6 +29,9 @@ def _compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     return per_mode[mode]
 
 
+# TorchBackend.tune's settings when nothing is tuned: tune(**UNTUNED) undoes every option
+UNTUNED = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
+
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
 
@@ -41,7 +44,7 @@ class TorchBackend:
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.text_encoder = _place(components.text_encoder, device, dtype)
-        self.unet_module = self._eager_unet = _place(components.unet, device, dtype)
+        self._eager_unet = _place(components.unet, device, dtype)
         self._compile_mode = None
         self.vae = _place(components.vae, device, dtype)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
@@ -51,7 +54,7 @@ class TorchBackend:
         self.final_layer_norm = inner.final_layer_norm
         self.kv = None
         self._reset_attention()
-        self._sdpa, self._sdpa_names = None, None
+        self._sdpa_order = None
 
     def tune(self, channels_last: bool | None = None, cudnn_benchmark: bool | None = None,
              sdpa_order: tuple[str, ...] | None | str = "keep", compile: str | bool | None = None) -> bool:
@@ -72,7 +75,6 @@ class TorchBackend:
 
         Arguments left out keep their setting. Returns whether captured graphs are invalid (the
         weights were replaced or the UNet's code changed)."""
-        from torch.nn.attention import SDPBackend
         if sdpa_order not in ("keep", None):
             unknown = [n for n in sdpa_order if n not in SDPA_BACKENDS]
             if unknown or not sdpa_order or isinstance(sdpa_order, str):
@@ -80,7 +82,7 @@ class TorchBackend:
         if compile and self.kv is not None:
             raise ValueError("compile: turn the cross-attention K/V cache off first (enable_kv_cache(False)); "
                              "dynamo cannot trace its lookups")
-        if compile is True or (compile and not isinstance(compile, str)):
+        if compile not in (None, False) and not isinstance(compile, str):
             raise ValueError(f"compile={compile!r}: give a torch.compile mode such as 'default', or False")
         moved = False
         if channels_last is not None and channels_last != self.channels_last:
@@ -90,20 +92,23 @@ class TorchBackend:
             moved = True
         if compile is not None and (compile or None) != self._compile_mode:
             self._compile_mode = compile or None
-            self.unet_module = _compiled(self._eager_unet, compile) if compile else self._eager_unet
             moved = True
         if cudnn_benchmark is not None:
             torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         if sdpa_order != "keep":
-            self._sdpa_names = tuple(sdpa_order) if sdpa_order is not None else None
-            self._sdpa = [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in sdpa_order] if sdpa_order else None
+            self._sdpa_order = tuple(sdpa_order) if sdpa_order is not None else None
         return moved
+
+    @property
+    def unet_module(self) -> torch.nn.Module:
+        """The UNet as called: the module itself, or its torch.compile wrapper (``tune``)."""
+        return _compiled(self._eager_unet, self._compile_mode) if self._compile_mode else self._eager_unet
 
     @property
     def options(self) -> dict:
         """The speed options in force (see ``tune``)."""
         return dict(channels_last=self.channels_last, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-                    sdpa_order=self._sdpa_names, compile=self._compile_mode)
+                    sdpa_order=self._sdpa_order, compile=self._compile_mode)
 
     @property
     def channels_last(self) -> bool:
@@ -113,10 +118,10 @@ class TorchBackend:
         return bool(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
 
     def _attention_order(self):
-        if self._sdpa is None:
+        if self._sdpa_order is None:
             return contextlib.nullcontext()
-        from torch.nn.attention import sdpa_kernel
-        return sdpa_kernel(self._sdpa, set_priority=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[n]) for n in self._sdpa_order], set_priority=True)
 
     def _reset_attention(self) -> None:
         """Give every layer that another backend on these modules left cached K/V the plain
