@@ -152,6 +152,7 @@ class Pipeline:
         a["subseed_strength"] = _float_arg("subseed_strength", a["subseed_strength"], 0.0, 1.0)
         if a["eta"] is not None:
             a["eta"] = _float_arg("eta", a["eta"], 0.0, 10.0)
+        a["eta_value"] = a["spec"].eta_default if a["eta"] is None else a["eta"]     # what the sampler uses
         if a["seed_resize_from"] is not None:
             w, h = a["seed_resize_from"]
             a["seed_resize_from"] = (_int_arg("seed_resize_from width", w, 0, MAX_SIDE),
@@ -261,9 +262,8 @@ class Pipeline:
         elif spec.noise == "brownian":
             noise = _brownian(x, sig, a["seeds"])
         kwargs = dict(spec.options)
-        eta_value = spec.eta_default if a["eta"] is None else a["eta"]
         if spec.eta_default is not None:
-            kwargs["eta"] = eta_value
+            kwargs["eta"] = a["eta_value"]
         step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
         kv = getattr(be, "kv", None)
         with kv.scope(list({id(t): t for t in denoiser._contexts}.values())) if kv else contextlib.nullcontext():
@@ -279,7 +279,7 @@ class Pipeline:
         bad = [i for i in range(len(pixels)) if not np.all(np.isfinite(pixels[i]))]
         # the web UI truncates to uint8 rather than rounding
         images = (255.0 * np.nan_to_num(pixels)).astype(np.uint8)
-        return self._result(job, pixels, images, eta_value, dict(unet=t_unet, vae=t_vae)), bad
+        return self._result(job, pixels, images, dict(unet=t_unet, vae=t_vae)), bad
 
     def _noise(self, a: dict):
         """(latent shape (C, h, w), the images' noise generator) for validated arguments."""
@@ -291,9 +291,9 @@ class Pipeline:
                        eta_noise_seed_delta=a["eta_noise_seed_delta"], device=self.backend.device, latent_factor=f)
         return shape, gen
 
-    def _result(self, job: dict, pixels: np.ndarray, images: np.ndarray, eta_value, timings: dict):
+    def _result(self, job: dict, pixels: np.ndarray, images: np.ndarray, timings: dict):
         a = job["a"]
-        texts = [self._infotext(a, i, eta_value) for i in range(a["batch_size"])]
+        texts = [self._infotext(a, i) for i in range(a["batch_size"])]
         timings = dict(text_encoder=job["t_text"], **timings, total=time.perf_counter() - job["t_start"])
         return GenerationResult(images=[Image.fromarray(p) for p in images], infotexts=texts, seeds=a["seeds"],
                                 timings=timings, pixels=pixels)
@@ -313,7 +313,7 @@ class Pipeline:
         self._loops = LoopCache(cache_size)
 
     def tune(self, **options) -> None:
-        """The torch backend's speed options (``TorchBackend.tune``: channels_last,
+        """The torch backend's speed options (``TorchBackend.tune``: compile, channels_last,
         cudnn_benchmark, sdpa_order). Captured graphs that the change invalidates are dropped
         (they are captured again on next use)."""
         tune = getattr(self.backend, "tune", None)
@@ -332,12 +332,11 @@ class Pipeline:
         n_steps = len(sig) - 1
         t0 = time.perf_counter()
         latent_shape, gen = self._noise(a)
-        eta_value = spec.eta_default if a["eta"] is None else a["eta"]
         distinct, index = plan_contexts(job["conds"], job["uncond"], n_steps, be.device, be.dtype)
-        key = (a["batch_size"], latent_shape, spec.name, sig.tobytes(), eta_value, tuple(index),
+        key = (a["batch_size"], latent_shape, spec.name, sig.tobytes(), a["eta_value"], tuple(index),
                tuple(distinct[0].shape), len(distinct))
         loop = self._loops.get(key, lambda: StaticLoop(
-            be, c.schedule, spec.name, sig, eta_value, a["batch_size"], latent_shape, index,
+            be, c.schedule, spec.name, sig, a["eta_value"], a["batch_size"], latent_shape, index,
             tuple(distinct[0].shape), len(distinct), init=spec.init, options=spec.options, **self._fast))
         x0 = gen.next().float()
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
@@ -349,9 +348,9 @@ class Pipeline:
         t_loop = time.perf_counter() - t0
         bad = [i for i in range(len(finite)) if not finite[i]]
         # the loop and the VAE are one replay: the whole time is reported as unet, vae as 0
-        return self._result(job, pixels, images, eta_value, dict(unet=t_loop, vae=0.0)), bad
+        return self._result(job, pixels, images, dict(unet=t_loop, vae=0.0)), bad
 
-    def _infotext(self, a: dict, i: int, eta_value) -> str:
+    def _infotext(self, a: dict, i: int) -> str:
         spec = a["spec"]
         params = {
             "Prompt": a["prompts"][i], "Negative prompt": a["negative_prompts"][i],
@@ -367,8 +366,8 @@ class Pipeline:
             "RNG": RNG_INFOTEXT[a["rng"]],
             "Emphasis": a["emphasis"] if a["emphasis"] != "Original" else None,
             ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
-                eta_value if spec.eta_default is not None and a["eta"] is not None
-                and eta_value != spec.eta_default else None,       # only samplers that use eta record it
+                a["eta"] if spec.eta_default is not None and a["eta"] is not None
+                and a["eta"] != spec.eta_default else None,       # only samplers that use eta record it
             "Version": f"sdrt {__version__}",
         }
         return infotext.format(params)
