@@ -232,13 +232,13 @@ class StaticLoop:
     @torch.inference_mode()
     def run(self, x0, noise, contexts, scales, callback=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,))."""
-        if self.capture and self._graph is None:
-            self.set_inputs(x0, noise, contexts, scales)
-            self._capture()
         self.set_inputs(x0, noise, contexts, scales)
-        if self._graph is not None:
+        if self.capture and self._graph is None:
+            self._capture()          # its warm-up run computed this generation's outputs already
+        elif self._graph is not None:
             self._graph.replay()
             self.replays += 1
+        if self._graph is not None:
             for name, host in self._host.items():
                 host.copy_(getattr(self, name), non_blocking=True)
             self.cuda.current_stream(self.device).synchronize()    # the one wait, after the loop

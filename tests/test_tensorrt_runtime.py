@@ -179,7 +179,8 @@ def test_static_loop_captures_and_replays_the_engines(trt_pipe, torch_pipe):
     trt_pipe.set_fast_path(capture=True)
     trt_pipe._fast["cuda"] = cuda
     fake.CALLS.clear()
-    runs = [dict(prompt="a [cat:dog:0.5]", seed=2), dict(prompt="a [red:blue:0.5] cube", seed=5, cfg_scale=3.0)]
+    runs = [dict(prompt="a [cat:dog:0.5]", seed=2), dict(prompt="a [red:blue:0.5] cube", seed=5, cfg_scale=3.0),
+            dict(prompt="a [cat:dog:0.5]", seed=9)]
     try:
         got = [trt_pipe(steps=4, width=64, height=64, sampler="Euler a", batch_size=2, **r) for r in runs]
     finally:
@@ -190,7 +191,7 @@ def test_static_loop_captures_and_replays_the_engines(trt_pipe, torch_pipe):
     assert unet_runs[0] < begin and len([i for i in unet_runs if begin < i < end]) == 4
     assert not [c for c in calls[begin:end] if c[0] == "set_input_shape"]
     after = [c[1][0] for i, c in enumerate(calls) if i > end and c[0] == "execute_async_v3"]
-    assert after == ["text_encoder"]            # the next prompt's text; UNet and VAE only replay
+    assert after == ["text_encoder"] * 2        # the next prompts' text; UNet and VAE only replay
     assert [c[1] for c in calls if c[0] == "cuda" and c[1] == "replay"] == ["replay", "replay"]
     for r, g in zip(runs, got):
         want = torch_pipe(steps=4, width=64, height=64, sampler="Euler a", batch_size=2, **r)
