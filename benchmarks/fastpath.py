@@ -12,6 +12,7 @@ before timing starts). Writes benchmarks/results/fastpath-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -352,21 +353,45 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
 
 
 def compiled_unet(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16", mode="default",
-                  log=print) -> dict:
+                  inductor: dict | None = None, log=print) -> dict:
     """The UNet alone (graph replay, K/V cache off, channels_last) eager and under
-    torch.compile(mode), side by side, with the compilation time."""
+    torch.compile(mode), side by side, with the compilation time. ``inductor``: settings of
+    ``torch._inductor.config`` in force while it compiles (e.g. ``conv_1x1_as_mm=True``); the
+    compiled code is then thrown away before and after, so neither the flags' code nor code
+    compiled without them is reused by mistake."""
+    from sdrt.backends import torch_backend
     base = dict(channels_last=True)
     eager = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=base)
-    t0 = time.perf_counter()
-    compiled = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
-    wall = time.perf_counter() - t0
-    again = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
+    if inductor:
+        import torch._inductor.config as inductor_config
+        unknown = [k for k in inductor if not hasattr(inductor_config, k)]
+        if unknown:
+            raise ValueError(f"torch._inductor.config has no {', '.join(unknown)}")
+        flags = inductor_config.patch(inductor)
+    else:
+        flags = contextlib.nullcontext()
+
+    def forget():
+        torch._dynamo.reset()
+        torch_backend._COMPILED.clear()
+    try:
+        if inductor:
+            forget()
+        with flags:
+            t0 = time.perf_counter()
+            compiled = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
+            wall = time.perf_counter() - t0
+            again = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=dict(base, compile=mode))
+    finally:
+        if inductor:
+            forget()
     eager2 = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=base)
     e, c = min(eager, eager2), min(compiled, again)
-    log(f"UNet batch {batch}, channels_last, no K/V cache: eager {1e3 * e:.2f} ms, torch.compile({mode}) "
-        f"{1e3 * c:.2f} ms: x{e / c:.3f} (first compile + timing {wall:.0f} s)")
-    return dict(mode=mode, eager_s=e, compiled_s=c, runs=dict(eager=[eager, eager2], compiled=[compiled, again]),
-                speedup=e / c, compile_and_time_s=wall)
+    log(f"UNet batch {batch}, channels_last, no K/V cache: eager {1e3 * e:.2f} ms, torch.compile({mode}"
+        f"{', ' + str(inductor) if inductor else ''}) {1e3 * c:.2f} ms: x{e / c:.3f} "
+        f"(first compile + timing {wall:.0f} s)")
+    return dict(mode=mode, inductor=inductor or {}, eager_s=e, compiled_s=c,
+                runs=dict(eager=[eager, eager2], compiled=[compiled, again]), speedup=e / c, compile_and_time_s=wall)
 
 
 CUDNN_FIRST = ("cudnn", "flash", "efficient", "math")

@@ -85,3 +85,26 @@ def test_suite_compile_sections(fake_cuda, dynamo_only, tmp_path):
     import fastpath
     be = create_backend("torch", fastpath._load("random:tiny"), "cpu", "float32")
     assert be.options["compile"] is None and not be.channels_last
+
+
+def test_suite_inductor_section(fake_cuda, dynamo_only, tmp_path, capsys):
+    """--inductor compiles the UNet again (the cached wrapper is forgotten) with the settings in
+    force, restores them, and appears in the summary; bad settings are refused before measuring."""
+    import run
+    import torch._inductor.config as inductor_config
+    before = inductor_config.conv_1x1_as_mm
+    rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--batches", "1", "--compile", "default",
+                   "--inductor", f"conv_1x1_as_mm={not before}", "--out", str(tmp_path),
+                   "--only", "compile"])
+    record = json.loads(next(tmp_path.glob("gpu-fake-gpu-*.json")).read_text())
+    assert rc == 0, record["errors"]
+    s = record["sections"]
+    assert s["compile_inductor_batch1"]["inductor"] == {"conv_1x1_as_mm": not before}
+    assert s["compile_inductor_batch1"]["compiled_s"] > 0 and s["compile_batch1"]["inductor"] == {}
+    assert dynamo_only == ["default", "default"]            # compiled again, not the cached wrapper
+    assert inductor_config.conv_1x1_as_mm == before
+    assert "conv_1x1_as_mm" in capsys.readouterr().out
+    for bad in (["--inductor", "no_such_setting=1"], ["--inductor", "conv_1x1_as_mm=yes please"],
+                ["--inductor", "conv_1x1_as_mm"]):
+        assert run.main(["--quick", "--device", "cpu", "--compile", "default", "--out", str(tmp_path)] + bad) == 2
+    assert run.main(["--quick", "--device", "cpu", "--inductor", "conv_1x1_as_mm=True", "--out", str(tmp_path)]) == 2

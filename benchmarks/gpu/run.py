@@ -15,16 +15,20 @@
 5. the loop's overhead outside the networks: graph-replay step time minus one UNet call
    replayed alone from a graph minus (VAE decode + text encoder) / steps;
 6. with --compile MODE, per batch size: the UNet alone eager against torch.compile(mode)
-   (channels_last, no K/V cache), and end to end with the compiled UNet.
+   (channels_last, no K/V cache), and end to end with the compiled UNet;
+7. with --inductor KEY=VALUE ... (and --compile), last: the UNet alone at the largest batch
+   compiled again with those torch._inductor.config settings (e.g. conv_1x1_as_mm=True
+   coordinate_descent_tuning=True), against eager.
 
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
     python benchmarks/gpu/run.py [--steps 50] [--repeat 3] [--batches 1 4] [--quick]
-                                 [--compile MODE] [--only PREFIX ...] [--out DIR]
+                                 [--compile MODE [--inductor KEY=VALUE ...]] [--only PREFIX ...] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import re
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -50,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="also time the UNet under torch.compile(mode=MODE), e.g. default, alone and end to end, "
                          "per batch size (about a minute of compilation each on a 16-core host)")
+    ap.add_argument("--inductor", nargs="+", default=None, metavar="KEY=VALUE",
+                    help="with --compile: also compile the UNet at the largest batch with these "
+                         "torch._inductor.config settings (values are Python literals), last")
     ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                     help="end-to-end variants (benchmarks/fastpath.py VARIANTS; default all); eager always runs")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)   # cpu: tests, with a fake graph API
@@ -77,6 +85,19 @@ def main(argv=None) -> int:
             return 2
         variants = ["eager"] + [v for v in args.variants if v != "eager"]
     # under torch.compile the K/V cache is off: each variant without it
+    inductor = {}
+    for item in args.inductor or []:
+        key, sep, value = item.partition("=")
+        try:
+            inductor[key] = ast.literal_eval(value) if sep else None
+        except (ValueError, SyntaxError):
+            sep = ""
+        if not sep or not hasattr(torch._inductor.config, key):
+            log(f"--inductor {item}: give KEY=VALUE with a torch._inductor.config setting and a Python literal")
+            return 2
+    if inductor and not args.compile:
+        log("--inductor needs --compile MODE")
+        return 2
     compiled_variants = sorted({v.split("+kv")[0] for v in variants}, key=list(fastpath.VARIANTS).index)
     common = dict(model=args.model, size=args.size, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
@@ -128,6 +149,10 @@ def main(argv=None) -> int:
                                                                              **common))
             section(f"end_to_end_compiled_batch{b}", lambda b=b: fastpath.end_to_end(
                 batch=b, variants=compiled_variants, tune=dict(channels_last=True, compile=args.compile), **e2e))
+    if inductor:                   # after everything else: its compile time is the least known
+        b = max(args.batches)
+        section(f"compile_inductor_batch{b}", lambda: fastpath.compiled_unet(
+            batch=b, mode=args.compile, inductor=inductor, log=log, **common))
 
     # summary: it/s and ratios; loop overhead = graph step time - UNet-alone graph time - (VAE
     # decode + text encoder) / steps
@@ -139,6 +164,12 @@ def main(argv=None) -> int:
         if levers:
             lines.append(f"  batch {b} UNet levers: " + ", ".join(
                 f"{n} x{r['speedup']:.3f}" for n, r in levers["rows"].items()))
+        for key in (f"compile_batch{b}", f"compile_inductor_batch{b}"):
+            c = record["sections"].get(key)
+            if c:
+                lines.append(f"  batch {b} UNet alone, torch.compile({c['mode']}) {c['inductor'] or ''}: "
+                             f"{1e3 * c['compiled_s']:.2f} ms vs eager {1e3 * c['eager_s']:.2f} ms, "
+                             f"x{c['speedup']:.3f}")
         for key in (f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}", f"end_to_end_compiled_batch{b}"):
             e2e = record["sections"].get(key)
             if not e2e:
