@@ -4,10 +4,11 @@
 # into .cache/gpu-wheels/, which the device call carries:
 #   bash benchmarks/gpu/prepare.sh
 #   device run: command "bash benchmarks/gpu/run.sh", carry [".cache/gpu-wheels"], timeout_s 590
-# On an H200 (2026-11-26) the whole call ran in 200 s (all variants, --repeat 2) and in 316 s
-# with --variants static-ops+kv static-kernel+kv --compile default, plus about 50 s to start.
-# The next run to make: bash benchmarks/gpu/run.sh --repeat 2 --variants static-kernel+kv --compile default
-# (compile and end to end at batch 1 and 4; the batch-4 compiled ratio has not been measured).
+# On an H200 (2026-11-26) the whole call ran in 200 s (all variants, --repeat 2), and in 490 s with
+#   --repeat 3 --variants static-kernel+kv --compile default --only fatbin kernel decode_text end_to_end
+#   unet_graph compile --inductor conv_1x1_as_mm=True coordinate_descent_tuning=True epilogue_fusion=False
+# (compile at batch 1 and 4, about 70 s each; the inductor settings' compile alone took 215 s),
+# plus about 30 s to start. Give SUITE_TIMEOUT so the GPU tests keep their time within the call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .cache/gpu-wheels
