@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .onnx_export import OPSET, export_onnx, files_of, save_onnx, to_float16
+from .onnx_export import OPSET, export_onnx, files_of, save_onnx, smallest_inputs, to_float16
 from .specs import DEFAULT_NETWORKS, NETWORKS, PRECISIONS, Profile, spec_fingerprint
+from .winograd import describe as winograd_describe
+from .winograd import rewrite_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -132,6 +134,7 @@ def ort_offline_optimize(path: Path) -> str:
 
 
 TARGETS = ("cpu", "cuda")
+CONVOLUTIONAL = ("unet", "vae_decoder", "vae_encoder")       # the networks the Winograd rewrite can touch
 # onnxruntime.transformers' model types for each network
 _FUSION_MODEL_TYPE = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
@@ -189,10 +192,12 @@ Log = Callable[[str], None]
 
 def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
                       networks=DEFAULT_NETWORKS, force: bool = False, log: Log = print, target: str = "cpu",
-                      on_stage: Callable[[str, str], None] | None = None) -> dict:
+                      on_stage: Callable[[str, str], None] | None = None, winograd: bool = True) -> dict:
     """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
     artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
-    the recorded one and builds new artifacts for the model's default profile). Returns the
+    the recorded one and builds new artifacts for the model's default profile). ``winograd``:
+    for the CPU target in float32, rewrite the 3x3 convolutions that run at least 8x8 at the
+    profile's smallest request as Winograd GEMMs (``export/winograd.py``). Returns the
     manifest."""
     from .specs import default_profile
 
@@ -219,7 +224,10 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
                     backend="onnxruntime", precision=precision)
     for name in networks:
-        key = artifact_key(components.model_hash, name, "onnxruntime", precision, optimization, target)
+        # the text encoder has no convolution: its key (and artifact) does not depend on the rewrite
+        rewrite = winograd and target == "cpu" and precision == "float32" and name in CONVOLUTIONAL
+        key = artifact_key(components.model_hash, name, "onnxruntime", precision,
+                           optimization + (f"+{winograd_describe()}" if rewrite else ""), target)
         entry = manifest["networks"].get(name)
         check = check_artifact(engine_dir, entry, key)
         if check.ok and not force and (wanted is None or Profile.from_json(entry["profile"]) == wanted):
@@ -233,8 +241,10 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         stage = _Stages(name, on_stage)
         with stage("export"):
             export_onnx(components, name, path)
-        fused = {}
+        fused, rewritten = {}, {}
         with stage("optimise"):
+            if rewrite:
+                rewritten = rewrite_file(path, smallest_inputs(components, name, profile))
             if target == "cpu":
                 ort_offline_optimize(path)
             else:
@@ -251,7 +261,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         manifest["networks"][name] = {
             "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
             "profile": profile.to_json(), "size_multiple": components.size_multiple, "build_seconds": stages,
-            "fused_operators": fused,
+            "fused_operators": fused, "winograd": rewritten,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_manifest(engine_dir, manifest)

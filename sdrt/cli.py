@@ -79,7 +79,7 @@ def _build(args) -> int:
     else:
         manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
                                      force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
-                                     target=args.target or "cpu")
+                                     target=args.target or "cpu", winograd=args.winograd)
     _print_table(manifest, networks)
     return 0
 
@@ -122,6 +122,8 @@ def _info(args) -> int:
               f"{v.get('onnxruntime')}, torch {v.get('torch')}")
         if e.get("fused_operators"):
             print(f"  fused: {', '.join(f'{k} {v}' for k, v in e['fused_operators'].items())}")
+        if e.get("winograd"):
+            print(f"  Winograd convolutions: {', '.join(f'{k} {v}' for k, v in e['winograd'].items())}")
     return 0
 
 
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-windows", type=int, default=None, help="longest prompt, in 75-token windows")
     b.add_argument("--networks", default="text_encoder,unet,vae_decoder", help="comma list, or 'all'")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.add_argument("--no-winograd", dest="winograd", action="store_false",
+                   help="onnxruntime, cpu, float32: keep every convolution direct (by default the 3x3 ones that run "
+                        "at least 8x8 at --min become Winograd GEMMs: faster, larger artifact)")
     b.set_defaults(func=_build)
 
     be = sub.add_parser("bench", help="time backends against the PyTorch reference and diffusers, side by side")
