@@ -5,6 +5,11 @@ round robin after a warm-up; medians. Also reports the max relative error agains
 convolution and the weight size of each.
 
     python benchmarks/ort_winograd.py [--repeat 15] [--out benchmarks/results]
+    python benchmarks/ort_winograd.py --engines DIRECT_DIR WINOGRAD_DIR [--repeat 5]
+
+With ``--engines`` (two engine folders of the same model, built with and without
+``--no-winograd``) it times whole networks instead: the UNet (CFG batch 2) and the VAE
+decoder at 256x256 from both folders, interleaved, with the max abs difference of their outputs.
 
 Writes benchmarks/results/ort-winograd-<date>.json.
 """
@@ -43,7 +48,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--engines", nargs=2, default=None, metavar=("DIRECT_DIR", "WINOGRAD_DIR"))
     args = ap.parse_args(argv)
+    if args.engines:
+        return whole_networks(args)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # three sessions run in turn: without this, each one's idle threads spin on the cores the
@@ -84,6 +92,52 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(benchmark="ort_winograd", repeat=args.repeat, machine=machine(),
                                    versions=versions(), rows=rows), indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def whole_networks(args) -> int:
+    """The UNet and VAE decoder of two engine folders (direct, Winograd) side by side."""
+    import onnxruntime as ort
+
+    from sdrt.bench import machine, versions
+    from sdrt.export import read_manifest
+
+    dirs = dict(zip(("direct", "winograd"), map(Path, args.engines)))
+    manifests = {k: read_manifest(d) for k, d in dirs.items()}
+    rng = np.random.default_rng(0)
+    feeds = {"unet": {"sample": rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
+                      "timestep": np.full((2,), 500.0, np.float32),
+                      "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)},
+             "vae_decoder": {"latent": rng.standard_normal((1, 4, 32, 32)).astype(np.float32)}}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    rows = {}
+    for net, feed in feeds.items():
+        sessions = {k: ort.InferenceSession(str(d / manifests[k]["networks"][net]["file"]), opts,
+                                            providers=["CPUExecutionProvider"]) for k, d in dirs.items()}
+        outs = {k: s.run(None, feed)[0] for k, s in sessions.items()}
+        times = {k: [] for k in sessions}
+        for _ in range(args.repeat):
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows[net] = dict(seconds=med, runs=times, speedup=med["direct"] / med["winograd"],
+                         max_abs_diff=float(np.abs(outs["direct"] - outs["winograd"]).max()),
+                         winograd=manifests["winograd"]["networks"][net].get("winograd"),
+                         size_mib={k: sum(f["size"] for f in m["networks"][net]["files"]) / 2 ** 20
+                                   for k, m in manifests.items()})
+        del sessions
+        print(f"{net}: direct {med['direct']:.3f} s, Winograd {med['winograd']:.3f} s: x{rows[net]['speedup']:.2f}, "
+              f"max|diff| {rows[net]['max_abs_diff']:.1e}, {rows[net]['size_mib']['direct']:.0f} -> "
+              f"{rows[net]['size_mib']['winograd']:.0f} MiB", flush=True)
+    out = Path(args.out) / f"ort-winograd-networks-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(benchmark="ort_winograd --engines", repeat=args.repeat, engines=args.engines,
+                                   machine=machine(), versions=versions(), rows=rows), indent=2))
     print(f"wrote {out}")
     return 0
 

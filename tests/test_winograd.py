@@ -177,3 +177,17 @@ def test_no_winograd_builds_direct_convolutions(tiny, tmp_path):
     assert entry["winograd"] == {} and "winograd" not in entry["key"]["optimization"]
     build_onnxruntime(tiny.components, tmp_path, networks=("vae_decoder",), log=logs.append)
     assert any("rebuilding" in m and "optimization" in m for m in logs), logs
+
+
+def test_cli_build_reports_the_rewrite_and_can_skip_it(tmp_path, capsys, monkeypatch):
+    from sdrt.cli import main
+    monkeypatch.setattr(winograd, "MIN_SIZE", 1)
+    d = str(tmp_path / "eng")
+    assert main(["build", "random:tiny", "--out", d, "--networks", "unet", "--max", "1x64x64"]) == 0
+    assert main(["info", d]) == 0
+    out = capsys.readouterr().out
+    assert "Winograd convolutions: F(4,3)" in out and "+winograd(" in out
+    assert main(["build", "random:tiny", "--out", d, "--networks", "unet", "--max", "1x64x64", "--no-winograd"]) == 0
+    assert "optimization differ" in capsys.readouterr().out
+    assert main(["info", d]) == 0
+    assert "Winograd" not in capsys.readouterr().out
