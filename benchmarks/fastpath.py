@@ -148,17 +148,23 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
                 sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors)
 
 
+def _unet_inputs(components, be, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timesteps, context) of one CFG UNet call (2 * batch rows) on ``be``'s device."""
+    f = components.latent_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2 * batch, 4, size // f, size // f), generator=g).to(be.device, be.dtype)
+    t = torch.full((2 * batch,), 500.0, device=be.device)
+    ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size), generator=g).to(be.device, be.dtype)
+    return x, t, ctx
+
+
 def unet_step_kv(model="random:sd15", size=256, batch=1, device="cpu", dtype="float32", repeat=5, log=print) -> dict:
     """One CFG UNet call with and without cached cross-attention K/V, interleaved."""
     from sdrt.backends import create_backend
 
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
-    f = components.latent_factor
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((2 * batch, 4, size // f, size // f), generator=g).to(device, be.dtype)
-    t = torch.full((2 * batch,), 500.0, device=device)
-    ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size), generator=g).to(device, be.dtype)
+    x, t, ctx = _unet_inputs(components, be, size, batch)
     times = {"per-step K/V": [], "K/V once": []}
     outs = {}
     for i in range(repeat + 1):
@@ -324,15 +330,11 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
     components = _load(model)
     be = create_backend("torch", components, device, dtype)
     compiling = bool((tune or {}).get("compile"))
-    f = components.latent_factor
     try:
         be.enable_kv_cache(not compiling if kv is None else kv)
         be.tune(**(tune or {}))
         with torch.inference_mode():
-            x = torch.randn((2 * batch, 4, size // f, size // f), device=device).to(be.dtype)
-            t = torch.full((2 * batch,), 500.0, device=device)
-            ctx = torch.randn((2 * batch, 77, components.text_encoder.config.hidden_size),
-                              device=device).to(be.dtype)
+            x, t, ctx = _unet_inputs(components, be, size, batch)
             if be.kv is not None:
                 be.kv.precompute([ctx])
             side = torch.cuda.Stream()
@@ -364,10 +366,7 @@ def compiled_unet(model="random:sd15", size=512, batch=1, device="cuda", dtype="
     eager = unet_graph_seconds(model, size, batch, device, dtype, kv=False, tune=base)
     if inductor:
         import torch._inductor.config as inductor_config
-        unknown = [k for k in inductor if not hasattr(inductor_config, k)]
-        if unknown:
-            raise ValueError(f"torch._inductor.config has no {', '.join(unknown)}")
-        flags = inductor_config.patch(inductor)
+        flags = inductor_config.patch(inductor)          # an unknown setting raises on entry
     else:
         flags = contextlib.nullcontext()
 

@@ -4,20 +4,19 @@ for a 256x256 request (UNet with CFG: batch 2; VAE decoder: batch 1). Timed runs
 round robin after a warm-up; medians. Also reports the max relative error against the direct
 convolution and the weight size of each.
 
-    python benchmarks/ort_winograd.py [--repeat 15] [--out benchmarks/results]
+    python benchmarks/ort_winograd.py [--repeat 15]
     python benchmarks/ort_winograd.py --engines DIRECT_DIR WINOGRAD_DIR [--repeat 5]
 
 With ``--engines`` (two engine folders of the same model, built with and without
 ``--no-winograd``) it times whole networks instead: the UNet (CFG batch 2) and the VAE
 decoder at 256x256 from both folders, interleaved, with the max abs difference of their outputs.
 
-Writes benchmarks/results/ort-winograd-<date>.json.
+Writes benchmarks/results/ort-winograd-<date>.json (ort-winograd-networks-<date>.json with
+``--engines``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -37,26 +36,31 @@ SHAPES = [
 ]
 
 
+def _session_options():
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # sessions run in turn: without this, each one's idle threads spin on the cores the next one
+    # needs (the direct convolution measured 3x slower that way)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def main(argv=None) -> int:
     import onnx
     import onnxruntime as ort
 
-    from sdrt.bench import machine, versions
+    from sdrt.bench import write_result
     from sdrt.export import winograd
     from test_winograd import conv_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--engines", nargs=2, default=None, metavar=("DIRECT_DIR", "WINOGRAD_DIR"))
     args = ap.parse_args(argv)
     if args.engines:
         return whole_networks(args)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # three sessions run in turn: without this, each one's idle threads spin on the cores the
-    # next one needs (the direct convolution measured 3x slower that way)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts = _session_options()
     rows = []
     for net, n, c, k, hw in SHAPES:
         direct = conv_model(c, k, seed=c + k)
@@ -88,11 +92,7 @@ def main(argv=None) -> int:
         print(f"{net:12s} {n}x{c}->{k} {hw}x{hw}: " + "; ".join(
             f"{name} {r['ms']:.2f} ms x{r['speedup']:.2f} err {r['rel_error']:.1e}"
             for name, r in ((nm, row[nm]) for nm in sessions)), flush=True)
-    out = Path(args.out) / f"ort-winograd-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(benchmark="ort_winograd", repeat=args.repeat, machine=machine(),
-                                   versions=versions(), rows=rows), indent=2))
-    print(f"wrote {out}")
+    write_result("ort-winograd", dict(repeat=args.repeat, rows=rows))
     return 0
 
 
@@ -100,19 +100,16 @@ def whole_networks(args) -> int:
     """The UNet and VAE decoder of two engine folders (direct, Winograd) side by side."""
     import onnxruntime as ort
 
-    from sdrt.bench import machine, versions
-    from sdrt.export import read_manifest
+    from sdrt.bench import write_result
+    from sdrt.export import Profile, read_manifest
+    from sdrt.export.onnx_export import smallest_inputs
+    from sdrt.export.specs import ModelDims
 
     dirs = dict(zip(("direct", "winograd"), map(Path, args.engines)))
     manifests = {k: read_manifest(d) for k, d in dirs.items()}
-    rng = np.random.default_rng(0)
-    feeds = {"unet": {"sample": rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
-                      "timestep": np.full((2,), 500.0, np.float32),
-                      "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)},
-             "vae_decoder": {"latent": rng.standard_normal((1, 4, 32, 32)).astype(np.float32)}}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    at_256 = Profile(height=(256, 512, 1024), width=(256, 512, 1024))     # SD 1.5's sizes
+    feeds = {net: smallest_inputs(ModelDims(latent_factor=8), net, at_256) for net in ("unet", "vae_decoder")}
+    opts = _session_options()
     rows = {}
     for net, feed in feeds.items():
         sessions = {k: ort.InferenceSession(str(d / manifests[k]["networks"][net]["file"]), opts,
@@ -134,11 +131,7 @@ def whole_networks(args) -> int:
         print(f"{net}: direct {med['direct']:.3f} s, Winograd {med['winograd']:.3f} s: x{rows[net]['speedup']:.2f}, "
               f"max|diff| {rows[net]['max_abs_diff']:.1e}, {rows[net]['size_mib']['direct']:.0f} -> "
               f"{rows[net]['size_mib']['winograd']:.0f} MiB", flush=True)
-    out = Path(args.out) / f"ort-winograd-networks-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(benchmark="ort_winograd --engines", repeat=args.repeat, engines=args.engines,
-                                   machine=machine(), versions=versions(), rows=rows), indent=2))
-    print(f"wrote {out}")
+    write_result("ort-winograd-networks", dict(repeat=args.repeat, engines=args.engines, rows=rows))
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .onnx_export import OPSET, export_onnx, files_of, save_onnx, smallest_inputs, to_float16
-from .specs import DEFAULT_NETWORKS, NETWORKS, PRECISIONS, Profile, spec_fingerprint
+from .specs import DEFAULT_NETWORKS, NETWORKS, PRECISIONS, Profile, model_dims, spec_fingerprint
 from .winograd import describe as winograd_describe
 from .winograd import rewrite_file
 
@@ -244,7 +244,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         fused, rewritten = {}, {}
         with stage("optimise"):
             if rewrite:
-                rewritten = rewrite_file(path, smallest_inputs(components, name, profile))
+                rewritten = rewrite_file(path, smallest_inputs(model_dims(components), name, profile))
             if target == "cpu":
                 ort_offline_optimize(path)
             else:

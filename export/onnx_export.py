@@ -85,25 +85,17 @@ def sample_inputs(components, spec: NetworkSpec) -> tuple:
     return (torch.randn(1, 3, 8 * f, 8 * f, generator=g),)
 
 
-def smallest_inputs(components, name: str, profile) -> dict:
-    """Numpy inputs of network ``name`` at the smallest request of ``profile`` (one image,
-    the least text windows, the least height and width): what the Winograd rewrite probes."""
+def smallest_inputs(dims, name: str, profile) -> dict:
+    """Random numpy inputs of network ``name`` at ``profile``'s smallest request (the shapes of
+    ``specs.profile_shapes`` for ``dims``, a ``specs.ModelDims``): what the Winograd rewrite probes."""
     import numpy as np
 
-    f, hidden = components.latent_factor, components.text_encoder.config.hidden_size
-    h, w = profile.height[0], profile.width[0]
+    from .specs import profile_shapes
+
     rng = np.random.default_rng(0)
-    if name == "text_encoder":
-        return {"input_ids": np.zeros((profile.windows[0], 77), np.int64)}
-    if name == "unet":
-        return {"sample": rng.standard_normal((1, 4, h // f, w // f)).astype(np.float32),
-                "timestep": np.full((1,), 500.0, np.float32),
-                "encoder_hidden_states": rng.standard_normal((1, 77 * profile.windows[0], hidden)).astype(np.float32)}
-    if name == "vae_decoder":
-        return {"latent": rng.standard_normal((1, 4, h // f, w // f)).astype(np.float32)}
-    if name == "vae_encoder":
-        return {"image": rng.standard_normal((1, 3, h, w)).astype(np.float32)}
-    raise ValueError(f"network {name!r} is unknown; valid: {', '.join(NETWORKS)}")
+    dtypes = {t.name: t.dtype for t in NETWORKS[name].inputs}
+    return {k: (np.zeros(lo, np.int64) if dtypes[k] == "int64" else rng.standard_normal(lo).astype(np.float32))
+            for k, (lo, _, _) in profile_shapes(name, profile, dims).items()}
 
 
 def export_onnx(components, name: str, path: Path, opset: int = OPSET) -> Path:

@@ -133,3 +133,43 @@ def default_profile(latent_factor: int, native_size: int) -> Profile:
 
 def spec_fingerprint(spec: NetworkSpec) -> str:
     return json.dumps(spec.to_json(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes the profiles need that the export specs leave symbolic."""
+
+    latent_factor: int        # pixels per latent cell
+    latent_channels: int = 4
+    hidden: int = 768         # text hidden size C
+    layers: int = 12          # text encoder layers L
+
+
+def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """{input name: (min, opt, max) shape} for one network. UNet rows are 2 per image (CFG:
+    cond + uncond); text rows are 77-token windows of up to 2 texts per image."""
+    if network not in NETWORKS:
+        raise ValueError(f"network {network!r} is unknown; valid: {', '.join(NETWORKS)}")
+    f = dims.latent_factor
+    b = profile.batch
+    h = tuple(v // f for v in profile.height)
+    w = tuple(v // f for v in profile.width)
+    k = profile.windows
+    out = {}
+    for i in range(3):
+        values = {"B": b[i], "H": h[i], "W": w[i], "IH": profile.height[i], "IW": profile.width[i]}
+        if network == "unet":
+            values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden)
+        if network == "text_encoder":
+            values.update(N=(1 if i == 0 else 2 * b[i] * k[i]))
+        for t in NETWORKS[network].inputs:
+            shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
+                          for d in t.dims)
+            out.setdefault(t.name, [None, None, None])[i] = shape
+    return {name: tuple(v) for name, v in out.items()}
+
+
+def model_dims(components) -> ModelDims:
+    tcfg = components.text_encoder.config
+    return ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
+                     int(tcfg.num_hidden_layers))

@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from .specs import NETWORKS, Profile
+from .specs import Profile, model_dims, profile_shapes
 
 INSTALL_HINT = ('pip install tensorrt  (the wheels come from NVIDIA\'s index, pypi.nvidia.com, and need an NVIDIA '
                 'GPU with its driver; add --extra-index-url https://pypi.nvidia.com if pip cannot find them)')
@@ -75,40 +75,6 @@ def check_arch(target: str, native: str | None) -> str:
         raise ValueError(f"this machine's GPU is {native}; TensorRT builds for the GPU it runs on, so build the "
                          f"{target} engines on a {target} machine (or use --target native)")
     return native
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Sizes the profiles need that the export specs leave symbolic."""
-
-    latent_factor: int        # pixels per latent cell
-    latent_channels: int = 4
-    hidden: int = 768         # text hidden size C
-    layers: int = 12          # text encoder layers L
-
-
-def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """{input name: (min, opt, max) shape} for one network. UNet rows are 2 per image (CFG:
-    cond + uncond); text rows are 77-token windows of up to 2 texts per image."""
-    if network not in NETWORKS:
-        raise ValueError(f"network {network!r} is unknown; valid: {', '.join(NETWORKS)}")
-    f = dims.latent_factor
-    b = profile.batch
-    h = tuple(v // f for v in profile.height)
-    w = tuple(v // f for v in profile.width)
-    k = profile.windows
-    out = {}
-    for i in range(3):
-        values = {"B": b[i], "H": h[i], "W": w[i], "IH": profile.height[i], "IW": profile.width[i]}
-        if network == "unet":
-            values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden)
-        if network == "text_encoder":
-            values.update(N=(1 if i == 0 else 2 * b[i] * k[i]))
-        for t in NETWORKS[network].inputs:
-            shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
-                          for d in t.dims)
-            out.setdefault(t.name, [None, None, None])[i] = shape
-    return {name: tuple(v) for name, v in out.items()}
 
 
 def is_static(shapes: dict) -> bool:
@@ -255,9 +221,7 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     if manifest.pop("damaged", False):
         log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
     profile = profile or default_profile(components.latent_factor, components.native_size)
-    tcfg = components.text_encoder.config
-    dims = ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
-                     int(tcfg.num_hidden_layers))
+    dims = model_dims(components)
     where = engine_target(trt, arch)
     optimization = (f"trt-{options.precision.value}-O{options.optimization_level}"
                     + ("-refit" if options.refit else ""))

@@ -34,10 +34,12 @@ import numpy as np
 
 TILES = (2, 4)
 # Where the rewrite pays, measured on the 2-core CPU: not below 8x8 pixels (at 4x4, SD 1.5's
-# 1280-channel convolutions ran 1.6x slower) and not below 32 channels. The build applies it where the profile's smallest request meets both.
+# 1280-channel convolutions ran 1.6x slower) and not below 32 channels. The build applies it
+# where the profile's smallest request meets both.
 MIN_SIZE = 8
 MIN_CHANNELS = 32
 WIDE = 640          # F(4, 3) up to this many output channels, F(2, 3) above
+KEPT = "kept: too small"    # the count of eligible convolutions left direct (see MIN_SIZE)
 
 
 def describe() -> str:
@@ -99,9 +101,9 @@ def _attributes(node) -> dict:
 
 
 def _eligible(node, initializers: dict, min_channels: int):
-    """The weight array when ``node`` is a 3x3, stride-1, padding-1, ungrouped float32
+    """The weight initializer when ``node`` is a 3x3, stride-1, padding-1, ungrouped float32
     convolution with a constant weight of at least ``min_channels`` channels each way."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
         return None
     w = initializers.get(node.input[1])
@@ -116,7 +118,7 @@ def _eligible(node, initializers: dict, min_channels: int):
         return None
     if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
         return None
-    return numpy_helper.to_array(w)
+    return w
 
 
 def rewrite_convolutions(model, sizes: dict[str, tuple[int, int]] | None = None, min_size: int | None = None,
@@ -126,8 +128,8 @@ def rewrite_convolutions(model, sizes: dict[str, tuple[int, int]] | None = None,
     from ``probe_conv_sizes`` at the profile's smallest request), only the convolutions whose
     input is at least ``min_size`` each way. Returns how many were rewritten per tile size, e.g.
     ``{"F(4,3)": 17, "F(2,3)": 17}``, and how many eligible ones were left as they were because
-    they run too small (``"kept: too small"``); everything else is untouched."""
-    from onnx import helper, numpy_helper
+    they run too small (``KEPT``); everything else is untouched."""
+    from onnx import NodeProto, helper, numpy_helper
 
     min_size = MIN_SIZE if min_size is None else min_size
     min_channels = MIN_CHANNELS if min_channels is None else min_channels
@@ -143,14 +145,15 @@ def rewrite_convolutions(model, sizes: dict[str, tuple[int, int]] | None = None,
         return name
 
     for index, node in enumerate(graph.node):
-        w = _eligible(node, initializers, min_channels)
-        if w is None:
+        weight = _eligible(node, initializers, min_channels)
+        if weight is None:
             new_nodes.append(node)
             continue
         if sizes is not None and min(sizes.get(node.name, (0, 0))) < min_size:
             new_nodes.append(node)
-            counts["kept: too small"] = counts.get("kept: too small", 0) + 1
+            counts[KEPT] = counts.get(KEPT, 0) + 1
             continue
+        w = numpy_helper.to_array(weight)
         k, c = int(w.shape[0]), int(w.shape[1])
         m = int(tile(c, k))
         a2 = (m + 2) ** 2
@@ -186,9 +189,8 @@ def rewrite_convolutions(model, sizes: dict[str, tuple[int, int]] | None = None,
             b = const(f"{p}_bias", np.ascontiguousarray(bias.astype(np.float32)))
             new_nodes.append(helper.make_node("Add", [cropped, b], [y], name=f"{p}_bias"))
         counts[f"F({m},3)"] = counts.get(f"F({m},3)", 0) + 1
-    if not any(k.startswith("F(") for k in counts):
+    if set(counts) <= {KEPT}:
         return counts
-    from onnx import NodeProto
     nodes = []
     for n in new_nodes:                 # copies: the originals go with the old list
         nodes.append(NodeProto())
@@ -244,6 +246,6 @@ def rewrite_file(path, feeds: dict | None) -> dict[str, int]:
         return {}
     sizes = probe_conv_sizes(path, feeds) if feeds is not None else None
     counts = rewrite_convolutions(model, sizes)
-    if any(k.startswith("F(") for k in counts):
+    if set(counts) - {KEPT}:
         save_onnx(model, Path(path))
     return counts

@@ -11,13 +11,9 @@ def _generate(args) -> int:
 
     from . import Pipeline
 
-    for flag, on in (("--channels-last", args.channels_last), ("--compile", args.compile)):
-        if on and args.backend != "torch":
-            raise ValueError(f"{flag} is an option of backend 'torch', not {args.backend!r}")
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                    engine_dir=args.engine_dir, fast_path=args.fast_path)
-    if args.channels_last or args.compile:
-        pipe.tune(channels_last=args.channels_last or None, compile=args.compile)
+                                    engine_dir=args.engine_dir, fast_path=args.fast_path,
+                                    tune=dict(channels_last=args.channels_last, compile=args.compile))
     bar = tqdm(total=args.steps, unit="step", desc="sampling", disable=args.quiet)
 
     def progress(step, total):

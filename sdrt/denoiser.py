@@ -79,8 +79,8 @@ class CFGDenoiser:
         self._rep = torch.empty((len(source), *latent_shape), device=dev, dtype=torch.float32)
         self._x_in = torch.empty((len(source), *latent_shape), device=dev, dtype=backend.dtype)
         self._t = torch.empty((len(source),), device=dev, dtype=torch.float32)
-        distinct, index = plan_contexts(conds, uncond, max_calls, backend.device, backend.dtype)
-        self._contexts = [distinct[i] for i in index]
+        self.contexts, index = plan_contexts(conds, uncond, max_calls, backend.device, backend.dtype)
+        self._contexts = [self.contexts[i] for i in index]     # per model call
         self.step = 0
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:

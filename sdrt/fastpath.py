@@ -152,7 +152,7 @@ class StaticLoop:
             self.contexts = [torch.zeros(context_shape, device=dev, dtype=dt) for _ in range(n_contexts)]
             self.pixels = self.images = self.finite = None
         self._graph = None
-        self._kv_refs: list = []
+        self._kv_refs: list = []       # the K/V buffers a captured graph reads: alive as long as it
         self.replays = 0
 
     def release(self) -> None:

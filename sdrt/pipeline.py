@@ -115,14 +115,21 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
-                        engine_dir=None, fast_path: bool = False) -> "Pipeline":
+                        engine_dir=None, fast_path: bool = False, tune: dict | None = None) -> "Pipeline":
         """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend.
-        ``fast_path=True`` runs supported samplers on the static loop (``set_fast_path``)."""
+        ``fast_path=True`` runs supported samplers on the static loop (``set_fast_path``);
+        ``tune``: the torch backend's speed options (``tune``), refused for any other backend
+        before the weights load. Options that are None or False are left out."""
         check_target(backend, device, dtype)     # fail before loading weights
+        tune = {k: v for k, v in (tune or {}).items() if v not in (None, False)}
+        if tune and backend != "torch":
+            raise ValueError(f"{', '.join(tune)}: speed options of backend 'torch', not {backend!r}")
         components = load_model(model)
         pipe = cls(components, create_backend(backend, components, device, dtype, engine_dir))
         if fast_path:
             pipe.set_fast_path()
+        if tune:
+            pipe.tune(**tune)
         return pipe
 
     def submit(self, request=None, /, **kwargs):
@@ -266,7 +273,7 @@ class Pipeline:
             kwargs["eta"] = a["eta_value"]
         step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
         kv = getattr(be, "kv", None)
-        with kv.scope(list({id(t): t for t in denoiser._contexts}.values())) if kv else contextlib.nullcontext():
+        with kv.scope(denoiser.contexts) if kv else contextlib.nullcontext():
             x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
         latents = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
         sync(be.device)

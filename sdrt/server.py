@@ -124,14 +124,10 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, pipe: Pipeline | None = None):
         self.config = config
-        for name in ("channels_last", "compile"):
-            if getattr(config, name) and config.backend != "torch":
-                raise ValueError(f"{name} is an option of backend 'torch', not {config.backend!r}")
-        self.pipe = pipe or Pipeline.from_pretrained(config.model, backend=config.backend, device=config.device,
-                                                     dtype=config.dtype, engine_dir=config.engine_dir,
-                                                     fast_path=config.fast_path)
-        if (config.channels_last or config.compile) and pipe is None:
-            self.pipe.tune(channels_last=config.channels_last or None, compile=config.compile)
+        self.pipe = pipe or Pipeline.from_pretrained(
+            config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+            engine_dir=config.engine_dir, fast_path=config.fast_path,
+            tune=dict(channels_last=config.channels_last, compile=config.compile))
         self.engine = Engine(self.pipe, max_batch_size=config.max_batch_size, max_wait=config.max_wait,
                              max_queue=config.max_queue, timeout=config.timeout, threads=config.threads)
         c = self.pipe.components

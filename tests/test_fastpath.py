@@ -380,14 +380,14 @@ def test_tune_belongs_to_the_torch_backend(tmp_path, capsys):
     from sdrt.server import ServerConfig, ServerState
     assert main(["generate", "a cat", "--backend", "onnxruntime", "--channels-last", "-o",
                  str(tmp_path / "x.png")]) != 0
-    assert "--channels-last is an option of backend 'torch'" in capsys.readouterr().err
+    assert "channels_last: speed options of backend 'torch'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
-    with pytest.raises(ValueError, match="channels_last is an option of backend 'torch'"):
+    with pytest.raises(ValueError, match="channels_last: speed options of backend 'torch'"):
         ServerState(ServerConfig(backend="onnxruntime", channels_last=True))
     assert main(["generate", "a cat", "--backend", "onnxruntime", "--compile", "default", "-o",
                  str(tmp_path / "x.png")]) != 0
-    assert "--compile is an option of backend 'torch'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="compile is an option of backend 'torch'"):
+    assert "compile: speed options of backend 'torch'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compile: speed options of backend 'torch'"):
         ServerState(ServerConfig(backend="onnxruntime", compile="default"))
 
 

@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     for item in args.inductor or []:
         key, sep, value = item.partition("=")
         try:
-            inductor[key] = ast.literal_eval(value) if sep else None
+            if not sep or not hasattr(torch._inductor.config, key):
+                raise ValueError(key)
+            inductor[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            sep = ""
-        if not sep or not hasattr(torch._inductor.config, key):
             log(f"--inductor {item}: give KEY=VALUE with a torch._inductor.config setting and a Python literal")
             return 2
     if inductor and not args.compile:
