@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .backends import sync
 
 REFERENCES = ("diffusers", "optimum")
@@ -173,7 +173,7 @@ def _sdrt_runner(s: Settings, backend: str, components):
         r = _generate(pipe, s, steps, batch, height, width)
         t = r.timings
         return {"text_encoder": t["text_encoder"], "unet_all": timed.total, "unet_calls": timed.calls,
-                "vae": t["vae"], "loop_overhead": t["unet"] - timed.total, "total": t["total"]}, r.pixels
+                "vae": t["vae"], "loop_overhead": t["loop"] - timed.total, "total": t["total"]}, r.pixels
     return run
 
 

@@ -10,22 +10,24 @@ def _generate(args) -> int:
     from tqdm import tqdm
 
     from . import Pipeline
+    from .params import from_arguments
 
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, fast_path=args.fast_path,
                                     tune=dict(channels_last=args.channels_last, compile=args.compile))
-    bar = tqdm(total=args.steps, unit="step", desc="sampling", disable=args.quiet)
+    native = pipe.components.native_size
+    params = from_arguments(args, width=native, height=native)    # the model's own size by default
+    bar = tqdm(total=params.steps, unit="step", desc="sampling", disable=args.quiet)
 
     def progress(step, total):
         bar.total = total
         bar.update(step - bar.n)
 
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
-                  sampler=args.sampler, schedule=args.schedule, seed=args.seed, width=args.width,
-                  height=args.height, batch_size=args.batch_size, clip_skip=args.clip_skip, rng=args.rng,
-                  eta_noise_seed_delta=args.ensd, subseed=args.subseed, subseed_strength=args.subseed_strength,
-                  eta=args.eta, callback=progress)
-    bar.close()
+    try:
+        result = pipe(params, callback=progress)
+    finally:
+        bar.close()
+        pipe.close()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i in range(len(result.images)):
@@ -33,7 +35,7 @@ def _generate(args) -> int:
         result.save(path, i)
         print(f"wrote {path} (seed {result.seeds[i]})")
     t = result.timings
-    print(f"text encoder {t['text_encoder']:.3f} s, denoising {t['unet']:.3f} s, "
+    print(f"text encoder {t['text_encoder']:.3f} s, denoising {t['loop']:.3f} s, "
           f"vae {t['vae']:.3f} s, total {t['total']:.3f} s")
     return 0
 
@@ -124,8 +126,8 @@ def _info(args) -> int:
 
 
 def _serve(args) -> int:
-    from .serve import Scaling, run
-    from .server import ServerConfig
+    from .serving.app import ServerConfig
+    from .serving.deploy import Scaling, run
     config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                           engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
                           max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images,
@@ -149,14 +151,13 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
-    from .schedules import SCHEDULES
+    from .params import add_arguments
 
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from a prompt and write PNGs with infotext")
-    g.add_argument("prompt")
-    g.add_argument("-n", "--negative-prompt", default="")
+    # the generation arguments, from sdrt.GenerationParams
+    add_arguments(g, defaults=dict(width="the model's size", height="the model's size"))
     g.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
     g.add_argument("--backend", default="torch")
     g.add_argument("--device", default="cpu")
@@ -165,20 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-path", action="store_true",
                    help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
     _speed_options(g)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg-scale", type=float, default=7.0)
-    g.add_argument("--sampler", default="Euler a", help="one of: " + ", ".join(SAMPLERS))
-    g.add_argument("--schedule", default="Automatic", help="one of: " + ", ".join(SCHEDULES))
-    g.add_argument("--seed", type=int, default=-1)
-    g.add_argument("--width", type=int, default=None, help="default: 512 (64 for random:tiny)")
-    g.add_argument("--height", type=int, default=None, help="default: 512 (64 for random:tiny)")
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--clip-skip", type=int, default=1)
-    g.add_argument("--rng", default="gpu", choices=["gpu", "cpu", "nv"])
-    g.add_argument("--ensd", type=int, default=0, help="eta noise seed delta")
-    g.add_argument("--subseed", type=int, default=-1)
-    g.add_argument("--subseed-strength", type=float, default=0.0)
-    g.add_argument("--eta", type=float, default=None)
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
@@ -257,10 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        native = 64 if args.model == "random:tiny" else 512
-        args.width = native if args.width is None else args.width
-        args.height = native if args.height is None else args.height
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as e:

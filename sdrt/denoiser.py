@@ -17,10 +17,10 @@ import torch
 from .schedules import DiscreteSchedule
 
 # A schedule is a list of (end_at_step, context (L, C)); a cond part adds a weight.
-Schedule = Sequence[tuple[int, torch.Tensor]]
+PromptSchedule = Sequence[tuple[int, torch.Tensor]]
 
 
-def _entry(schedule: Schedule, step: int) -> int:
+def _entry(schedule: PromptSchedule, step: int) -> int:
     """Index of the schedule entry used at model call ``step`` (0-based)."""
     for i, (end_at, _) in enumerate(schedule):
         if step <= end_at:
@@ -54,7 +54,7 @@ class CFGDenoiser:
 
     def __init__(self, backend, schedule: DiscreteSchedule, conds, uncond, cfg_scale,
                  latent_shape, max_calls: int):
-        self.backend, self.schedule = backend, schedule
+        self.backend, self.noise_schedule = backend, schedule
         # one scale for the batch, or one per image (requests batched together by sdrt.Engine)
         scales = [float(v) for v in cfg_scale] if isinstance(cfg_scale, (list, tuple)) else [float(cfg_scale)]
         self.cfg_scales = scales * len(uncond) if len(scales) == 1 else scales
@@ -88,7 +88,7 @@ class CFGDenoiser:
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         torch.index_select(x, 0, self._source, out=self._rep)
         self._x_in.copy_(self._rep.mul_(c_in))
-        self._t.fill_(self.schedule.sigma_to_t(sigma))
+        self._t.fill_(self.noise_schedule.sigma_to_t(sigma))
         ctx = self._contexts[min(self.step, len(self._contexts) - 1)]
         self.step += 1
         out = self.backend.unet(self._x_in, self._t, ctx).float()

@@ -21,16 +21,17 @@ the end. Other samplers, ``AND`` prompts and weighted parts run on the eager loo
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from .kernels import COEFFICIENTS, fused_step
-from .samplers import _ancestral_step
+from .samplers import SAMPLERS, SamplerSpec, linear_steps
 
-# samplers whose update is x' = a x + b D + e D_prev + n noise (one model call per step)
-STEP_SAMPLERS = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M SDE", "LCM")
+# the samplers that declare a linear step (sdrt.samplers.LinearStep): one model call per step
+STEP_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.linear_step is not None)
 
 
 def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 1.0,
@@ -39,74 +40,33 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
 
     sigmas: the decreasing host schedule (steps + 1 values, usually ending in 0). Returns
     ``(table (steps, 8) float64 in COEFFICIENTS order, draws)``: ``draws[i]`` is True where the
-    eager sampler asks its noise source for a tensor at step i (Euler a, DDIM with eta > 0, LCM,
-    DPM++ 2M SDE: its Brownian increments between the step's sigmas).
-    The algorithms are those of ``sdrt.samplers`` (k-diffusion's), rewritten as one linear form.
+    eager sampler asks its noise source for a tensor at step i. The sampler update (a, b, e, n)
+    is the sampler's own declaration (``SamplerSpec.linear_step``, which the eager loop runs
+    too); this adds the model's parameterisation (c_skip, c_out) and the next input scaling.
     """
-    if sampler not in STEP_SAMPLERS:
+    spec = SAMPLERS.get(sampler)
+    if spec is None or spec.linear_step is None:
         raise ValueError(f"sampler {sampler!r} has no fused step; the static loop runs {', '.join(STEP_SAMPLERS)}")
-    s = [float(v) for v in np.asarray(sigmas, dtype=np.float64)]
-    if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
-        raise ValueError("sigmas must be a decreasing list of at least 2 values >= 0")
     if eta is None:
-        eta = 1.0 if sampler in ("Euler a", "DPM++ 2M SDE") else 0.0
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    table = np.zeros((len(s) - 1, len(COEFFICIENTS)), dtype=np.float64)
-    draws = []
-    for i, (sig, nxt) in enumerate(zip(s, s[1:])):
+        eta = spec.eta_default or 0.0
+    steps = linear_steps(spec.linear_step, sigmas, eta=eta, s_noise=s_noise, solver_type=solver_type)
+    s = [float(v) for v in np.asarray(sigmas, dtype=np.float64)]
+    table = np.zeros((len(steps), len(COEFFICIENTS)), dtype=np.float64)
+    for i, c in enumerate(steps):
+        sig, nxt = s[i], s[i + 1]
         c_skip, c_out = ((1.0 / (sig * sig + 1.0), -sig / math.sqrt(sig * sig + 1.0)) if v_prediction
                          else (1.0, -sig))
-        a = b = e = n = 0.0
-        draw = False
-        if sampler in ("Euler", "Euler a", "DDIM"):
-            down, up = (nxt, 0.0) if sampler == "Euler" else _ancestral_step(sig, nxt, eta)
-            a = down / sig
-            b = 1.0 - a
-            draw = sampler != "Euler" and nxt > 0 and up > 0
-            n = (s_noise * up if sampler == "Euler a" else up) if draw else 0.0
-        elif sampler == "DPM++ 2M":
-            if nxt == 0:
-                b = 1.0
-            else:
-                h = math.log(sig) - math.log(nxt)
-                phi = -math.expm1(-h)
-                a = nxt / sig
-                if i > 0:
-                    r = (math.log(s[i - 1]) - math.log(sig)) / h
-                    b, e = phi * (1 + 1 / (2 * r)), -phi / (2 * r)
-                else:
-                    b = phi
-        elif sampler == "DPM++ 2M SDE":
-            if nxt == 0:
-                b = 1.0
-            else:
-                h = math.log(sig) - math.log(nxt)
-                eta_h = eta * h
-                phi = -math.expm1(-h - eta_h)
-                a, b = nxt / sig * math.exp(-eta_h), phi
-                if i > 0:
-                    r = (math.log(s[i - 1]) - math.log(sig)) / h
-                    coef = (phi / (-h - eta_h) + 1) / r if solver_type == "heun" else 0.5 * phi / r
-                    b, e = b + coef, -coef
-                draw = bool(eta)
-                n = nxt * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if draw else 0.0
-        else:  # LCM: jump to the denoised estimate, re-noise to the next sigma
-            b = 1.0
-            draw = nxt > 0
-            n = nxt if draw else 0.0
-        c_in_next = 1.0 / math.sqrt(nxt * nxt + 1.0)
-        table[i] = (c_skip, c_out, a, b, e, n, c_in_next, 0.0)
-        draws.append(draw)
-    return table, draws
+        table[i] = (c_skip, c_out, c.a, c.b, c.e, c.n, 1.0 / math.sqrt(nxt * nxt + 1.0), 0.0)
+    return table, [c.draw for c in steps]
 
 
-def unsupported_reason(job: dict) -> str | None:
-    """Why an encoded request (``Pipeline._encode``) cannot run on the static loop (None when it can)."""
-    spec = job["a"]["spec"]
-    if spec.name not in STEP_SAMPLERS:
-        return f"sampler {spec.name!r} has no fused step (static loop: {', '.join(STEP_SAMPLERS)})"
-    if any(len(parts) != 1 or parts[0][0] != 1.0 for parts in job["conds"]):
+def unsupported_reason(job, cond) -> str | None:
+    """Why a job (``Pipeline.validate``) with its conditioning (``Pipeline.encode``) cannot run
+    on the static loop (None when it can)."""
+    if job.sampler.linear_step is None:
+        return (f"sampler {job.sampler.name!r} declares no linear step (one model call per step), so it "
+                f"runs on the eager loop (static loop: {', '.join(STEP_SAMPLERS)})")
+    if not cond.plain:
         return "AND prompts (several weighted conditionings per image) run on the eager loop"
     return None
 
@@ -119,23 +79,24 @@ class StaticLoop:
     (B, H, W, 3), uint8 images (B, H, W, 3) and a per-image finite flag, all on the host.
     """
 
-    def __init__(self, backend, schedule, sampler: str, sigmas, eta, batch: int, latent_shape,
-                 context_index: list[int], context_shape, n_contexts: int, init: str = "sigma",
-                 use_kernel: bool = True, capture: bool | None = None, cuda=None, options: dict | None = None):
+    def __init__(self, backend, schedule, sampler: SamplerSpec | str, sigmas, eta, batch: int, latent_shape,
+                 context_index: list[int], context_shape, n_contexts: int, use_kernel: bool = True,
+                 capture: bool | None = None, cuda=None):
+        spec = SAMPLERS[sampler] if isinstance(sampler, str) else sampler
         self.backend, self.device = backend, backend.device
         self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.steps = len(self.sigmas) - 1
-        table, self.draws = step_table(sampler, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
-                                       solver_type=(options or {}).get("solver_type", "midpoint"))
+        table, self.draws = step_table(spec.name, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
+                                       solver_type=spec.options.get("solver_type", "midpoint"))
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel
         self.capture = (self.device.type == "cuda" and getattr(backend, "graph_safe", False)) if capture is None else capture
         if self.capture and self.device.type != "cuda" and cuda is None:
             raise ValueError("CUDA-graph capture needs a CUDA device")
         dev, dt = self.device, backend.dtype
-        self.init_scale = float(self.sigmas[0]) if init == "sigma" else math.sqrt(1.0 + float(self.sigmas[0]) ** 2)
+        self.init_scale = float(self.sigmas[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(self.sigmas[0]) ** 2)
         self.c_in0 = 1.0 / math.sqrt(float(self.sigmas[0]) ** 2 + 1.0)
         self.latent_divisor = math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
         ts = [schedule.sigma_to_t(float(v)) for v in self.sigmas[:-1]]
@@ -165,6 +126,10 @@ class StaticLoop:
     # -- the static body: reads and writes only the buffers above ------------------------------
 
     def _body(self, callback=None) -> None:
+        self._denoise(callback)
+        self._decode()
+
+    def _denoise(self, callback=None) -> None:
         b = self.batch
         kv = getattr(self.backend, "kv", None)
         if kv is not None:                  # cross-attention K/V once per conditioning, not per step
@@ -183,6 +148,8 @@ class StaticLoop:
                        use_kernel=self.use_kernel)
             if callback is not None:
                 callback(i + 1, self.steps)
+
+    def _decode(self) -> None:
         decoded = self.backend.decode(self.x / self.latent_divisor)
         pix = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
         if self.pixels is None:   # first (eager or warm-up) run: output buffers of the right size
@@ -230,9 +197,12 @@ class StaticLoop:
         self.scale.copy_(torch.as_tensor(scales, dtype=torch.float32), non_blocking=True)
 
     @torch.inference_mode()
-    def run(self, x0, noise, contexts, scales, callback=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,))."""
+    def run(self, x0, noise, contexts, scales, callback=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,),
+        seconds of the VAE decode). A replayed graph runs the loop and the decode as one: there
+        the decode's seconds are reported as 0 (the loop's time includes them)."""
         self.set_inputs(x0, noise, contexts, scales)
+        vae = 0.0
         if self.capture and self._graph is None:
             self._capture()          # its warm-up run computed this generation's outputs already
         elif self._graph is not None:
@@ -246,10 +216,15 @@ class StaticLoop:
                 callback(self.steps, self.steps)
             out = self._host
         else:
-            self._body(callback)
+            self._denoise(callback)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            self._decode()
             out = dict(pixels=self.pixels, images=self.images, finite=self.finite)
-        return (out["pixels"].cpu().numpy().copy(), out["images"].cpu().numpy().copy(),
-                out["finite"].cpu().numpy().copy())
+            result = tuple(out[k].cpu().numpy().copy() for k in ("pixels", "images", "finite"))
+            return (*result, time.perf_counter() - t0)
+        return (*(out[k].cpu().numpy().copy() for k in ("pixels", "images", "finite")), vae)
 
 
 class LoopCache:
@@ -273,3 +248,9 @@ class LoopCache:
 
     def __len__(self) -> int:
         return len(self._loops)
+
+    def keys(self) -> list:
+        return list(self._loops)
+
+    def values(self) -> list:
+        return list(self._loops.values())

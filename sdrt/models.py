@@ -68,8 +68,17 @@ class Components:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: Any
-    schedule: DiscreteSchedule
+    noise_schedule: DiscreteSchedule   # the training schedule (sigmas, prediction type)
     model_hash: str            # first 10 hex digits of a sha256 over the weights (names, shapes, values)
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        """Deprecated name of ``noise_schedule`` (kept for one release)."""
+        return self.noise_schedule
+
+    @schedule.setter
+    def schedule(self, value: DiscreteSchedule) -> None:
+        self.noise_schedule = value
 
     @property
     def latent_factor(self) -> int:
@@ -132,7 +141,7 @@ def build_random(kind: str) -> Components:
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     return Components(name=f"random:{kind}", unet=unet, vae=vae, text_encoder=text,
-                      tokenizer=clip_tokenizer(), schedule=DiscreteSchedule.from_config(**SD1_SCHEDULER),
+                      tokenizer=clip_tokenizer(), noise_schedule=DiscreteSchedule.from_config(**SD1_SCHEDULER),
                       model_hash=_weights_hash(unet, vae, text))
 
 
@@ -166,7 +175,7 @@ def load_diffusers_folder(path: str | Path) -> Components:
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     return Components(name=root.name, unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                      schedule=schedule, model_hash=_weights_hash(unet, vae, text))
+                      noise_schedule=schedule, model_hash=_weights_hash(unet, vae, text))
 
 
 def load_model(model: str | Path) -> Components:
@@ -192,6 +201,6 @@ def save_diffusers_folder(c: Components, path: str | Path) -> None:
     c.text_encoder.save_pretrained(root / "text_encoder")
     c.tokenizer.save_pretrained(root / "tokenizer")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
-    cfg = dict(SD1_SCHEDULER, _class_name="PNDMScheduler", prediction_type=c.schedule.prediction_type,
+    cfg = dict(SD1_SCHEDULER, _class_name="PNDMScheduler", prediction_type=c.noise_schedule.prediction_type,
                set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))

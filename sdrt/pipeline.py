@@ -1,103 +1,58 @@
-"""``sdrt.Pipeline``: text to images through any backend, with the web UI's settings."""
+"""``sdrt.Pipeline``: text to images through any backend, with the web UI's settings.
+
+A generation runs as public, typed stages (``sdrt.Engine`` and the server use the same ones)::
+
+    job  = pipe.validate(params)         GenerationParams -> Job: checked arguments, planned sigmas
+    cond = pipe.encode(job)              -> Conditioning: every model call's text conditioning
+    out  = pipe.sample(job, cond)        -> Decoded: the denoising loop and the VAE decode
+                                            (the static loop when set_fast_path covers the job,
+                                            else pipe.denoise then pipe.decode)
+    res  = pipe.result(job, cond, out)   -> GenerationResult with the web UI's infotexts
+
+``pipe(prompt, **params)`` runs all four.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from . import __version__, infotext, prompts
+from . import infotext, prompts
+from ._version import __version__
 from .backends import check_target, create_backend, sync
-from .conditioning import EMPHASIS, encode_texts, tokenize_weighted
-from .denoiser import CFGDenoiser
+from .conditioning import encode_texts, tokenize_weighted
+from .denoiser import CFGDenoiser, plan_contexts
 from .models import Components, load_model
-from .rng import SOURCES, BrownianNoise, ImageRNG, check_seed
-from .samplers import resolve_sampler
-from .schedules import get_sigmas, normalize_schedule
+from .params import GenerationParams, Job, validate
+from .result import Decoded, GenerationResult, nan_error, save_png  # noqa: F401 - save_png: old home
+from .rng import BrownianNoise, ImageRNG
+from .schedules import get_sigmas
 
-MAX_SIDE = 8192
 RNG_INFOTEXT = {"cpu": "CPU", "nv": "NV", "gpu": None}
 
 
 @dataclass
-class GenerationResult:
-    images: list                       # PIL.Image.Image, one per image
-    infotexts: list[str]
-    seeds: list[int]
-    timings: dict[str, float]          # seconds: text_encoder, unet (the whole loop), vae, total
-    pixels: np.ndarray = field(repr=False, default=None)   # (B, H, W, 3) float32 in [0, 1]
+class Conditioning:
+    """The encode stage's output: the text conditioning of every model call.
 
-    def save(self, path: str | Path, index: int = 0) -> Path:
-        """Write image ``index`` as a PNG with its infotext in a ``parameters`` text chunk."""
-        return save_png(self.images[index], path, self.infotexts[index])
+    conds: per image, its ``AND`` parts as ``(weight, schedule)``; uncond: per image, a schedule.
+    A schedule is ``[(end_at_model_call, context (77k, C))]``, the web UI's prompt editing.
+    """
 
+    conds: list
+    uncond: list
+    seconds: float               # the text encoder's time
+    started: float               # perf_counter when the generation started (for timings["total"])
 
-def save_png(image: Image.Image, path, text: str):
-    """Write ``image`` as a PNG with ``text`` in its ``parameters`` chunk, to a path or a
-    binary file object. Returns the path (or the file object)."""
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", text)
-    target = Path(path) if isinstance(path, (str, Path)) else path
-    image.save(target, format="PNG", pnginfo=meta)
-    return target
-
-
-def _int_arg(name, value, lo, hi=None, multiple=None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {rng}, got {value}")
-    if multiple and value % multiple:
-        raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
-    return value
-
-
-def _float_arg(name, value, lo=None, hi=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return float(value)
-
-
-def _prompt_list(name, value, batch_size) -> list[str]:
-    if not isinstance(value, (str, list, tuple)):
-        raise ValueError(f"{name} must be a string or a list of {batch_size} strings, got {type(value).__name__}")
-    values = [value] * batch_size if isinstance(value, str) else list(value)
-    if len(values) != batch_size or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{name} must be a string or a list of {batch_size} strings")
-    return values
-
-
-def image_seeds(seed, subseed, batch_size: int, subseed_strength: float) -> tuple[list[int], list[int]]:
-    """Each image's (seed, subseed), the web UI's rule: image i gets seed + i, unless a variation
-    is mixed in (subseed_strength > 0), then every image keeps the seed and the subseeds count
-    up. -1 picks a random start; a list gives each image its own."""
-    def listed(name, value, step):
-        if isinstance(value, (list, tuple)):
-            if len(value) != batch_size:
-                raise ValueError(f"{name} must be an integer or a list of {batch_size} integers, got {len(value)}")
-            return [check_seed(v, name) for v in value]
-        start = check_seed(value, name)
-        return [(start + i * step) % 2 ** 32 for i in range(batch_size)]
-    return listed("seed", seed, 1 if subseed_strength == 0 else 0), listed("subseed", subseed, 1)
-
-
-def nan_error(bad: list[int], dtype: torch.dtype) -> FloatingPointError:
-    """The error for decoded images ``bad`` (indices) that hold NaN or Inf."""
-    hint = "; try dtype='float32'" if dtype != torch.float32 else ""
-    return FloatingPointError(
-        f"the decoded image{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or Inf values "
-        f"(the model overflowed in {str(dtype).replace('torch.', '')}){hint}")
+    @property
+    def plain(self) -> bool:
+        """One part of weight 1 per image (no ``AND``): what the static loop runs."""
+        return all(len(parts) == 1 and parts[0][0] == 1.0 for parts in self.conds)
 
 
 def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
@@ -107,11 +62,13 @@ def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
 
 
 class Pipeline:
-    """Stable Diffusion text-to-image over one backend. See DESIGN.md for the public API."""
+    """Stable Diffusion text-to-image over one backend (docs/architecture.md)."""
 
     def __init__(self, components: Components, backend):
         self.components, self.backend = components, backend
-        self._fast = self._loops = None        # the static loop's settings and cache (set_fast_path)
+        self.fast_path: dict | None = None     # the static loop's settings (set_fast_path)
+        self.loops = None                      # its cache of built loops (sdrt.fastpath.LoopCache)
+        self._batcher = None
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
@@ -132,192 +89,172 @@ class Pipeline:
             pipe.tune(**tune)
         return pipe
 
+    def __call__(self, prompt: str | list[str] | GenerationParams = "", *args, callback=None,
+                 **kwargs) -> GenerationResult:
+        """Generate images: ``pipe(prompt, steps=20, seed=1, ...)`` with the arguments of
+        ``sdrt.GenerationParams`` (or ``pipe(params)``). Image i gets seed + i, except with a
+        variation (subseed_strength > 0), where every image keeps the seed and the subseeds count
+        up (the web UI's rule). ``callback(step, total_steps)`` is called after each step.
+        Raises ValueError (a bad argument, before any network runs) or FloatingPointError (an
+        image that overflowed)."""
+        if isinstance(prompt, GenerationParams):
+            if args:
+                raise TypeError("pass GenerationParams alone, or with keyword arguments that replace its fields")
+            params = prompt.replace(**kwargs) if kwargs else prompt
+        else:
+            params = GenerationParams(prompt, *args, **kwargs)
+        job = self.validate(params)
+        cond = self.encode(job)
+        out = self.sample(job, cond, callback)
+        if out.bad:
+            raise nan_error(out.bad, self.backend.dtype)
+        return self.result(job, cond, out)
+
     def submit(self, request=None, /, **kwargs):
         """Queue one image on this pipeline's default ``sdrt.Engine`` (created on first use);
-        returns a Future of a one-image GenerationResult. See ``sdrt.engine``."""
-        if getattr(self, "_engine", None) is None:
-            from .engine import Engine
-            self._engine = Engine(self)
-        return self._engine.submit(request, **kwargs)
+        returns a Future of a one-image GenerationResult. See ``sdrt.batcher``."""
+        if self._batcher is None:
+            from .batcher import Engine
+            self._batcher = Engine(self)
+        return self._batcher.submit(request, **kwargs)
 
-    def _check(self, a: dict) -> dict:
-        """Validate every argument before any network runs; returns the normalised values."""
+    def close(self) -> None:
+        """Free what the pipeline holds: its batcher's threads, its static loops (CUDA graphs),
+        the backend's sessions or engines. The pipeline cannot run afterwards."""
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+        if self.loops is not None:
+            self.loops.clear()
+        self.fast_path = self.loops = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the stages
+
+    def validate(self, params: GenerationParams) -> Job:
+        """Stage 1: check every argument (ValueError naming it) and plan the sigmas."""
         c = self.components
-        a["steps"] = _int_arg("steps", a["steps"], 1, 10000)
-        a["batch_size"] = _int_arg("batch_size", a["batch_size"], 1, 256)
-        factor = c.latent_factor
-        a["width"] = _int_arg("width", a["width"], factor, MAX_SIDE, multiple=factor)
-        a["height"] = _int_arg("height", a["height"], factor, MAX_SIDE, multiple=factor)
-        a["clip_skip"] = _int_arg("clip_skip", a["clip_skip"], 1, c.text_encoder.config.num_hidden_layers)
-        a["spec"], sched = resolve_sampler(a["sampler"], a["schedule"])
-        a["schedule"] = normalize_schedule(sched)
-        if a["emphasis"] not in EMPHASIS:
-            raise ValueError(f"emphasis {a['emphasis']!r} is unknown; valid: {', '.join(EMPHASIS)}")
-        if a["rng"] not in SOURCES:
-            raise ValueError(f"rng {a['rng']!r} is unknown; valid: {', '.join(SOURCES)}")
-        a["eta_noise_seed_delta"] = _int_arg("eta_noise_seed_delta", a["eta_noise_seed_delta"], 0, 2 ** 32 - 1)
-        a["subseed_strength"] = _float_arg("subseed_strength", a["subseed_strength"], 0.0, 1.0)
-        if a["eta"] is not None:
-            a["eta"] = _float_arg("eta", a["eta"], 0.0, 10.0)
-        a["eta_value"] = a["spec"].eta_default if a["eta"] is None else a["eta"]     # what the sampler uses
-        if a["seed_resize_from"] is not None:
-            w, h = a["seed_resize_from"]
-            a["seed_resize_from"] = (_int_arg("seed_resize_from width", w, 0, MAX_SIDE),
-                                     _int_arg("seed_resize_from height", h, 0, MAX_SIDE))
-        if isinstance(a["prompt"], (list, tuple)):      # a list of prompts sets the batch size
-            a["batch_size"] = _int_arg("number of prompts", len(a["prompt"]), 1, 256)
-        a["prompts"] = _prompt_list("prompt", a["prompt"], a["batch_size"])
-        a["negative_prompts"] = _prompt_list("negative_prompt", a["negative_prompt"], a["batch_size"])
-        if isinstance(a["cfg_scale"], (list, tuple)):
-            if len(a["cfg_scale"]) != a["batch_size"]:
-                raise ValueError(f"cfg_scale must be a number or a list of {a['batch_size']} numbers")
-            a["cfg_scales"] = [_float_arg("cfg_scale", v) for v in a["cfg_scale"]]
-        else:
-            a["cfg_scales"] = [_float_arg("cfg_scale", a["cfg_scale"])] * a["batch_size"]
+        job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
         check = getattr(self.backend, "check_request", None)
         if check is not None:
-            check(a["batch_size"], a["height"], a["width"])
-        a["seeds"], a["subseeds"] = image_seeds(a["seed"], a["subseed"], a["batch_size"], a["subseed_strength"])
-        if a["sigmas"] is not None:
-            s = np.asarray(a["sigmas"], dtype=np.float64)
-            if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
-                raise ValueError("sigmas must be a decreasing list of at least 2 finite values >= 0")
-            a["sigmas"], a["steps"] = s, len(s) - 1
-        return a
+            check(job.batch_size, job.params.height, job.params.width)
+        if job.sigmas is None:
+            spec = job.sampler
+            job.sigmas = get_sigmas(job.params.schedule, job.steps, c.noise_schedule, default=spec.schedule,
+                                    discard_penultimate=spec.discard_penultimate)
+        return job
 
-    def __call__(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
-                 schedule="Automatic", seed=-1, width=512, height=512, batch_size=1, clip_skip=1,
-                 rng="gpu", eta_noise_seed_delta=0, subseed=-1, subseed_strength=0.0,
-                 seed_resize_from=None, eta=None, emphasis: str = "Original",
-                 sigmas: Sequence[float] | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate ``batch_size`` images (seeds seed, seed+1, ...).
-
-        Args:
-            prompt: text, or a list of texts (one per image; then it sets the batch size).
-            seed / subseed: an integer (-1: random), or a list with one per image. Image i gets
-                seed + i, except with a variation (subseed_strength > 0), where every image
-                keeps the seed and the subseeds count up (the web UI's rule).
-            cfg_scale: a number, or a list with one per image.
-            sampler / schedule: web UI names ("DPM++ 2M", "Karras"; "DPM++ 2M Karras" too).
-            rng: noise source, "gpu" (the device's generator), "cpu" or "nv".
-            emphasis: how token weights apply: "Original" (keeps the mean), "No norm", "Ignore".
-            sigmas: explicit decreasing sigmas, overriding ``schedule`` and ``steps``.
-            callback: called as ``callback(step, total_steps)`` after each step.
-        """
-        a = self._check(dict(locals()))
-        job = self._encode(a)
-        result, bad = self._sample(job, callback)
-        if bad:
-            raise nan_error(bad, self.backend.dtype)
-        return result
-
-    # The two stages of a generation; sdrt.Engine runs them on separate threads so that the
-    # text of the next batch is encoded while this one denoises.
-
-    def _encode(self, a: dict) -> dict:
-        """Stage 1 (validated arguments -> job): sigmas and the conditioning of every model call."""
-        t_start = time.perf_counter()
-        c, be, spec = self.components, self.backend, a["spec"]
-        sig = a["sigmas"] if a["sigmas"] is not None else get_sigmas(
-            a["schedule"], a["steps"], c.schedule, default=spec.schedule,
-            discard_penultimate=spec.discard_penultimate)
-        # text: the web UI's prompt schedules (counted in model calls), each distinct text encoded once
-        pos, neg, parts = self._schedules(a, len(sig) - 1)
-        texts = [t for sched in pos + neg for _, t in sched]
-        emb = encode_texts(be, c.tokenizer, texts, a["clip_skip"], a["emphasis"])
-        it = iter(pos)
-        conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
-        uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
-        sync(be.device)
-        return dict(a=a, sigmas=sig, conds=conds, uncond=uncond, t_start=t_start,
-                    t_text=time.perf_counter() - t_start)
-
-    def _schedules(self, a: dict, n_steps: int):
-        total = n_steps * 2 if a["spec"].second_order else n_steps
-        parts = [prompts.split_and(p) for p in a["prompts"]]
-        pos = prompts.schedules([t for ps in parts for t, _ in ps], total)
-        neg = prompts.schedules(a["negative_prompts"], total)
+    def _prompt_schedules(self, job: Job):
+        calls = (len(job.sigmas) - 1) * (2 if job.sampler.second_order else 1)
+        parts = [prompts.split_and(p) for p in job.prompts]
+        pos = prompts.schedules([t for ps in parts for t, _ in ps], calls)
+        neg = prompts.schedules(job.negative_prompts, calls)
         return pos, neg, parts
 
-    def _windows(self, a: dict) -> int:
-        """How many 77-token windows the request's texts take (all are padded to this count)."""
-        n_steps = a["steps"] if a["sigmas"] is None else len(a["sigmas"]) - 1
-        pos, neg, _ = self._schedules(a, n_steps)
+    def windows(self, job: Job) -> int:
+        """How many 77-token windows the job's texts take (all are padded to this count)."""
+        pos, neg, _ = self._prompt_schedules(job)
         texts = dict.fromkeys(t for sched in pos + neg for _, t in sched)
         return max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
 
-    def _sample(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
-        """Stage 2 (job -> images): the denoising loop and the VAE. Returns the result and the
-        indices of images that hold NaN or Inf (the caller decides whether that fails them)."""
-        if self._fast is not None:
+    def encode(self, job: Job) -> Conditioning:
+        """Stage 2: the conditioning of every model call, each distinct text encoded once."""
+        started = time.perf_counter()
+        pos, neg, parts = self._prompt_schedules(job)
+        texts = [t for sched in pos + neg for _, t in sched]
+        emb = encode_texts(self.backend, self.components.tokenizer, texts, job.params.clip_skip,
+                           job.params.emphasis)
+        it = iter(pos)
+        conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
+        uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
+        sync(self.backend.device)
+        return Conditioning(conds, uncond, seconds=time.perf_counter() - started, started=started)
+
+    def sample(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
+        """Stages 3 and 4: the denoising loop and the VAE. Images that hold NaN or Inf are
+        flagged in ``Decoded.finite`` (the caller decides whether that fails them)."""
+        if self.fast_path is not None:
             from .fastpath import unsupported_reason
-            if unsupported_reason(job) is None:
-                return self._sample_static(job, callback)
-        a, sig = job["a"], job["sigmas"]
-        c, be, spec = self.components, self.backend, a["spec"]
-        n_steps = len(sig) - 1
+            if unsupported_reason(job, cond) is None:
+                return self._sample_static(job, cond, callback)
         t0 = time.perf_counter()
-        latent_shape, gen = self._noise(a)
+        latents = self.denoise(job, cond, callback)
+        sync(self.backend.device)
+        t_loop = time.perf_counter() - t0
+        return self.decode(latents, loop_seconds=t_loop)
+
+    def denoise(self, job: Job, cond: Conditioning, callback=None) -> torch.Tensor:
+        """Stage 3 on the eager loop: the final latents (B, C, h, w) float32."""
+        be, spec, sig = self.backend, job.sampler, job.sigmas
+        n_steps = len(sig) - 1
+        latent_shape, gen = self._noise(job)
         x = gen.next().float()
         x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
-        denoiser = CFGDenoiser(be, c.schedule, job["conds"], job["uncond"], a["cfg_scales"], latent_shape,
-                               2 * n_steps + 2)
+        denoiser = CFGDenoiser(be, self.components.noise_schedule, cond.conds, cond.uncond, job.cfg_scales,
+                               latent_shape, 2 * n_steps + 2)
         noise = None
         if spec.noise == "rng":
             noise = lambda s, s_next: gen.next().float()  # noqa: E731
         elif spec.noise == "brownian":
-            noise = _brownian(x, sig, a["seeds"])
+            noise = _brownian(x, sig, job.seeds)
         kwargs = dict(spec.options)
         if spec.eta_default is not None:
-            kwargs["eta"] = a["eta_value"]
+            kwargs["eta"] = job.eta
         step_cb = (lambda i, *_: callback(i + 1, n_steps)) if callback else None
         kv = getattr(be, "kv", None)
         with kv.scope(denoiser.contexts) if kv else contextlib.nullcontext():
             x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
-        latents = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
-        sync(be.device)
-        t_unet = time.perf_counter() - t0
+        return x / math.sqrt(1.0 + float(sig[-1]) ** 2)
 
+    def decode(self, latents: torch.Tensor, loop_seconds: float = 0.0) -> Decoded:
+        """Stage 4: latents (B, C, h, w) -> pixels and uint8 images on the host."""
         t0 = time.perf_counter()
-        decoded = be.decode(latents)
+        decoded = self.backend.decode(latents)
         pixels = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
-        t_vae = time.perf_counter() - t0
-        bad = [i for i in range(len(pixels)) if not np.all(np.isfinite(pixels[i]))]
-        # the web UI truncates to uint8 rather than rounding
-        images = (255.0 * np.nan_to_num(pixels)).astype(np.uint8)
-        return self._result(job, pixels, images, dict(unet=t_unet, vae=t_vae)), bad
+        return Decoded.from_pixels(pixels, dict(loop=loop_seconds, vae=time.perf_counter() - t0))
 
-    def _noise(self, a: dict):
-        """(latent shape (C, h, w), the images' noise generator) for validated arguments."""
-        c = self.components
+    def result(self, job: Job, cond: Conditioning, out: Decoded) -> GenerationResult:
+        """Stage 5: PIL images, the web UI's infotexts, seeds and per-stage timings."""
+        texts = [self.infotext(job, i) for i in range(job.batch_size)]
+        timings = dict(text_encoder=cond.seconds, loop=out.timings["loop"], unet=out.timings["loop"],
+                       vae=out.timings["vae"], total=time.perf_counter() - cond.started)
+        return GenerationResult(images=[Image.fromarray(p) for p in out.images], infotexts=texts,
+                                seeds=list(job.seeds), timings=timings, pixels=out.pixels)
+
+    def _noise(self, job: Job):
+        """(latent shape (C, h, w), the images' noise generator) for a job."""
+        c, p = self.components, job.params
         f = c.latent_factor
-        shape = (c.latent_channels, a["height"] // f, a["width"] // f)
-        gen = ImageRNG(shape, a["seeds"], subseeds=a["subseeds"], subseed_strength=a["subseed_strength"],
-                       seed_resize_from=a["seed_resize_from"], source=a["rng"],
-                       eta_noise_seed_delta=a["eta_noise_seed_delta"], device=self.backend.device, latent_factor=f)
+        shape = (c.latent_channels, p.height // f, p.width // f)
+        gen = ImageRNG(shape, job.seeds, subseeds=job.subseeds, subseed_strength=p.subseed_strength,
+                       seed_resize_from=p.seed_resize_from, source=p.rng,
+                       eta_noise_seed_delta=p.eta_noise_seed_delta, device=self.backend.device, latent_factor=f)
         return shape, gen
 
-    def _result(self, job: dict, pixels: np.ndarray, images: np.ndarray, timings: dict):
-        a = job["a"]
-        texts = [self._infotext(a, i) for i in range(a["batch_size"])]
-        timings = dict(text_encoder=job["t_text"], **timings, total=time.perf_counter() - job["t_start"])
-        return GenerationResult(images=[Image.fromarray(p) for p in images], infotexts=texts, seeds=a["seeds"],
-                                timings=timings, pixels=pixels)
+    # ------------------------------------------------------------------ the static loop
 
     def set_fast_path(self, enabled: bool = True, use_kernel: bool = True, capture: bool | None = None,
-                      cache_size: int = 4) -> None:
+                      cache_size: int = 4, cuda=None) -> None:
         """Run requests that the static loop supports (``sdrt.fastpath``: Euler, Euler a, DDIM,
         DPM++ 2M, DPM++ 2M SDE, LCM; plain or edited prompts, no AND) as a static loop: per-step tables on
         the device, the fused step (the CUDA kernel on a GPU unless ``use_kernel=False``), and on
         a CUDA device one CUDA graph per configuration, captured on first use and replayed
-        (``capture=False`` keeps it eager). Other requests keep the eager loop. On a graph
-        replay a progress callback is called once, after the last step."""
+        (``capture=False`` keeps it eager; ``cuda``: the CUDA graph API, a fake in tests). Other
+        requests keep the eager loop. On a graph replay a progress callback is called once, after
+        the last step. ``enabled=False`` turns it off and releases the loops."""
         from .fastpath import LoopCache
-        if self._loops is not None:
-            self._loops.clear()                    # their graphs and cached K/V entries go
-        self._fast = dict(use_kernel=use_kernel, capture=capture) if enabled else None
-        self._loops = LoopCache(cache_size)
+        if self.loops is not None:
+            self.loops.clear()                    # their graphs and cached K/V entries go
+        self.fast_path = dict(use_kernel=use_kernel, capture=capture, cuda=cuda) if enabled else None
+        self.loops = LoopCache(cache_size)
 
     def tune(self, **options) -> None:
         """The torch backend's speed options (``TorchBackend.tune``: compile, channels_last,
@@ -327,54 +264,54 @@ class Pipeline:
         if tune is None:
             raise ValueError(f"the {type(self.backend).__name__} has no speed options to tune "
                              "(they belong to backend='torch')")
-        if tune(**options) and self._loops is not None:
-            self._loops.clear()
+        if tune(**options) and self.loops is not None:
+            self.loops.clear()
 
-    def _sample_static(self, job: dict, callback=None) -> tuple[GenerationResult, list[int]]:
-        """Stage 2 on the static loop (same images as ``_sample`` up to float rounding)."""
-        from .denoiser import plan_contexts
+    def _sample_static(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
+        """Stages 3 and 4 on the static loop (same images as the eager loop up to float rounding)."""
         from .fastpath import StaticLoop
-        a, sig = job["a"], job["sigmas"]
-        c, be, spec = self.components, self.backend, a["spec"]
+        be, spec, sig = self.backend, job.sampler, job.sigmas
         n_steps = len(sig) - 1
         t0 = time.perf_counter()
-        latent_shape, gen = self._noise(a)
-        distinct, index = plan_contexts(job["conds"], job["uncond"], n_steps, be.device, be.dtype)
-        key = (a["batch_size"], latent_shape, spec.name, sig.tobytes(), a["eta_value"], tuple(index),
+        latent_shape, gen = self._noise(job)
+        distinct, index = plan_contexts(cond.conds, cond.uncond, n_steps, be.device, be.dtype)
+        key = (job.batch_size, latent_shape, spec.name, sig.tobytes(), job.eta, tuple(index),
                tuple(distinct[0].shape), len(distinct))
-        loop = self._loops.get(key, lambda: StaticLoop(
-            be, c.schedule, spec.name, sig, a["eta_value"], a["batch_size"], latent_shape, index,
-            tuple(distinct[0].shape), len(distinct), init=spec.init, options=spec.options, **self._fast))
+        loop = self.loops.get(key, lambda: StaticLoop(
+            be, self.components.noise_schedule, spec, sig, job.eta, job.batch_size, latent_shape, index,
+            tuple(distinct[0].shape), len(distinct), **self.fast_path))
         x0 = gen.next().float()
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
-            tree = _brownian(x0, sig, a["seeds"])
+            tree = _brownian(x0, sig, job.seeds)
             noise = [tree(sig[i], sig[i + 1]) for i, d in enumerate(loop.draws) if d]
         else:
             noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
-        pixels, images, finite = loop.run(x0, noise, distinct, a["cfg_scales"], callback)
-        t_loop = time.perf_counter() - t0
-        bad = [i for i in range(len(finite)) if not finite[i]]
-        # the loop and the VAE are one replay: the whole time is reported as unet, vae as 0
-        return self._result(job, pixels, images, dict(unet=t_loop, vae=0.0)), bad
+        pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback)
+        loop_seconds = time.perf_counter() - t0 - vae
+        return Decoded(pixels=pixels, images=images, finite=[bool(f) for f in finite],
+                       timings=dict(loop=loop_seconds, vae=vae))
 
-    def _infotext(self, a: dict, i: int) -> str:
-        spec = a["spec"]
+    # ------------------------------------------------------------------ infotext
+
+    def infotext(self, job: Job, i: int) -> str:
+        """The web UI's "parameters" text of image ``i`` of a job."""
+        p, spec = job.params, job.sampler
+        resize = p.seed_resize_from
         params = {
-            "Prompt": a["prompts"][i], "Negative prompt": a["negative_prompts"][i],
-            "Steps": a["steps"], "Sampler": spec.name, "Schedule type": a["schedule"],
-            "CFG scale": a["cfg_scales"][i], "Seed": a["seeds"][i], "Size": f"{a['width']}x{a['height']}",
+            "Prompt": job.prompts[i], "Negative prompt": job.negative_prompts[i],
+            "Steps": p.steps, "Sampler": spec.name, "Schedule type": p.schedule,
+            "CFG scale": job.cfg_scales[i], "Seed": job.seeds[i], "Size": f"{p.width}x{p.height}",
             "Model hash": self.components.model_hash, "Model": self.components.name,
-            "Variation seed": a["subseeds"][i] if a["subseed_strength"] else None,
-            "Variation seed strength": a["subseed_strength"] or None,
-            "Seed resize from": (f"{a['seed_resize_from'][0]}x{a['seed_resize_from'][1]}"
-                                 if a["seed_resize_from"] and min(a["seed_resize_from"]) > 0 else None),
-            "Clip skip": a["clip_skip"],                       # format() leaves out 1
-            "ENSD": a["eta_noise_seed_delta"] if a["eta_noise_seed_delta"] and spec.noise == "rng" else None,
-            "RNG": RNG_INFOTEXT[a["rng"]],
-            "Emphasis": a["emphasis"] if a["emphasis"] != "Original" else None,
+            "Variation seed": job.subseeds[i] if p.subseed_strength else None,
+            "Variation seed strength": p.subseed_strength or None,
+            "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,
+            "Clip skip": p.clip_skip,                       # format() leaves out 1
+            "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
+            "RNG": RNG_INFOTEXT[p.rng],
+            "Emphasis": p.emphasis if p.emphasis != "Original" else None,
             ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
-                a["eta"] if spec.eta_default is not None and a["eta"] is not None
-                and a["eta"] != spec.eta_default else None,       # only samplers that use eta record it
+                p.eta if spec.eta_default is not None and p.eta is not None
+                and p.eta != spec.eta_default else None,       # only samplers that use eta record it
             "Version": f"sdrt {__version__}",
         }
         return infotext.format(params)

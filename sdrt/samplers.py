@@ -13,6 +13,7 @@ which the web UI runs; DDIM, UniPC and LCM are written in the same sigma space.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +22,7 @@ import numpy as np
 
 
 
-def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) of an ancestral step from ``sigma`` to ``sigma_next``."""
     if not eta:
         return sigma_next, 0.0
@@ -48,23 +49,123 @@ def _denoise(model, x, sigmas, i, callback):
     return denoised
 
 
-def sample_euler(model, x, sigmas, noise=None, callback=None):
+# ---------------------------------------------------------------- one-model-call linear samplers
+#
+# Euler, Euler a, DDIM, DPM++ 2M, DPM++ 2M SDE and LCM update x with one model call per step as
+#     x' = a x + b D + e D_prev + n noise        (D: this step's denoised, D_prev: the previous one)
+# Each declares its coefficients once, below; ``sample_linear`` runs them on the eager loop and
+# ``sdrt.fastpath.step_table`` puts the same numbers into the static loop's device table.
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """One step's coefficients of ``x' = a x + b D + e D_prev + n noise``; ``draw``: the step asks
+    the noise source for a tensor (n may still be 0 for it)."""
+
+    a: float = 0.0
+    b: float = 0.0
+    e: float = 0.0
+    n: float = 0.0
+    draw: bool = False
+
+
+def _euler_step(s, i, eta=None, s_noise=1.0, **_):
     """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), without churn."""
-    for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas, i, callback)
-        x = x + _d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
+    a = s[i + 1] / s[i]
+    return LinearStep(a=a, b=1.0 - a)
 
 
-def sample_euler_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
+def _euler_ancestral_step(s, i, eta=1.0, s_noise=1.0, **_):
     """Ancestral sampling with Euler steps (k-diffusion)."""
-    for i in range(len(sigmas) - 1):
+    down, up = ancestral_step(s[i], s[i + 1], eta)
+    a = down / s[i]
+    draw = s[i + 1] > 0 and up > 0
+    return LinearStep(a=a, b=1.0 - a, n=s_noise * up if draw else 0.0, draw=draw)
+
+
+def _ddim_step(s, i, eta=0.0, s_noise=1.0, **_):
+    """DDIM (Song et al. 2021, eq. 12) in sigma space: with eta=0 an Euler step of the
+    probability-flow ODE; with eta>0 the DDIM noise sigma_t becomes an ancestral step, since
+    sigma_up^2 = eta^2 s'^2 (s^2 - s'^2) / s^2 is exactly DDIM's sigma_t / sqrt(alpha_prev)."""
+    down, up = ancestral_step(s[i], s[i + 1], eta)
+    a = down / s[i]
+    draw = s[i + 1] > 0 and up > 0
+    return LinearStep(a=a, b=1.0 - a, n=up if draw else 0.0, draw=draw)
+
+
+def _dpmpp_2m_step(s, i, **_):
+    """DPM-Solver++(2M), Lu et al. (2022), Algorithm 2."""
+    if s[i + 1] == 0:
+        return LinearStep(b=1.0)
+    h = math.log(s[i]) - math.log(s[i + 1])
+    phi = -math.expm1(-h)
+    if i == 0:
+        return LinearStep(a=s[i + 1] / s[i], b=phi)
+    r = (math.log(s[i - 1]) - math.log(s[i])) / h
+    return LinearStep(a=s[i + 1] / s[i], b=phi * (1 + 1 / (2 * r)), e=-phi / (2 * r))
+
+
+def _dpmpp_2m_sde_step(s, i, eta=1.0, s_noise=1.0, solver_type="midpoint", **_):
+    """DPM-Solver++(2M) SDE (k-diffusion), midpoint or Heun second-order correction."""
+    if s[i + 1] == 0:
+        return LinearStep(b=1.0)
+    h = math.log(s[i]) - math.log(s[i + 1])
+    eta_h = eta * h
+    phi = -math.expm1(-h - eta_h)
+    a, b, e = s[i + 1] / s[i] * math.exp(-eta_h), phi, 0.0
+    if i > 0:
+        r = (math.log(s[i - 1]) - math.log(s[i])) / h
+        coef = (phi / (-h - eta_h) + 1) / r if solver_type == "heun" else 0.5 * phi / r
+        b, e = b + coef, -coef
+    n = s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise if eta else 0.0
+    return LinearStep(a=a, b=b, e=e, n=n, draw=bool(eta))
+
+
+def _lcm_step(s, i, **_):
+    """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to the
+    denoised estimate, then re-noise to the next sigma."""
+    draw = s[i + 1] > 0
+    return LinearStep(b=1.0, n=s[i + 1] if draw else 0.0, draw=draw)
+
+
+def linear_steps(step, sigmas, **options) -> list[LinearStep]:
+    """Every step's coefficients of a linear sampler for a host schedule (checked here)."""
+    s = [float(v) for v in np.asarray(sigmas, dtype=np.float64)]
+    if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])) or s[-1] < 0:
+        raise ValueError("sigmas must be a decreasing list of at least 2 values >= 0")
+    if options.get("solver_type", "midpoint") not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {options['solver_type']!r}")
+    return [step(s, i, **options) for i in range(len(s) - 1)]
+
+
+def sample_linear(model, x, sigmas, noise=None, callback=None, step=None, name="", **options):
+    """Runs a linear sampler (``step``: one of the declarations above) on the eager loop."""
+    d_prev = None
+    for i, c in enumerate(linear_steps(step, sigmas, **options)):
         denoised = _denoise(model, x, sigmas, i, callback)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + _d(x, sigmas[i], denoised) * (down - sigmas[i])
-        if sigmas[i + 1] > 0 and up > 0:
-            x = x + _require_noise(noise, "Euler a")(sigmas[i], sigmas[i + 1]) * (s_noise * up)
+        out = denoised * c.b if c.a == 0 else x * c.a + denoised * c.b
+        if c.e:
+            out = out + d_prev * c.e
+        if c.draw:
+            drawn = _require_noise(noise, name)(sigmas[i], sigmas[i + 1])
+            if c.n:
+                out = out + drawn * c.n
+        x, d_prev = out, denoised
     return x
+
+
+def _linear(step, name):
+    fn = functools.partial(sample_linear, step=step, name=name)
+    fn.__doc__ = step.__doc__
+    return fn
+
+
+sample_euler = _linear(_euler_step, "Euler")
+sample_euler_ancestral = _linear(_euler_ancestral_step, "Euler a")
+sample_ddim = _linear(_ddim_step, "DDIM")
+sample_dpmpp_2m = _linear(_dpmpp_2m_step, "DPM++ 2M")
+sample_dpmpp_2m_sde = _linear(_dpmpp_2m_sde_step, "DPM++ 2M SDE")
+sample_lcm = _linear(_lcm_step, "LCM")
 
 
 def sample_heun(model, x, sigmas, noise=None, callback=None):
@@ -105,7 +206,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0,
     """Ancestral sampling with DPM-Solver-2 steps (k-diffusion)."""
     for i in range(len(sigmas) - 1):
         denoised = _denoise(model, x, sigmas, i, callback)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         d = _d(x, sigmas[i], denoised)
         if down == 0:
             x = x + d * (down - sigmas[i])
@@ -148,7 +249,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise=None, callback=None, eta=1
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, Algorithm 1)."""
     for i in range(len(sigmas) - 1):
         denoised = _denoise(model, x, sigmas, i, callback)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if down == 0:
             x = x + _d(x, sigmas[i], denoised) * (down - sigmas[i])
         else:
@@ -175,77 +276,18 @@ def sample_dpmpp_sde(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noi
         s = t + h * r
         fac = 1 / (2 * r)
         sigma_s = math.exp(-s)
-        down, up = _ancestral_step(sigmas[i], sigma_s, eta)
+        down, up = ancestral_step(sigmas[i], sigma_s, eta)
         s_ = -math.log(down)
         x_2 = x * (down / sigmas[i]) - denoised * math.expm1(t - s_)
         if eta:
             x_2 = x_2 + _require_noise(noise, "DPM++ SDE")(sigmas[i], sigma_s) * (s_noise * up)
         denoised_2 = model(x_2, sigma_s)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         t_next_ = -math.log(down)
         denoised_d = denoised * (1 - fac) + denoised_2 * fac
         x = x * (down / sigmas[i]) - denoised_d * math.expm1(t - t_next_)
         if eta:
             x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * up)
-    return x
-
-
-def sample_dpmpp_2m(model, x, sigmas, noise=None, callback=None):
-    """DPM-Solver++(2M), Lu et al. (2022), Algorithm 2."""
-    old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas, i, callback)
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
-            if old_denoised is not None:
-                r = (math.log(sigmas[i - 1]) - math.log(sigmas[i])) / h
-                denoised_d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
-            else:
-                denoised_d = denoised
-            x = x * (sigmas[i + 1] / sigmas[i]) - denoised_d * math.expm1(-h)
-        old_denoised = denoised
-    return x
-
-
-def sample_dpmpp_2m_sde(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0,
-                        solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE (k-diffusion), midpoint or Heun second-order correction."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas, i, callback)
-        h = None
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
-            eta_h = eta * h
-            phi = -math.expm1(-h - eta_h)
-            x = x * (sigmas[i + 1] / sigmas[i] * math.exp(-eta_h)) + denoised * phi
-            if old_denoised is not None:
-                r = h_last / h
-                coef = (phi / (-h - eta_h) + 1) / r if solver_type == "heun" else 0.5 * phi / r
-                x = x + (denoised - old_denoised) * coef
-            if eta:
-                amp = sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
-                x = x + _require_noise(noise, "DPM++ 2M SDE")(sigmas[i], sigmas[i + 1]) * amp
-        old_denoised, h_last = denoised, h
-    return x
-
-
-def sample_ddim(model, x, sigmas, noise=None, callback=None, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12) in sigma space: with eta=0 an Euler step of the
-    probability-flow ODE; with eta>0 the DDIM noise sigma_t becomes an ancestral step, since
-    sigma_up^2 = eta^2 s'^2 (s^2 - s'^2) / s^2 is exactly DDIM's sigma_t / sqrt(alpha_prev)."""
-    for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas, i, callback)
-        down, up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = denoised + (x - denoised) * (down / sigmas[i])
-        if sigmas[i + 1] > 0 and up > 0:
-            x = x + _require_noise(noise, "DDIM")(sigmas[i], sigmas[i + 1]) * up
     return x
 
 
@@ -312,17 +354,6 @@ def _unipc_correct(x_prev, model_t, outs, lam, i, order, variant, sigmas):
     return x_t - (model_t - m0) * (b_h * rhos[-1])
 
 
-def sample_lcm(model, x, sigmas, noise=None, callback=None):
-    """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to the
-    denoised estimate, then re-noise to the next sigma."""
-    for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas, i, callback)
-        x = denoised
-        if sigmas[i + 1] > 0:
-            x = x + _require_noise(noise, "LCM")(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
-    return x
-
-
 @dataclass(frozen=True)
 class SamplerSpec:
     """A web UI sampler: its function and how the pipeline drives it."""
@@ -337,28 +368,31 @@ class SamplerSpec:
     init: str = "sigma"                # initial x = noise*sigma_0 ("sigma") or noise*sqrt(1+sigma_0^2) ("vp")
     eta_default: float | None = None   # the sampler's eta when the request gives none
     options: dict = field(default_factory=dict)
+    # x' = a x + b D + e D_prev + n noise per step (one model call): what the static loop runs
+    linear_step: Callable | None = None
 
 
 SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
-    SamplerSpec("DPM++ 2M", sample_dpmpp_2m, ("k_dpmpp_2m",), schedule="Karras"),
+    SamplerSpec("DPM++ 2M", sample_dpmpp_2m, ("k_dpmpp_2m",), schedule="Karras", linear_step=_dpmpp_2m_step),
     SamplerSpec("DPM++ SDE", sample_dpmpp_sde, ("k_dpmpp_sde",), schedule="Karras", noise="brownian",
                 second_order=True, eta_default=1.0),
     SamplerSpec("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), schedule="Exponential",
-                noise="brownian", eta_default=1.0),
+                noise="brownian", eta_default=1.0, linear_step=_dpmpp_2m_sde_step),
     SamplerSpec("DPM++ 2S a", sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), schedule="Karras",
                 noise="rng", second_order=True, eta_default=1.0),
     SamplerSpec("Euler a", sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), noise="rng",
-                eta_default=1.0),
-    SamplerSpec("Euler", sample_euler, ("k_euler",)),
+                eta_default=1.0, linear_step=_euler_ancestral_step),
+    SamplerSpec("Euler", sample_euler, ("k_euler",), linear_step=_euler_step),
     SamplerSpec("LMS", sample_lms, ("k_lms",)),
     SamplerSpec("Heun", sample_heun, ("k_heun",), second_order=True),
     SamplerSpec("DPM2", sample_dpm_2, ("k_dpm_2",), schedule="Karras", second_order=True,
                 discard_penultimate=True),
     SamplerSpec("DPM2 a", sample_dpm_2_ancestral, ("k_dpm_2_a",), schedule="Karras", noise="rng",
                 second_order=True, discard_penultimate=True, eta_default=1.0),
-    SamplerSpec("DDIM", sample_ddim, ("ddim",), schedule="DDIM", noise="rng", init="vp", eta_default=0.0),
+    SamplerSpec("DDIM", sample_ddim, ("ddim",), schedule="DDIM", noise="rng", init="vp", eta_default=0.0,
+                linear_step=_ddim_step),
     SamplerSpec("UniPC", sample_unipc, ("unipc",), init="vp"),
-    SamplerSpec("LCM", sample_lcm, ("k_lcm",), noise="rng"),
+    SamplerSpec("LCM", sample_lcm, ("k_lcm",), noise="rng", linear_step=_lcm_step),
 ]}
 
 _SCHEDULE_SUFFIXES = {"karras": "Karras", "exponential": "Exponential"}

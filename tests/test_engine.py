@@ -103,13 +103,13 @@ def test_nan_image_fails_only_its_request(tiny):
 
 def test_a_batch_that_raises_is_retried_request_by_request(tiny):
     pipe = fresh(tiny)
-    real = pipe._encode
+    real = pipe.encode
 
-    def encode(a):
-        if any("boom" in p for p in a["prompts"]):
+    def encode(job):
+        if any("boom" in p for p in job.prompts):
             raise RuntimeError("the text encoder failed on boom")
-        return real(a)
-    pipe._encode = encode
+        return real(job)
+    pipe.encode = encode
     with Engine(pipe, max_batch_size=4, max_wait=0.5) as engine:
         futures = [engine.submit(Request(p, seed=i, **SMALL)) for i, p in enumerate(["one", "boom", "three"])]
         with pytest.raises(RuntimeError, match="boom"):
@@ -123,9 +123,9 @@ class Gate:
 
     def __init__(self, pipe):
         self.open, self.entered, self.steps = threading.Event(), threading.Event(), []
-        real = pipe._sample
+        real = pipe.sample
 
-        def sample(job, callback=None):
+        def sample(job, cond, callback=None):
             self.entered.set()
             assert self.open.wait(30)
             seen = []
@@ -134,10 +134,10 @@ class Gate:
                 seen.append(step)
                 callback(step, total)
             try:
-                return real(job, cb)
+                return real(job, cond, cb)
             finally:
                 self.steps.append(seen)
-        pipe._sample = sample
+        pipe.sample = sample
 
 
 def test_full_queue_answers_busy_and_recovers(tiny):
@@ -202,7 +202,7 @@ def test_async_submit_and_pipeline_submit(tiny):
     assert {r.timings["batch_size"] for r in results} == {3}
     got = pipe.submit(Request("p1", seed=1, **SMALL)).result(timeout=60)
     assert np.abs(got.pixels - results[1].pixels).max() < PIXEL_TOL
-    pipe._engine.close()
+    pipe.close()
 
 
 def test_close_fails_pending_and_refuses_new(tiny):

@@ -92,7 +92,7 @@ def test_step_table_refuses_other_samplers_and_bad_sigmas():
 def _compare(pipe, **kw):
     args = dict(prompt="a cat", steps=6, width=64, height=64, seed=7)
     args.update(kw)
-    pipe._fast = None
+    pipe.set_fast_path(False)
     eager = pipe(**args)
     pipe.set_fast_path()
     static = pipe(**args)
@@ -111,7 +111,7 @@ def _compare(pipe, **kw):
 ])
 def test_static_loop_equals_the_eager_loop(pipe, kw):
     eager, static = _compare(pipe, **kw)
-    assert len(pipe._loops) == 1
+    assert len(pipe.loops) == 1
     assert np.abs(eager.pixels - static.pixels).max() <= 1e-4
     assert eager.infotexts == static.infotexts and eager.seeds == static.seeds
     for a, b in zip(eager.images, static.images):             # uint8 truncation may flip by one
@@ -133,10 +133,10 @@ def test_a_cached_loop_replays_new_inputs(pipe):
     static buffers (nothing of the first call is baked in)."""
     pipe.set_fast_path()
     pipe(prompt="first", steps=5, width=64, height=64, seed=1, sampler="Euler a", cfg_scale=3.0)
-    loop = next(iter(pipe._loops._loops.values()))
+    loop = next(iter(pipe.loops.values()))
     static = pipe(prompt="second", steps=5, width=64, height=64, seed=2, sampler="Euler a", cfg_scale=8.0)
-    assert next(iter(pipe._loops._loops.values())) is loop and len(pipe._loops) == 1
-    pipe._fast = None
+    assert next(iter(pipe.loops.values())) is loop and len(pipe.loops) == 1
+    pipe.set_fast_path(False)
     eager = pipe(prompt="second", steps=5, width=64, height=64, seed=2, sampler="Euler a", cfg_scale=8.0)
     assert np.abs(eager.pixels - static.pixels).max() <= 1e-4
 
@@ -145,13 +145,9 @@ def test_unsupported_requests_run_eagerly(pipe):
     pipe.set_fast_path()
     r = pipe(prompt="a cat AND a dog :0.5", steps=3, width=64, height=64, seed=1, sampler="Euler")
     pipe(prompt="a cat", steps=3, width=64, height=64, seed=1, sampler="Heun")
-    assert len(pipe._loops) == 0 and len(r.images) == 1
-    job = pipe._encode(pipe._check(dict(prompt="a AND b", negative_prompt="", steps=2, cfg_scale=7.0,
-                                        sampler="Euler", schedule="Automatic", seed=1, width=64, height=64,
-                                        batch_size=1, clip_skip=1, rng="gpu", eta_noise_seed_delta=0, subseed=-1,
-                                        subseed_strength=0.0, seed_resize_from=None, eta=None,
-                                        emphasis="Original", sigmas=None, callback=None)))
-    assert "AND" in unsupported_reason(job)
+    assert len(pipe.loops) == 0 and len(r.images) == 1
+    job = pipe.validate(sdrt.GenerationParams("a AND b", steps=2, sampler="Euler", seed=1, width=64, height=64))
+    assert "AND" in unsupported_reason(job, pipe.encode(job))
 
 
 def test_static_loop_reports_nan_and_steps(pipe):
@@ -168,14 +164,14 @@ def test_loop_cache_evicts_least_recent(pipe):
     pipe.set_fast_path(cache_size=2)
     for size in (64, 72, 80):
         pipe(prompt="a cat", steps=2, width=size, height=64, seed=1, sampler="Euler")
-    assert len(pipe._loops) == 2
-    assert sorted(k[1][2] for k in pipe._loops._loops) == [9, 10]
+    assert len(pipe.loops) == 2
+    assert sorted(k[1][2] for k in pipe.loops.keys()) == [9, 10]
 
 
 def test_kv_cache_same_image_and_once_per_conditioning(pipe):
     args = dict(prompt="a [cat:dog:0.5] photo", negative_prompt="ugly", steps=6, width=64, height=64, seed=4,
                 sampler="Euler a", batch_size=2)
-    pipe._fast = None
+    pipe.set_fast_path(False)
     pipe.backend.enable_kv_cache(False)
     plain = pipe(**args)
     pipe.backend.enable_kv_cache(True)
@@ -242,8 +238,8 @@ def test_engine_batches_on_the_static_loop():
         futures = [engine.submit(prompt=f"a cat {i}", steps=4, width=64, height=64, seed=i, sampler="Euler a")
                    for i in range(2)]
         batched = [f.result(timeout=60) for f in futures]
-    assert len(p._loops) >= 1
-    p._fast = None
+    assert len(p.loops) >= 1
+    p.set_fast_path(False)
     for i, r in enumerate(batched):
         solo = p(prompt=f"a cat {i}", steps=4, width=64, height=64, seed=i, sampler="Euler a")
         assert np.abs(solo.pixels - r.pixels).max() <= 1e-4
@@ -264,11 +260,11 @@ def test_cuda_graph_replay_equals_eager(dtype, monkeypatch):
     p.set_fast_path()
     first = p(**args)                      # the capture's warm-up run
     second = p(**dict(args, seed=4))        # a replay
-    loop = next(iter(p._loops._loops.values()))
+    loop = next(iter(p.loops.values()))
     assert loop.capture and loop.replays == 1
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert np.abs(eager.pixels - first.pixels).max() <= tol
-    p._fast = None
+    p.set_fast_path(False)
     assert np.abs(p(**dict(args, seed=4)).pixels - second.pixels).max() <= tol
 
 
@@ -286,8 +282,7 @@ def test_capture_order_and_replay_with_a_fake_graph_api():
     unet = p.backend.unet
     p.backend.unet = lambda *a: calls.append(1) or unet(*a)
     fake = FakeCuda()
-    p.set_fast_path(capture=True)
-    p._fast["cuda"] = fake
+    p.set_fast_path(capture=True, cuda=fake)
     runs = [dict(prompt="a [cat:dog:0.5]", seed=3, cfg_scale=5.0),
             dict(prompt="a [red:blue:0.5] cube", seed=8, cfg_scale=[9.0, 2.0]),
             dict(prompt="a [cat:dog:0.5]", seed=11, cfg_scale=7.0)]
@@ -296,9 +291,9 @@ def test_capture_order_and_replay_with_a_fake_graph_api():
                            "current waits for side", "capture begin (thread_local)", "capture end",
                            "current synchronize", "replay", "current synchronize", "replay", "current synchronize"]
     assert len(calls) == 12                         # the body ran twice (warm-up, capture), replays run none
-    loop = next(iter(p._loops._loops.values()))
+    loop = next(iter(p.loops.values()))
     assert loop.replays == 2 and len(fake.graphs) == 1
-    p._fast = None
+    p.set_fast_path(False)
     for r, g in zip(runs, got):
         want = p(steps=6, width=64, height=64, sampler="Euler a", batch_size=2, **r)
         assert np.abs(want.pixels - g.pixels).max() <= 1e-4
@@ -318,7 +313,7 @@ def test_cross_attention_kernel_path_gives_the_same_image(pipe):
     """enable_kv_cache(custom_kernel=True) routes cross-attention through sdrt.kernels'
     cross_attention (its torch reference on a CPU, the CUDA kernel on a GPU)."""
     args = dict(prompt="a [cat:dog:0.5] photo", steps=4, width=64, height=64, seed=6, sampler="Euler a")
-    pipe._fast = None
+    pipe.set_fast_path(False)
     pipe.backend.enable_kv_cache(False)
     plain = pipe(**args)
     try:
@@ -329,7 +324,7 @@ def test_cross_attention_kernel_path_gives_the_same_image(pipe):
         static = pipe(**args)
     finally:
         pipe.backend.enable_kv_cache(False)
-        pipe._fast = None
+        pipe.set_fast_path(False)
     assert np.abs(plain.pixels - custom.pixels).max() <= 1e-5
     assert np.abs(plain.pixels - static.pixels).max() <= 1e-4
 
@@ -341,27 +336,27 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
     memory), so Pipeline.tune drops the cached loops when it does; the SDPA order and cuDNN
     autotuning leave the image alone."""
     args = dict(prompt="a [cat:dog:0.5] photo", steps=4, width=64, height=64, seed=6, sampler="Euler a")
-    pipe._fast = None
+    pipe.set_fast_path(False)
     plain = pipe(**args)
     pipe.set_fast_path()
     pipe(**args)
-    assert len(pipe._loops) == 1
+    assert len(pipe.loops) == 1
     be = pipe.backend
     try:
         pipe.tune(sdpa_order=("cudnn", "flash", "efficient", "math"), cudnn_benchmark=True)
-        assert len(pipe._loops) == 1                                # no weights moved: graphs stay
+        assert len(pipe.loops) == 1                                # no weights moved: graphs stay
         pipe.tune(channels_last=True)
-        assert len(pipe._loops) == 0
+        assert len(pipe.loops) == 0
         assert be.options == dict(channels_last=True, cudnn_benchmark=True,
                                   sdpa_order=("cudnn", "flash", "efficient", "math"), compile=None)
         w = be.unet_module.conv_in.weight
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
         tuned = pipe(**args)
-        pipe._fast = None
+        pipe.set_fast_path(False)
         tuned_eager = pipe(**args)
     finally:
         pipe.tune(**UNTUNED)
-        pipe._fast = None
+        pipe.set_fast_path(False)
     assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=None)
     assert be.unet_module.conv_in.weight.is_contiguous() and not torch.backends.cudnn.benchmark
     assert np.abs(plain.pixels - tuned.pixels).max() <= 1e-4
@@ -405,7 +400,7 @@ def test_cli_channels_last_gives_the_same_image(tmp_path):
 def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
     args = dict(prompt="a [cat:dog:0.5] photo", steps=3, width=64, height=64, seed=2, sampler="DPM++ 2M")
     be = pipe.backend
-    pipe._fast = None
+    pipe.set_fast_path(False)
     plain = pipe(**args)
     with pytest.raises(ValueError, match="K/V cache"):
         be.enable_kv_cache(True)
@@ -426,7 +421,7 @@ def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
         assert other.unet_module is be.unet_module and dynamo_only == ["default"]   # one wrapper per module
     finally:
         pipe.tune(compile=False)
-        pipe._fast = None
+        pipe.set_fast_path(False)
     assert be.unet_module is be._eager_unet and be.options["compile"] is None
     assert np.abs(plain.pixels - eager.pixels).max() <= 1e-5
     assert np.abs(plain.pixels - static.pixels).max() <= 1e-4

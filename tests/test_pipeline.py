@@ -17,7 +17,7 @@ def test_every_sampler_generates(tiny, sampler):
     r = tiny("a red cube on a table", sampler=sampler, **ARGS)
     assert len(r.images) == 1 and r.images[0].size == (64, 64) and r.images[0].mode == "RGB"
     assert np.isfinite(r.pixels).all() and r.pixels.std() > 0.01
-    assert set(r.timings) == {"text_encoder", "unet", "vae", "total"}
+    assert set(r.timings) == {"text_encoder", "loop", "unet", "vae", "total"} and r.timings["unet"] == r.timings["loop"]
     assert r.timings["total"] >= r.timings["unet"] > 0
 
 

@@ -97,7 +97,7 @@ def test_ddim_eta_matches_ddim_sigma_t():
     s, s_next, eta = 3.0, 1.2, 0.7
     a_t, a_prev = 1 / (1 + s ** 2), 1 / (1 + s_next ** 2)
     sigma_t = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    _, up = S._ancestral_step(s, s_next, eta)
+    _, up = S.ancestral_step(s, s_next, eta)
     assert up == pytest.approx(sigma_t / math.sqrt(a_prev), rel=1e-12)
 
 

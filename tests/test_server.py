@@ -142,12 +142,12 @@ def test_nan_image_is_a_500_naming_the_cause(client):
 def test_full_queue_answers_503_with_retry_after(tiny):
     pipe = sdrt.Pipeline(tiny.components, tiny.backend)
     gate = threading.Event()
-    real = pipe._sample
+    real = pipe.sample
 
-    def sample(job, callback=None):
+    def sample(job, cond, callback=None):
         gate.wait(30)
-        return real(job, callback)
-    pipe._sample = sample
+        return real(job, cond, callback)
+    pipe.sample = sample
     state = ServerState(ServerConfig(max_batch_size=1, max_wait=0.0, max_queue=1), pipe=pipe)
     with TestClient(create_app(state=state)) as c:
         # fill the engine directly until it refuses: one runs (held by the gate), one or two wait
@@ -196,7 +196,7 @@ def test_server_with_the_fast_path_serves_the_same_images(tiny):
         with TestClient(create_app(state=state)) as c:
             r = c.post("/sdapi/v1/txt2img", json={"prompt": "a boat", "seed": 5, "sampler_name": "Euler a", **SMALL})
         assert r.status_code == 200, r.text
-        assert len(state.pipe._loops) == 1                          # it ran on the static loop
+        assert len(state.pipe.loops) == 1                          # it ran on the static loop
         want = tiny("a boat", seed=5, sampler="Euler a", **SMALL)
         got = decode(r.json()["images"][0])
         assert np.abs(np.asarray(got, dtype=int) - np.asarray(want.images[0], dtype=int)).max() <= 1

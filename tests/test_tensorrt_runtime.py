@@ -113,9 +113,9 @@ def test_static_loop_runs_on_the_engines(trt_pipe, torch_pipe):
     trt_pipe.set_fast_path()
     try:
         got = trt_pipe(**args)
-        assert len(trt_pipe._loops) == 1
+        assert len(trt_pipe.loops) == 1
     finally:
-        trt_pipe._fast = None
+        trt_pipe.set_fast_path(False)
     assert np.abs(want.pixels - got.pixels).max() <= 1e-4
 
 
@@ -176,15 +176,14 @@ def test_static_loop_captures_and_replays_the_engines(trt_pipe, torch_pipe):
     new seeds and prompts."""
     from cuda_graph_fake import FakeCuda
     cuda = FakeCuda(mirror=fake.CALLS)
-    trt_pipe.set_fast_path(capture=True)
-    trt_pipe._fast["cuda"] = cuda
+    trt_pipe.set_fast_path(capture=True, cuda=cuda)
     fake.CALLS.clear()
     runs = [dict(prompt="a [cat:dog:0.5]", seed=2), dict(prompt="a [red:blue:0.5] cube", seed=5, cfg_scale=3.0),
             dict(prompt="a [cat:dog:0.5]", seed=9)]
     try:
         got = [trt_pipe(steps=4, width=64, height=64, sampler="Euler a", batch_size=2, **r) for r in runs]
     finally:
-        trt_pipe._fast = None
+        trt_pipe.set_fast_path(False)
     calls = fake.CALLS
     begin, end = calls.index(("cuda", "capture begin (thread_local)")), calls.index(("cuda", "capture end"))
     unet_runs = [i for i, c in enumerate(calls) if c[0] == "execute_async_v3" and c[1][0] == "unet"]

@@ -1,0 +1,296 @@
+"""The generation arguments, declared once.
+
+``GenerationParams`` is every argument of a text-to-image generation: its type, default and
+one-line help, and where the web UI's HTTP API carries it. Everything else is derived from it:
+
+- ``Pipeline.__call__(prompt, **fields)`` builds one (or takes one);
+- ``sdrt.Request``, the batcher's one-image request, is this class plus a timeout;
+- ``sdrt generate``'s flags come from ``add_arguments`` / ``from_arguments``;
+- the web UI's txt2img request model (``sdrt.serving.app.Txt2Img``) takes its fields from the
+  ``webui`` names below.
+
+Adding a parameter is one field here (with its metadata) plus its use. ``validate`` turns the
+arguments into a ``Job``: normalised values, one entry per image for what may differ between
+images, every error a ``ValueError`` naming the argument and its valid range.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import numbers
+import typing
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .conditioning import EMPHASIS
+from .rng import SOURCES, check_seed
+from .samplers import SAMPLERS, SamplerSpec, resolve_sampler
+from .schedules import SCHEDULES, normalize_schedule
+
+MAX_SIDE = 8192
+MAX_BATCH = 256
+MAX_STEPS = 10000
+
+
+def param(default, help: str, *, per_image: bool = False, flags: tuple[str, ...] | None = None,
+          cli: bool = True, choices: tuple | None = None, webui: str | None = None,
+          webui_default=dataclasses.MISSING, webui_option: str | None = None):
+    """A generation argument.
+
+    Args:
+        default: the Python API's default.
+        help: one line, shown by ``sdrt generate --help`` and in the docs.
+        per_image: a list with one value per image is accepted too; the batcher lets requests
+            that differ only in such arguments share a batch.
+        flags: the CLI's flags (default ``--field-name``); ``cli=False``: not on the CLI.
+        choices: the CLI's choices (validation itself lives in ``validate``).
+        webui: the field's name in the web UI's txt2img request (None: not in the request).
+        webui_default: the web UI's default where it differs from sdrt's.
+        webui_option: the web UI option (``override_settings`` key) that carries it instead.
+    """
+    meta = dict(help=help, per_image=per_image, flags=flags, cli=cli, choices=choices, webui=webui,
+                webui_default=default if webui_default is dataclasses.MISSING else webui_default,
+                webui_option=webui_option)
+    return field(default=default, metadata=meta)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    w, sep, h = str(text).lower().partition("x")
+    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768, got {text!r}")
+    return int(w), int(h)
+
+
+@dataclass
+class GenerationParams:
+    """The arguments of one text-to-image generation (see the module docstring).
+
+    ``prompt``, ``negative_prompt``, ``seed``, ``subseed`` and ``cfg_scale`` also take a list
+    with one value per image; a list of prompts sets the batch size.
+    """
+
+    prompt: str | list[str] = param(
+        "", "the prompt, in the web UI's syntax ((word:1.2), [a:b:0.5], [a|b], BREAK, AND)",
+        per_image=True, flags=("prompt",), webui="prompt")
+    negative_prompt: str | list[str] = param(
+        "", "what the image should not show", per_image=True, flags=("-n", "--negative-prompt"),
+        webui="negative_prompt")
+    steps: int = param(20, f"sampling steps, 1..{MAX_STEPS}", webui="steps", webui_default=50)
+    cfg_scale: float | list[float] = param(7.0, "classifier-free guidance scale", per_image=True,
+                                           webui="cfg_scale")
+    sampler: str = param("Euler a", "a web UI sampler name: " + ", ".join(SAMPLERS))
+    schedule: str = param("Automatic", "a web UI schedule type: " + ", ".join(SCHEDULES))
+    seed: int | list[int] = param(-1, "the first image's seed (image i gets seed + i); -1: random",
+                                  per_image=True, webui="seed")
+    width: int = param(512, "image width in pixels, a multiple of the model's latent factor", webui="width")
+    height: int = param(512, "image height in pixels, a multiple of the model's latent factor", webui="height")
+    batch_size: int = param(1, f"images per batch, 1..{MAX_BATCH}", webui="batch_size")
+    clip_skip: int = param(1, "stop the text encoder that many layers before its last (1: the last)",
+                           webui_option="CLIP_stop_at_last_layers")
+    rng: str = param("gpu", "noise source: gpu (the device's generator), cpu or nv (NVIDIA's Philox)",
+                     choices=SOURCES, webui_option="randn_source")
+    eta_noise_seed_delta: int = param(0, "ENSD: added to the seed of the samplers' noise", flags=("--ensd",),
+                                      webui_option="eta_noise_seed_delta")
+    subseed: int | list[int] = param(-1, "variation seed (-1: random)", per_image=True, webui="subseed")
+    subseed_strength: float = param(0.0, "how much of the variation seed's noise, 0..1", webui="subseed_strength")
+    seed_resize_from: tuple[int, int] | None = param(
+        None, "the web UI's 'resize seed from': WIDTHxHEIGHT whose noise is placed in this size")
+    eta: float | None = param(None, "the ancestral samplers' eta (None: the sampler's default)", webui="eta")
+    emphasis: str = param("Original", "how token weights apply: " + ", ".join(EMPHASIS), choices=EMPHASIS,
+                          webui_option="emphasis")
+    sigmas: Sequence[float] | None = param(None, "explicit decreasing sigmas (overrides schedule and steps)",
+                                           cli=False)
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field, ...]:
+        return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+    @classmethod
+    def per_image_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in cls.fields() if f.metadata["per_image"])
+
+    def replace(self, **changes) -> "GenerationParams":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ validation
+
+def int_arg(name, value, lo, hi=None, multiple=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    if multiple and value % multiple:
+        raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
+    return value
+
+
+def float_arg(name, value, lo=None, hi=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _prompt_list(name, value, batch_size) -> list[str]:
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of {batch_size} strings, got {type(value).__name__}")
+    values = [value] * batch_size if isinstance(value, str) else list(value)
+    if len(values) != batch_size or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a string or a list of {batch_size} strings")
+    return values
+
+
+def image_seeds(seed, subseed, batch_size: int, subseed_strength: float) -> tuple[list[int], list[int]]:
+    """Each image's (seed, subseed), the web UI's rule: image i gets seed + i, unless a variation
+    is mixed in (subseed_strength > 0), then every image keeps the seed and the subseeds count
+    up. -1 picks a random start; a list gives each image its own."""
+    def listed(name, value, step):
+        if isinstance(value, (list, tuple)):
+            if len(value) != batch_size:
+                raise ValueError(f"{name} must be an integer or a list of {batch_size} integers, got {len(value)}")
+            return [check_seed(v, name) for v in value]
+        start = check_seed(value, name)
+        return [(start + i * step) % 2 ** 32 for i in range(batch_size)]
+    return listed("seed", seed, 1 if subseed_strength == 0 else 0), listed("subseed", subseed, 1)
+
+
+@dataclass
+class Job:
+    """Validated arguments of one generation (``Pipeline.validate``), the first stage's output.
+
+    ``params`` holds the normalised scalar arguments (the sampler's canonical name, the schedule's
+    label, integer sizes; ``steps`` is the number of sampler steps); the per-image values are
+    lists of ``batch_size``. ``sigmas`` is the planned noise schedule (steps + 1 values).
+    """
+
+    params: GenerationParams
+    sampler: SamplerSpec
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+    cfg_scales: list[float]
+    eta: float | None            # what the sampler uses (its default when the request gave none)
+    sigmas: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def steps(self) -> int:
+        return self.params.steps
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls as the web UI counts them for prompt editing (two per step for the
+        second-order samplers)."""
+        return self.steps * 2 if self.sampler.second_order else self.steps
+
+    def batch_key(self) -> tuple:
+        """What requests must share to run in one batch: every argument but the per-image ones."""
+        shared = [f.name for f in GenerationParams.fields() if not f.metadata["per_image"]
+                  and f.name not in ("batch_size", "sigmas")]
+        return tuple(getattr(self.params, n) for n in shared) + (
+            None if self.sigmas is None else self.sigmas.tobytes(),)
+
+    @classmethod
+    def merge(cls, jobs: list["Job"]) -> "Job":
+        """One batch's job from one-image jobs that share ``batch_key``."""
+        first = jobs[0]
+        lists = {k: [v for j in jobs for v in getattr(j, k)]
+                 for k in ("prompts", "negative_prompts", "seeds", "subseeds", "cfg_scales")}
+        return dataclasses.replace(first, params=first.params.replace(batch_size=len(jobs)), **lists)
+
+
+def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
+    """Check every argument before any network runs (``ValueError`` naming the argument)."""
+    if not isinstance(p, GenerationParams):
+        raise ValueError(f"expected GenerationParams, got {type(p).__name__}")
+    steps = int_arg("steps", p.steps, 1, MAX_STEPS)
+    batch = int_arg("batch_size", p.batch_size, 1, MAX_BATCH)
+    width = int_arg("width", p.width, latent_factor, MAX_SIDE, multiple=latent_factor)
+    height = int_arg("height", p.height, latent_factor, MAX_SIDE, multiple=latent_factor)
+    clip_skip = int_arg("clip_skip", p.clip_skip, 1, text_layers)
+    spec, schedule = resolve_sampler(p.sampler, p.schedule)
+    schedule = normalize_schedule(schedule)
+    if p.emphasis not in EMPHASIS:
+        raise ValueError(f"emphasis {p.emphasis!r} is unknown; valid: {', '.join(EMPHASIS)}")
+    if p.rng not in SOURCES:
+        raise ValueError(f"rng {p.rng!r} is unknown; valid: {', '.join(SOURCES)}")
+    ensd = int_arg("eta_noise_seed_delta", p.eta_noise_seed_delta, 0, 2 ** 32 - 1)
+    strength = float_arg("subseed_strength", p.subseed_strength, 0.0, 1.0)
+    eta = None if p.eta is None else float_arg("eta", p.eta, 0.0, 10.0)
+    resize = p.seed_resize_from
+    if resize is not None:
+        if not isinstance(resize, (tuple, list)) or len(resize) != 2:
+            raise ValueError(f"seed_resize_from must be (width, height) in pixels, got {resize!r}")
+        resize = (int_arg("seed_resize_from width", resize[0], 0, MAX_SIDE),
+                  int_arg("seed_resize_from height", resize[1], 0, MAX_SIDE))
+    if isinstance(p.prompt, (list, tuple)):      # a list of prompts sets the batch size
+        batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
+    prompts = _prompt_list("prompt", p.prompt, batch)
+    negatives = _prompt_list("negative_prompt", p.negative_prompt, batch)
+    if isinstance(p.cfg_scale, (list, tuple)):
+        if len(p.cfg_scale) != batch:
+            raise ValueError(f"cfg_scale must be a number or a list of {batch} numbers")
+        scales = [float_arg("cfg_scale", v) for v in p.cfg_scale]
+    else:
+        scales = [float_arg("cfg_scale", p.cfg_scale)] * batch
+    seeds, subseeds = image_seeds(p.seed, p.subseed, batch, strength)
+    sigmas = None
+    if p.sigmas is not None:
+        try:
+            sigmas = np.asarray(p.sigmas, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("sigmas must be a decreasing list of at least 2 finite values >= 0") from None
+        if (sigmas.ndim != 1 or len(sigmas) < 2 or not np.all(np.isfinite(sigmas)) or np.any(sigmas < 0)
+                or np.any(np.diff(sigmas) >= 0)):
+            raise ValueError("sigmas must be a decreasing list of at least 2 finite values >= 0")
+        steps = len(sigmas) - 1
+    params = p.replace(steps=steps, batch_size=batch, width=width, height=height, clip_skip=clip_skip,
+                       sampler=spec.name, schedule=schedule, eta_noise_seed_delta=ensd, subseed_strength=strength,
+                       eta=eta, seed_resize_from=resize, sigmas=None if sigmas is None else tuple(sigmas))
+    return Job(params=params, sampler=spec, prompts=prompts, negative_prompts=negatives, seeds=seeds,
+               subseeds=subseeds, cfg_scales=scales, eta=spec.eta_default if eta is None else eta, sigmas=sigmas)
+
+
+# ------------------------------------------------------------------ the command line
+
+def scalar_type(f: dataclasses.Field):
+    """int, float or str: the type of one value of a field (None for a pair)."""
+    hint = typing.get_type_hints(GenerationParams)[f.name]
+    for arg in (typing.get_args(hint) or (hint,)):
+        if arg in (int, float, str):
+            return arg
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """``sdrt generate``'s generation flags, one per field (a flag left out keeps the default;
+    ``defaults``: how the command describes defaults it sets itself)."""
+    for f in GenerationParams.fields():
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        flags = m["flags"] or ("--" + f.name.replace("_", "-"),)
+        kind = scalar_type(f) or _parse_size
+        default = (defaults or {}).get(f.name, f.default)
+        shown = f" (default: {default})" if default not in ("", None) else ""
+        kwargs = dict(help=m["help"] + shown, choices=m["choices"])
+        if flags[0].startswith("-"):
+            kwargs.update(dest=f.name, default=argparse.SUPPRESS)
+        parser.add_argument(*flags, type=kind, **kwargs)
+
+
+def from_arguments(args: argparse.Namespace, **defaults) -> GenerationParams:
+    """The GenerationParams of parsed flags; ``defaults`` fill what the command line left out."""
+    given = {f.name: getattr(args, f.name) for f in GenerationParams.fields() if hasattr(args, f.name)}
+    return GenerationParams(**{**defaults, **given})

@@ -1,0 +1,402 @@
+"""The AUTOMATIC1111 web UI's HTTP API over an ``sdrt.Batcher`` (a FastAPI app).
+
+``create_app(config)`` builds the app; ``sdrt.serving.deploy`` runs it as a Ray Serve deployment
+(one replica per GPU or CPU worker) or, with ``--no-ray``, under uvicorn in one process.
+
+Routes (the web UI's names and JSON shapes, so existing clients such as ``webuiapi`` work):
+``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models``,
+``GET|POST /sdapi/v1/options``, ``GET /sdapi/v1/progress``, ``GET /sdapi/v1/scripts``, plus
+``GET /health`` and ``GET /metrics`` (Prometheus text format).
+
+Errors are JSON ``{"error": kind, "detail": message}``: 400 malformed JSON, 413 body too large,
+422 invalid or unsupported arguments, 503 queue full (with Retry-After), 504 timeout, 500 a
+failed generation (NaN/Inf image). No request can take the server down.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, create_model
+
+from .._version import __version__
+from ..batcher import Batcher, BatcherBusy, BatcherClosed, Request
+from ..conditioning import EMPHASIS
+from ..params import GenerationParams, image_seeds, scalar_type
+from ..pipeline import Pipeline
+from ..result import save_png
+from ..samplers import SAMPLERS, resolve_sampler
+from ..schedules import SCHEDULES, normalize_schedule
+
+
+@dataclass
+class ServerConfig:
+    """What a server (each replica) loads and the limits it enforces."""
+
+    model: str = "random:tiny"
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    engine_dir: str | None = None
+    fast_path: bool = False           # the static loop (one CUDA graph per configuration on a GPU)
+    channels_last: bool = False       # torch backend: NHWC weights (Pipeline.tune)
+    compile: str | None = None        # torch backend: torch.compile mode for the UNet (Pipeline.tune)
+    max_batch_size: int = 8           # images per UNet batch (sdrt.Batcher)
+    max_wait: float = 0.02            # seconds a partial batch waits
+    max_queue: int = 256              # images waiting; beyond it 503
+    timeout: float | None = 600.0     # seconds per image, queue included
+    threads: int | None = None        # torch threads per batcher worker (None: torch's default)
+    max_images: int = 16              # batch_size * n_iter per HTTP request
+    max_side: int = 2048              # pixels
+    max_prompt_chars: int = 20000     # prompt + negative prompt
+    max_body_bytes: int = 1 << 20
+
+
+# the web UI's scheduler names (API "scheduler" accepts a name or a label)
+SCHEDULER_NAMES = {s: s.lower().replace(" ", "_") for s in SCHEDULES}
+RNG_SOURCES = {"GPU": "gpu", "CPU": "cpu", "NV": "nv"}
+
+
+class _WebUIOnly(BaseModel):
+    """The txt2img request's fields that are the web UI's own (its names for sampler and
+    schedule, n_iter, what sdrt refuses); the generation arguments are added from
+    ``GenerationParams`` (``webui`` names, web UI defaults) to make ``Txt2Img``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    styles: list[str] | None = None
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    n_iter: int = 1
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_noise: float = 1.0
+    override_settings: dict | None = None
+    override_settings_restore_afterwards: bool = True
+    enable_hr: bool = False
+    script_name: str | None = None
+    script_args: list = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict = {}
+
+
+def _webui_fields() -> dict:
+    fields = {}
+    for f in GenerationParams.fields():
+        name, default = f.metadata["webui"], f.metadata["webui_default"]
+        if name:
+            kind = scalar_type(f)
+            fields[name] = (kind | None if default is None else kind, default)
+    return fields
+
+
+Txt2Img = create_model("Txt2Img", __base__=_WebUIOnly, **_webui_fields())
+Txt2Img.__doc__ = """The web UI's txt2img request, with its defaults. Fields sdrt does not implement are
+accepted at their default values and refused (422) otherwise."""
+
+# the generation arguments that the web UI takes from its options (override_settings)
+OPTION_FIELDS = {f.metadata["webui_option"]: f for f in GenerationParams.fields() if f.metadata["webui_option"]}
+
+
+# field -> value sdrt implements; any other value is refused with a clear message
+UNSUPPORTED = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False),
+               "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
+               "s_noise": 1.0, "save_images": False, "styles": (None, [])}
+OPTION_KEYS = ("sd_model_checkpoint", *OPTION_FIELDS)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, kind: str, detail: str, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers
+
+
+def _error(status, kind, detail, headers=None):
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+
+
+class ServerState:
+    """One replica: the pipeline, its batcher, the options and the HTTP counters."""
+
+    def __init__(self, config: ServerConfig, pipe: Pipeline | None = None):
+        self.config = config
+        self.pipe = pipe or Pipeline.from_pretrained(
+            config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+            engine_dir=config.engine_dir, fast_path=config.fast_path,
+            tune=dict(channels_last=config.channels_last, compile=config.compile))
+        self.batcher = Batcher(self.pipe, max_batch_size=config.max_batch_size, max_wait=config.max_wait,
+                             max_queue=config.max_queue, timeout=config.timeout, threads=config.threads)
+        c = self.pipe.components
+        self.model_title = f"{c.name} [{c.model_hash}]"
+        self.options = {"sd_model_checkpoint": self.model_title,
+                        **{k: _option_value(f.name, f.default) for k, f in OPTION_FIELDS.items()}}
+        self.http = {}            # (path, status) -> count
+        self.started = time.time()
+
+    @property
+    def engine(self) -> Batcher:
+        """Deprecated name of ``batcher`` (kept for one release)."""
+        return self.batcher
+
+    def settings(self, overrides: dict | None) -> dict:
+        """Options for one request: the server's, then the request's override_settings."""
+        opts = dict(self.options)
+        for k, v in (overrides or {}).items():
+            if k not in OPTION_KEYS:
+                raise APIError(422, "UnsupportedOption", f"override_settings key {k!r} is not supported by sdrt; "
+                                                         f"supported: {', '.join(OPTION_KEYS)}")
+            opts[k] = v
+        if opts["sd_model_checkpoint"] not in (self.model_title, self.pipe.components.name):
+            raise APIError(422, "UnknownModel", f"this server serves {self.model_title!r}, not "
+                                                f"{opts['sd_model_checkpoint']!r}")
+        if opts["randn_source"] not in RNG_SOURCES:
+            raise APIError(422, "InvalidOption", f"randn_source must be one of {', '.join(RNG_SOURCES)}, "
+                                                 f"got {opts['randn_source']!r}")
+        if opts["emphasis"] not in EMPHASIS:
+            raise APIError(422, "InvalidOption", f"emphasis must be one of {', '.join(EMPHASIS)}, "
+                                                 f"got {opts['emphasis']!r}")
+        layers = self.pipe.components.text_encoder.config.num_hidden_layers
+        skip, ensd = opts["CLIP_stop_at_last_layers"], opts["eta_noise_seed_delta"]
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= layers:
+            raise APIError(422, "InvalidOption", f"CLIP_stop_at_last_layers must be an integer in 1..{layers}, "
+                                                 f"got {skip!r}")
+        if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd < 2 ** 32:
+            raise APIError(422, "InvalidOption", f"eta_noise_seed_delta must be an integer in 0..{2 ** 32 - 1}, "
+                                                 f"got {ensd!r}")
+        return opts
+
+    def requests_for(self, body: Txt2Img) -> tuple[list[Request], dict]:
+        """One batcher request per image, with the web UI's seed rule; raises APIError (422)."""
+        cfg = self.config
+        for name, allowed in UNSUPPORTED.items():
+            value = getattr(body, name)
+            if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+                raise APIError(422, "Unsupported", f"{name}={value!r} is not supported by sdrt "
+                                                   f"(send {allowed if not isinstance(allowed, tuple) else allowed[0]!r})")
+        n = body.batch_size * body.n_iter
+        if body.batch_size < 1 or body.n_iter < 1 or n > cfg.max_images:
+            raise APIError(422, "ValueError", f"batch_size x n_iter must be between 1 and {cfg.max_images} images "
+                                              f"on this server, got {body.batch_size} x {body.n_iter}")
+        for side in ("width", "height"):
+            if not 1 <= getattr(body, side) <= cfg.max_side:
+                raise APIError(422, "ValueError", f"{side} must be in 1..{cfg.max_side} on this server, "
+                                                  f"got {getattr(body, side)}")
+        chars = len(body.prompt) + len(body.negative_prompt)
+        if chars > cfg.max_prompt_chars:
+            raise APIError(422, "ValueError", f"prompt and negative prompt hold {chars} characters; this server "
+                                              f"accepts at most {cfg.max_prompt_chars}")
+        opts = self.settings(body.override_settings)
+        try:    # one resolution: an old combined name ("DPM++ 2M Karras") sets the schedule
+            spec, schedule = resolve_sampler(body.sampler_name or body.sampler_index or "Euler",
+                                             body.scheduler or "Automatic")
+            schedule = normalize_schedule(schedule)
+            seeds, subseeds = image_seeds(body.seed, body.subseed, n, body.subseed_strength)
+        except ValueError as e:
+            raise APIError(422, "ValueError", str(e)) from None
+        resize = ((body.seed_resize_from_w, body.seed_resize_from_h)
+                  if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0 else None)
+        # the generation arguments under their web UI names, from the body and from the options
+        common = {f.name: getattr(body, f.metadata["webui"]) for f in GenerationParams.fields()
+                  if f.metadata["webui"] and f.name not in ("batch_size", "seed", "subseed")}
+        common.update({f.name: opts[key] for key, f in OPTION_FIELDS.items()})
+        common.update(rng=RNG_SOURCES[opts["randn_source"]], sampler=spec.name, schedule=schedule,
+                      seed_resize_from=resize)
+        reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
+        return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
+
+    async def txt2img(self, body: Txt2Img) -> dict:
+        reqs, meta = self.requests_for(body)
+        # submit validates (tokenizes the prompt): off the event loop
+        futures = await asyncio.to_thread(lambda: [self.batcher.submit(r) for r in reqs])
+        try:
+            results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+        except BaseException as e:
+            for f in futures:
+                f.cancel()
+            raise _api_error(e) from None
+        images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
+        infotexts = [r.infotexts[0] for r in results]
+        c = self.pipe.components
+        info = {
+            "prompt": body.prompt, "all_prompts": [body.prompt] * len(reqs),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(reqs),
+            "seed": meta["seeds"][0], "all_seeds": meta["seeds"], "subseed": meta["subseeds"][0],
+            "all_subseeds": meta["subseeds"], "subseed_strength": body.subseed_strength,
+            "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
+            "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": c.name,
+            "sd_model_hash": c.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
+            "denoising_strength": None, "extra_generation_params": {"Schedule type": meta["schedule"]},
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+            "clip_skip": meta["opts"]["CLIP_stop_at_last_layers"], "is_using_inpainting_conditioning": False,
+            "version": f"sdrt {__version__}",
+            "timings": [r.timings for r in results],
+        }
+        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    def progress(self) -> dict:
+        p = self.batcher.progress()
+        frac = p["step"] / p["steps"] if p["steps"] else 0.0
+        elapsed = time.perf_counter() - p["started"] if p["started"] else 0.0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        return {"progress": frac, "eta_relative": eta,
+                "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
+                          "job": f"batch of {p['batch']}" if p["batch"] else "", "job_count": p["queued"] + (p["batch"] > 0),
+                          "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "job_no": p["job_no"],
+                          "sampling_step": p["step"], "sampling_steps": p["steps"]},
+                "current_image": None, "textinfo": None, "queued": p["queued"]}
+
+    def metrics_text(self) -> str:
+        m = self.batcher.metrics
+        lines = ["# HELP sdrt_queue_length Images waiting for a batch.", "# TYPE sdrt_queue_length gauge",
+                 f"sdrt_queue_length {self.batcher.queue_length()}",
+                 "# HELP sdrt_requests_total Images by outcome.", "# TYPE sdrt_requests_total counter"]
+        for outcome in ("ok", "failed", "invalid", "busy", "timeout", "cancelled"):
+            lines.append(f'sdrt_requests_total{{outcome="{outcome}"}} {m["requests"][outcome]}')
+        lines += ["# HELP sdrt_batches_total Batches run.", "# TYPE sdrt_batches_total counter",
+                  f"sdrt_batches_total {m['batches']}",
+                  "# HELP sdrt_batch_size Images per batch.", "# TYPE sdrt_batch_size histogram"]
+        hist = m["batch_size"]
+        for le, count in hist.cumulative():
+            if le == "+Inf" or int(le) <= self.batcher.max_batch_size:
+                lines.append(f'sdrt_batch_size_bucket{{le="{le}"}} {count}')
+        lines += [f"sdrt_batch_size_sum {hist.sum}", f"sdrt_batch_size_count {hist.count}",
+                  "# HELP sdrt_stage_seconds Seconds per image and stage (queue, text_encoder, loop, vae, total; unet: the old name of loop).",
+                  "# TYPE sdrt_stage_seconds histogram"]
+        for stage, h in m["latency"].items():
+            for le, count in h.cumulative():
+                lines.append(f'sdrt_stage_seconds_bucket{{stage="{stage}",le="{le}"}} {count}')
+            lines += [f'sdrt_stage_seconds_sum{{stage="{stage}"}} {h.sum}',
+                      f'sdrt_stage_seconds_count{{stage="{stage}"}} {h.count}']
+        lines += ["# HELP sdrt_http_responses_total HTTP responses by path and status.",
+                  "# TYPE sdrt_http_responses_total counter"]
+        for (path, status), count in sorted(self.http.items()):
+            lines.append(f'sdrt_http_responses_total{{path="{path}",status="{status}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+
+def _option_value(name: str, value):
+    """A generation argument's value as the web UI's option holds it."""
+    return {v: k for k, v in RNG_SOURCES.items()}[value] if name == "rng" else value
+
+
+def _api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):
+        return APIError(422, "ValueError", str(e))
+    if isinstance(e, BatcherBusy):
+        return APIError(503, "Busy", str(e), {"Retry-After": "1"})
+    if isinstance(e, BatcherClosed):
+        return APIError(503, "Closed", str(e))
+    if isinstance(e, TimeoutError):
+        return APIError(504, "Timeout", str(e) or "the request timed out")
+    if isinstance(e, asyncio.CancelledError):
+        return APIError(499, "Cancelled", "the request was cancelled")
+    return APIError(500, type(e).__name__, str(e))
+
+
+def _png_base64(image, text: str) -> str:
+    return base64.b64encode(save_png(image, io.BytesIO(), text).getvalue()).decode()
+
+
+def create_app(config: ServerConfig | None = None, state: ServerState | None = None) -> FastAPI:
+    """The FastAPI app for one replica (loads the model unless ``state`` is given)."""
+    state = state or ServerState(config or ServerConfig())
+    app = FastAPI(title="sdrt", version=__version__)
+    app.state.sdrt = state
+
+    @app.middleware("http")
+    async def limits_and_counts(request: HTTPRequest, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > state.config.max_body_bytes):
+            response = _error(413, "TooLarge", f"request body of {length} bytes; this server accepts at most "
+                                               f"{state.config.max_body_bytes}")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # noqa: BLE001 - never let one request take the server down
+                response = _error(500, type(e).__name__, str(e))
+        key = (request.url.path, response.status_code)
+        state.http[key] = state.http.get(key, 0) + 1
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            msg = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+            return _error(400, "MalformedJSON", f"the request body is not valid JSON: {msg}".rstrip(": "))
+        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors]
+        return _error(422, "ValidationError", "; ".join(parts))
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, exc: APIError):
+        return _error(exc.status, exc.kind, exc.detail, exc.headers)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img):
+        return await state.txt2img(body)
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return [{"name": SCHEDULER_NAMES[s], "label": s, "aliases": None,
+                 "default_rho": 7.0 if s == "Karras" else (1.0 if s == "Polyexponential" else -1.0),
+                 "need_inner_model": s in ("Uniform", "SGM Uniform")} for s in SCHEDULES]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        c = state.pipe.components
+        return [{"title": state.model_title, "model_name": c.name, "hash": c.model_hash, "sha256": None,
+                 "filename": state.config.model, "config": None}]
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return dict(state.options)
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(body: dict):
+        state.settings(body)                       # validates every key and value first
+        state.options.update(body)
+        return None
+
+    @app.get("/sdapi/v1/progress")
+    async def progress():
+        return state.progress()
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_title, "backend": state.config.backend,
+                "device": state.config.device, "queue": state.batcher.queue_length(),
+                "uptime_s": round(time.time() - state.started, 1), "version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
