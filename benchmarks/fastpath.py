@@ -47,6 +47,7 @@ VARIANTS = {
 
 def _diffusers_pipe(components, device, dtype):
     import diffusers
+
     from sdrt.bench import _BETAS, diffusers_pipeline
     return diffusers_pipeline(components, diffusers.EulerDiscreteScheduler(**_BETAS), device, dtype)
 
@@ -277,8 +278,8 @@ SD15_ATTENTION = [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77,
 def attention_backends(batch=2, heads=8, dtype=torch.float16, device="cuda", log=print) -> dict:
     """PyTorch SDPA per backend (flash, cuDNN, memory-efficient, math) for Stable Diffusion's
     attention shapes: what a custom attention kernel would have to beat."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     rows = {}

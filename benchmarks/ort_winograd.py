@@ -49,10 +49,10 @@ def _session_options():
 def main(argv=None) -> int:
     import onnx
     import onnxruntime as ort
+    from test_winograd import conv_model
 
     from sdrt.bench import write_result
     from sdrt.export import winograd
-    from test_winograd import conv_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=15)

@@ -1,4 +1,4 @@
-"""Serving benchmark: sdrt.Engine's dynamic batching against one request at a time, for 32
+"""Serving benchmark: sdrt.Batcher's dynamic batching against one request at a time, for 32
 concurrent clients on random:tiny, side by side in one run (images per second, p50/p99 latency),
 then an open loop (requests arriving at random at a fixed rate) for latency under moderate load.
 

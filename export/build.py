@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -188,10 +189,11 @@ def diffusion_fusions(path: Path, network: str) -> dict:
 
 
 Log = Callable[[str], None]
+logger = logging.getLogger("sdrt.export")
 
 
 def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
-                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log = print, target: str = "cpu",
+                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log | None = None, target: str = "cpu",
                       on_stage: Callable[[str, str], None] | None = None, winograd: bool = True) -> dict:
     """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
     artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
@@ -199,6 +201,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     for the CPU target in float32, rewrite the 3x3 convolutions that run at least 8x8 at the
     profile's smallest request as Winograd GEMMs (``export/winograd.py``). Returns the
     manifest."""
+    log = log or logger.info
     from .specs import default_profile
 
     if target not in TARGETS:

@@ -16,6 +16,7 @@ float32) parsed as a strongly typed network, which TensorRT 10 builds the same w
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -201,13 +202,13 @@ def native_arch() -> str | None:
 
 def build_tensorrt(components, engine_dir, profile: Profile | None = None, options: BuildOptions | None = None,
                    networks=("text_encoder", "unet", "vae_decoder"), target: str = "native", force: bool = False,
-                   trt=None, arch: str | None = None, log: Callable[[str], None] = print,
+                   trt=None, arch: str | None = None, log: Callable[[str], None] | None = None,
                    on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export each network to ONNX (``engine_dir/onnx/``) and build ``NAME.plan`` for this GPU,
     recording in the manifest the key (weights hash, spec, precision, options), the profile and
     the target (architecture, TensorRT version). Up-to-date engines are kept."""
-    from .build import (MANIFEST, artifact_key, check_artifact, file_digest, key_digest, read_manifest,
-                        write_manifest)
+    log = log or logging.getLogger("sdrt.export").info
+    from .build import MANIFEST, artifact_key, check_artifact, file_digest, key_digest, read_manifest, write_manifest
     from .onnx_export import export_onnx, to_float16
     from .specs import default_profile
 

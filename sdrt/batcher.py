@@ -42,11 +42,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .conditioning import Conditioning
 from .params import GenerationParams, Job
 from .result import GenerationResult, nan_error
 
-if TYPE_CHECKING:
-    from .pipeline import Conditioning, Pipeline
+if TYPE_CHECKING:                  # for annotations only: the pipeline imports this module
+    from .pipeline import Pipeline
 
 
 class BatcherBusy(RuntimeError):

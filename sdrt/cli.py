@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .params import add_arguments
 
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="what the library reports on stderr (on-demand builds, benchmark progress)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from a prompt and write PNGs with infotext")
     # the generation arguments, from sdrt.GenerationParams
@@ -244,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="sdrt: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as e:

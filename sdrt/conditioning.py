@@ -12,6 +12,8 @@ window so its mean is unchanged; "No norm" only multiplies; "Ignore" drops the w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .prompts import parse_attention
@@ -101,3 +103,22 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = 
         ratio = torch.where(new == 0, 1.0, original / new)
         out = out * ratio.to(out.dtype)
     return out.reshape(t, n, c)
+
+
+@dataclass
+class Conditioning:
+    """The encode stage's output: the text conditioning of every model call.
+
+    conds: per image, its ``AND`` parts as ``(weight, schedule)``; uncond: per image, a schedule.
+    A schedule is ``[(end_at_model_call, context (77k, C))]``, the web UI's prompt editing.
+    """
+
+    conds: list
+    uncond: list
+    seconds: float               # the text encoder's time
+    started: float               # perf_counter when the generation started (for timings["total"])
+
+    @property
+    def plain(self) -> bool:
+        """One part of weight 1 per image (no ``AND``): what the static loop runs."""
+        return all(len(parts) == 1 and parts[0][0] == 1.0 for parts in self.conds)

@@ -1,4 +1,3 @@
 """Deprecated module name of ``sdrt.batcher`` (the request batcher was ``sdrt.Engine``; "engine"
 now means a compiled network only). Kept for one release."""
-from .batcher import (Batcher, BatcherBusy, BatcherClosed, Engine, EngineBusy, EngineClosed,  # noqa: F401
-                      Request, RequestFuture)
+from .batcher import Batcher, BatcherBusy, BatcherClosed, Engine, EngineBusy, EngineClosed, Request, RequestFuture  # noqa: F401

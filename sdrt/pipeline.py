@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from PIL import Image
 from . import infotext, prompts
 from ._version import __version__
 from .backends import check_target, create_backend, sync
-from .conditioning import encode_texts, tokenize_weighted
+from .conditioning import Conditioning, encode_texts, tokenize_weighted
 from .denoiser import CFGDenoiser, plan_contexts
 from .models import Components, load_model
 from .params import GenerationParams, Job, validate
@@ -34,25 +33,6 @@ from .rng import BrownianNoise, ImageRNG
 from .schedules import get_sigmas
 
 RNG_INFOTEXT = {"cpu": "CPU", "nv": "NV", "gpu": None}
-
-
-@dataclass
-class Conditioning:
-    """The encode stage's output: the text conditioning of every model call.
-
-    conds: per image, its ``AND`` parts as ``(weight, schedule)``; uncond: per image, a schedule.
-    A schedule is ``[(end_at_model_call, context (77k, C))]``, the web UI's prompt editing.
-    """
-
-    conds: list
-    uncond: list
-    seconds: float               # the text encoder's time
-    started: float               # perf_counter when the generation started (for timings["total"])
-
-    @property
-    def plain(self) -> bool:
-        """One part of weight 1 per image (no ``AND``): what the static loop runs."""
-        return all(len(parts) == 1 and parts[0][0] == 1.0 for parts in self.conds)
 
 
 def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
@@ -69,6 +49,7 @@ class Pipeline:
         self.fast_path: dict | None = None     # the static loop's settings (set_fast_path)
         self.loops = None                      # its cache of built loops (sdrt.fastpath.LoopCache)
         self._batcher = None
+        self.closed = False
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
@@ -128,8 +109,9 @@ class Pipeline:
             self.loops.clear()
         self.fast_path = self.loops = None
         close = getattr(self.backend, "close", None)
-        if close is not None:
+        if close is not None and not self.closed:
             close()
+        self.closed = True
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -141,6 +123,8 @@ class Pipeline:
 
     def validate(self, params: GenerationParams) -> Job:
         """Stage 1: check every argument (ValueError naming it) and plan the sigmas."""
+        if self.closed:
+            raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
         check = getattr(self.backend, "check_request", None)

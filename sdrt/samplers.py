@@ -21,7 +21,6 @@ from typing import Callable
 import numpy as np
 
 
-
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) of an ancestral step from ``sigma`` to ``sigma_next``."""
     if not eta:

@@ -52,6 +52,7 @@ def dynamo_only(monkeypatch):
     """torch.compile through dynamo without inductor (seconds, not minutes, on a CPU): the
     wiring is what these tests check; the compiled speed is the GPU suite's business."""
     import torch._dynamo
+
     from sdrt.backends import torch_backend
     calls = []
     real = torch.compile

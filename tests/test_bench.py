@@ -8,6 +8,8 @@ import pytest
 
 from sdrt.bench import Settings, chart, format_table, run_benchmark, run_sweep
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -247,6 +247,7 @@ def test_engine_batches_on_the_static_loop():
 
 # ---------------------------------------------------------------- GPU: the captured graph
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cuda_graph_replay_equals_eager(dtype, monkeypatch):
@@ -397,6 +398,7 @@ def test_cli_channels_last_gives_the_same_image(tmp_path):
     assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_tune_compile_runs_the_compiled_unet_in_both_loops(pipe, dynamo_only):
     args = dict(prompt="a [cat:dog:0.5] photo", steps=3, width=64, height=64, seed=2, sampler="DPM++ 2M")
     be = pipe.backend
@@ -433,6 +435,7 @@ def test_tune_compile_takes_a_mode(pipe, bad):
         pipe.tune(compile=bad)
 
 
+@pytest.mark.slow
 def test_cli_compile_gives_the_same_image(tmp_path, dynamo_only):
     from PIL import Image
 

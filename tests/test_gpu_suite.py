@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -17,16 +19,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    import fastpath
-    from cuda_graph_fake import patch_torch_cuda
     import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401 - its type hints use torch.cuda.Stream
     import diffusers.pipelines  # noqa: F401
+    import fastpath
+    from cuda_graph_fake import patch_torch_cuda
     fastpath._load("random:tiny")
     return patch_torch_cuda(monkeypatch)
 
 
 def test_unet_levers_reset_the_backend(fake_cuda):
     import fastpath
+
     from sdrt.backends import create_backend
     levers = {"baseline": {}, "channels_last": dict(channels_last=True),
               "sdpa_cudnn_first": dict(sdpa_order=fastpath.CUDNN_FIRST),
@@ -81,8 +84,9 @@ def test_suite_compile_sections(fake_cuda, dynamo_only, tmp_path):
     assert set(s["end_to_end_compiled_batch1"]["rows"]) == {"eager", "static-ops", "diffusers"}
     assert s["end_to_end_compiled_batch1"]["tune"] == {"channels_last": True, "compile": "default"}
     assert dynamo_only and set(dynamo_only) == {"default"}
-    from sdrt.backends import create_backend
     import fastpath
+
+    from sdrt.backends import create_backend
     be = create_backend("torch", fastpath._load("random:tiny"), "cpu", "float32")
     assert be.options["compile"] is None and not be.channels_last
 

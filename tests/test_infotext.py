@@ -7,7 +7,7 @@ from sdrt import infotext
 # written by the web UI itself (1.10), PNG Info tab
 WEBUI = """masterpiece, best quality, (a girl:1.2) standing in a field of flowers, [sunny:cloudy:0.5] sky
 Negative prompt: lowres, bad anatomy, (worst quality:1.4)
-Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3846374, Size: 512x768, Model hash: 7f96a1a9ca, Model: anything-v5, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, Hires upscale: 2, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1"""
+Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3846374, Size: 512x768, Model hash: 7f96a1a9ca, Model: anything-v5, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, Hires upscale: 2, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1"""  # noqa: E501
 
 
 def test_parse_web_ui_text():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,15 @@ from sdrt.fastpath import step_table
 
 NVCC = shutil.which("nvcc")
 CUDA = torch.cuda.is_available()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (CI has it)")
-needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def needs_nvcc(test):
+    """Compiles with nvcc (seconds): slow, and skipped where nvcc is missing."""
+    return pytest.mark.slow(pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (CI has it)")(test))
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
 
 
 @needs_nvcc
@@ -38,7 +46,7 @@ def test_cmake_builds_the_fatbin(tmp_path):
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     build = tmp_path / "build"
-    for cmd in (["cmake", "-S", str(kernels.ROOT), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80;90"],
+    for cmd in (["cmake", "-S", str(Path(__file__).resolve().parent.parent), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80;90"],
                 ["cmake", "--build", str(build)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -94,7 +102,7 @@ def _inputs(b, shape, dtype, device="cpu", seed=0):
 
 
 def _float64_step(out, x, d_prev, noise, coef, scale):
-    """The step in float64 numpy, straight from the formula in kernels/fused_step.cu."""
+    """The step in float64 numpy, straight from the formula in sdrt/kernels/fused_step.cu."""
     o, x, dp = (t.double().cpu().numpy() for t in (out, x, d_prev))
     b = x.shape[0]
     c_skip, c_out, a, bb, e, n, c_in = [float(v) for v in coef[:7]]

@@ -56,8 +56,9 @@ def test_unipc_web_ui_defaults(tiny):
 
 def test_v_prediction_euler(tmp_path):
     """A v-prediction model (SD 2.x style): the denoiser's v scalings agree with diffusers."""
-    import sdrt
     from diffusers import EulerDiscreteScheduler
+
+    import sdrt
     from sdrt.models import build_random
     from sdrt.schedules import DiscreteSchedule
 

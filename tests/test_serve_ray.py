@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 pytest.importorskip("ray.serve", reason="the serve extra is not installed: scripts/setup.sh test installs it")
 webuiapi = pytest.importorskip("webuiapi")
 requests = pytest.importorskip("requests")

@@ -6,12 +6,21 @@ import subprocess
 import sys
 
 import pytest
-
 import tensorrt_fake as fake
-from sdrt.export.specs import Profile
-from sdrt.export.specs import ModelDims, profile_shapes
-from sdrt.export.tensorrt import (BuildOptions, Precision, build_engine, build_tensorrt, check_arch,
-                                  check_engine_target, is_static, require_tensorrt)
+
+from sdrt.export.specs import ModelDims, Profile, profile_shapes
+from sdrt.export.tensorrt import (
+    BuildOptions,
+    Precision,
+    build_engine,
+    build_tensorrt,
+    check_arch,
+    check_engine_target,
+    is_static,
+    require_tensorrt,
+)
+
+pytestmark = [pytest.mark.slow]
 
 DIMS = ModelDims(latent_factor=8, latent_channels=4, hidden=768, layers=12)
 

@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 import tensorrt_fake as fake
 
 WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "wheels"

@@ -9,14 +9,16 @@ import json
 
 import numpy as np
 import pytest
+import tensorrt_fake as fake
 import torch
 
 import sdrt
-import tensorrt_fake as fake
 from sdrt.backends import create_backend
 from sdrt.backends.tensorrt_backend import TensorRTBackend
 from sdrt.export.specs import Profile
 from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+
+pytestmark = [pytest.mark.slow]
 
 PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.export import Profile, build_onnxruntime, read_manifest
-from sdrt.export import winograd
+from sdrt.export import Profile, build_onnxruntime, read_manifest, winograd
+
+pytestmark = [pytest.mark.slow]
 
 
 def conv_model(c, k, bias=True, stride=1, pads=(1, 1, 1, 1), group=1, kernel=3, dilation=1, seed=0, second=False):

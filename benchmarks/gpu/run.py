@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.model, args.size, args.steps, args.repeat = "random:tiny", 64, 8, 1
     import fastpath
+
     from sdrt import kernels
     from sdrt.bench import machine, versions
 

@@ -15,10 +15,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # offline: no build isolation (it would fetch setuptools); the image's setuptools builds it
 "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . 2>&1 | grep -v "running pip as" | tail -2
 if ! "$PY" -c "import sdrt.export" 2>/dev/null; then
-  # seen on the H200 image: the offline editable install fails; import from the tree instead
-  # (setup.py maps sdrt.export to export/, hence the link)
+  # seen on the H200 image: the offline editable install fails; sdrt imports from the working
+  # tree as it is (sdrt/_tree.py finds export/ beside the package)
   echo "editable install failed: importing sdrt from the working tree"
-  [ -e sdrt/export ] || ln -s ../export sdrt/export
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c "import sdrt, sdrt.export, diffusers; print('sdrt', sdrt.__file__, 'diffusers', diffusers.__version__)" \
@@ -27,6 +26,7 @@ arch=$("$PY" -c "import torch; print(';' + ''.join(map(str, torch.cuda.get_devic
 t=$SECONDS
 cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES="80;86;89;90${arch}" > "$OUT/cmake.log" 2>&1 \
   && cmake --build build >> "$OUT/cmake.log" 2>&1 && echo "cmake built the kernels in $((SECONDS - t)) s" \
+  && export SDRT_KERNELS="$PWD/build/sdrt_kernels.fatbin" \
   || echo "cmake build failed (see cmake.log); sdrt compiles with nvcc itself"
 [ $# -eq 0 ] && set -- --repeat 2
 timeout "${SUITE_TIMEOUT:-400}" "$PY" benchmarks/gpu/run.py --out "$OUT" "$@" 2> "$OUT/gpu-suite.log"; rc=$?

@@ -10,11 +10,12 @@ and exposes ``device`` (a torch.device) and ``dtype`` (the networks' torch dtype
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import logging
 from typing import Protocol
 
 import torch
+
+from ..paths import cache_root, default_engine_dir  # noqa: F401 - their old home
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -29,14 +30,10 @@ class Backend(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
-def cache_root() -> Path:
-    """Where sdrt keeps what it builds (engines, compiled kernels): $SDRT_CACHE, else ~/.cache/sdrt."""
-    return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt"))
-
-
-def default_engine_dir(components, *tags: str) -> Path:
-    """The engine folder of a model for a backend and its build settings, under ``cache_root()``."""
-    return cache_root() / "engines" / "-".join((components.model_hash, *tags))
+def build_log(message: str) -> None:
+    """Where a backend's on-demand build reports (logger ``sdrt.backends``; "up to date" at debug)."""
+    logger = logging.getLogger("sdrt.backends")
+    (logger.debug if message.endswith("up to date") else logger.info)(message)
 
 
 def parse_device(device) -> torch.device:
@@ -120,8 +117,8 @@ def create_backend(name: str, components, device, dtype, engine_dir=None) -> Bac
         return TorchBackend(components, dev, dt)
     if name == "onnxruntime":
         try:
-            import onnxruntime  # noqa: F401
             import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
         except ImportError as e:
             raise ValueError(f"backend 'onnxruntime' needs the packages onnx and onnxruntime "
                              f"(pip install -e '.[onnx]'): {e}") from None

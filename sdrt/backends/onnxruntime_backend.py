@@ -7,14 +7,14 @@ nothing through numpy.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import check_profile_request, check_profile_windows, check_text_input, default_engine_dir
+from . import build_log, check_profile_request, check_profile_windows, check_text_input
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -42,7 +42,7 @@ class OnnxRuntimeBackend:
         self.device, self.dtype = device, dtype
         self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(
             components, "onnxruntime", str(dtype).replace("torch.", ""))
-        log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
+        log = log or build_log
         precision = str(dtype).replace("torch.", "")
         providers = _providers(device)          # fail before a possibly long build
         manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=DEFAULT_NETWORKS,
@@ -91,6 +91,10 @@ class OnnxRuntimeBackend:
         self._bind(io, "encoder_hidden_states", context)
         self.sessions["unet"].run_with_iobinding(io)
         return out
+
+    def close(self) -> None:
+        """Release the ONNX Runtime sessions (and their memory)."""
+        self.sessions = {}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.sessions["vae_decoder"].run(None, {"latent": latents.float().cpu().numpy()})[0]

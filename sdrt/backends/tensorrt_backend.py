@@ -21,13 +21,13 @@ faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked a
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
+from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import check_profile_request, check_profile_windows, check_text_input, default_engine_dir
+from . import build_log, check_profile_request, check_profile_windows, check_text_input
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
@@ -69,6 +69,13 @@ class _Engine:
         self.max_shapes = {t: tuple(self.engine.get_tensor_profile_shape(t, 0)[2]) for t in self.inputs}
         self._bound: dict[str, tuple] = {}          # tensor -> (shape, address) last given to TensorRT
         self._out: dict[tuple, torch.Tensor] = {}    # (tensor, shape) -> output buffer
+
+    def close(self) -> None:
+        """Release the context before the engine (TensorRT's order), and the output buffers."""
+        self._out.clear()
+        self._bound.clear()
+        self.context = None
+        self.engine = None
 
     def set_scratch(self, scratch: torch.Tensor) -> None:
         self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
@@ -113,12 +120,17 @@ class TensorRTBackend:
                  arch: str | None = None, log=None):
         from sdrt.export import Profile
         from sdrt.export.build import check_artifact, read_manifest
-        from sdrt.export.tensorrt import (BuildOptions, build_tensorrt, check_engine_target, native_arch,
-                                          require_tensorrt)
+        from sdrt.export.tensorrt import (
+            BuildOptions,
+            build_tensorrt,
+            check_engine_target,
+            native_arch,
+            require_tensorrt,
+        )
 
         self.trt = trt = trt or require_tensorrt()
         self.device = device
-        log = log or (lambda m: None if m.endswith("up to date") else print(f"sdrt: {m}", file=sys.stderr))
+        log = log or build_log
         arch = arch or native_arch()
         if arch is None:
             raise ValueError("backend 'tensorrt' needs a CUDA GPU (none is visible)")
@@ -166,6 +178,13 @@ class TensorRTBackend:
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def close(self) -> None:
+        """Release the execution contexts and engines, then their scratch memory."""
+        for engine in self.engines.values():
+            engine.close()
+        self.engines = {}
+        self.scratch = self.text_scratch = None
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)

@@ -127,6 +127,7 @@ class TorchBackend:
         """Give every layer that another backend on these modules left cached K/V the plain
         SDPA processor again."""
         from diffusers.models.attention_processor import AttnProcessor2_0
+
         from ..attention import CachedKVProcessor
         for module in self._eager_unet.modules():
             if isinstance(getattr(module, "processor", None), CachedKVProcessor):

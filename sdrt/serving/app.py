@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, create_model
@@ -224,7 +225,7 @@ class ServerState:
         futures = await asyncio.to_thread(lambda: [self.batcher.submit(r) for r in reqs])
         try:
             results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - cancelled or failed: cancel the rest, answer the error
             for f in futures:
                 f.cancel()
             raise _api_error(e) from None

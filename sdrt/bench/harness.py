@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
-import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._version import __version__
-from .backends import sync
+from ..backends import sync
+from .record import PeakRSS, machine, versions
 
-REFERENCES = ("diffusers", "optimum")
-SUITES_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "suites.json"
+REFERENCES = ("diffusers",)
+SUITES_FILE = Path(__file__).resolve().parent / "suites.json"        # package data
 
 # diffusers scheduler (class, kwargs) implementing each sdrt sampler + schedule with the same sigmas
 _BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -34,6 +32,8 @@ DIFFUSERS_SCHEDULERS = {
     ("Euler", "Karras"): ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="linspace")),
     ("DDIM", "Automatic"): ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
 }
+
+logger = logging.getLogger("sdrt.bench")
 
 
 @dataclass
@@ -73,71 +73,6 @@ class Row:
             return {}
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 10 ms)."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss_mb(), threading.Event()
-        self._t = threading.Thread(target=self._watch, daemon=True)
-        self._t.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
-
-
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-    return info
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    out = {"sdrt": __version__}
-    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "optimum"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _generate(pipe, s: Settings, steps: int, batch: int, height: int, width: int):
     """The benchmark's generation on an sdrt pipeline (CPU noise, so every backend starts alike)."""
     return pipe(s.prompt, steps=steps, sampler=s.sampler, schedule=s.schedule, seed=s.seed, width=width,
@@ -162,7 +97,8 @@ class _Timed:
 
 def _sdrt_runner(s: Settings, backend: str, components):
     import sdrt
-    from sdrt.backends import create_backend
+
+    from ..backends import create_backend
 
     pipe = sdrt.Pipeline(components, create_backend(backend, components, s.device, s.dtype, s.engine_dir))
     timed = _Timed(pipe.backend.unet, s.device)
@@ -231,25 +167,16 @@ def _diffusers_runner(s: Settings, components):
     return run
 
 
-def _optimum_runner(s: Settings, components):
-    try:
-        import optimum.onnxruntime  # noqa: F401
-    except ImportError:
-        raise LookupError("optimum is not installed (its ONNX Runtime package, optimum-onnx 0.1, pins "
-                          "transformers < 4.58, which conflicts with transformers 5 here)") from None
-    raise LookupError("optimum is installed, but its pipeline needs a model exported in its own "
-                      "format; not wired up yet")
-
-
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def run_benchmark(s: Settings, log=print) -> dict:
+def run_benchmark(s: Settings, log=None) -> dict:
     """Measure every backend and reference of ``s``; a failing one is reported, the rest run."""
-    from .backends import BACKENDS
-    from .models import load_model
+    log = log or logger.info
+    from ..backends import BACKENDS
+    from ..models import load_model
 
     log(f"loading {s.model} ...")
     components = load_model(s.model)
@@ -263,8 +190,6 @@ def run_benchmark(s: Settings, log=print) -> dict:
                 runners.append((row, _sdrt_runner(s, name, components)))
             elif name == "diffusers":
                 runners.append((row, _diffusers_runner(s, components)))
-            elif name == "optimum":
-                runners.append((row, _optimum_runner(s, components)))
             else:
                 raise LookupError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS + REFERENCES)}")
         except (LookupError, ValueError, ImportError, RuntimeError) as e:
@@ -415,16 +340,17 @@ def chart(record: dict, path: str | Path, sweep: dict | None = None) -> Path:
     return path
 
 
-def run_sweep(s: Settings, axis: str, values: list[int], log=print) -> dict:
+def run_sweep(s: Settings, axis: str, values: list[int], log=None) -> dict:
     """Latency against steps, batch or resolution, with a least-squares line per backend:
     the per-step, per-image or per-pixel cost (slope) and the fixed cost (intercept)."""
+    log = log or logger.info
     from dataclasses import replace
     if axis not in ("steps", "batch", "resolution"):
         raise ValueError(f"sweep axis {axis!r} is unknown; valid: steps, batch, resolution")
     points: dict[str, list] = {}
     failures: dict[str, list] = {}
     for v in values:
-        cur = replace(s, references=tuple(r for r in s.references if r != "optimum"))
+        cur = s
         if axis == "steps":
             cur = replace(cur, steps=v)
         elif axis == "batch":
@@ -498,166 +424,3 @@ def main_bench(args) -> int:
     if args.chart:
         print(f"wrote {chart(record, args.chart, sweep)}")
     return 0 if any("stats" in r for r in record["rows"]) else 1
-
-
-# ---------------------------------------------------------------------- serving throughput
-
-def _closed_loop(engine, clients: int, per_client: int, request: dict) -> tuple[list[float], float]:
-    """``clients`` threads, each sending ``per_client`` requests back to back (a new one as soon
-    as its previous image arrives). Returns (latencies, wall seconds)."""
-    from .engine import Request
-    latencies, errors = [], []
-    lock = threading.Lock()
-
-    def client(c):
-        for k in range(per_client):
-            t0 = time.perf_counter()
-            try:
-                engine.submit(Request(prompt=f"client {c} request {k}", seed=1000 * c + k, **request)).result()
-            except Exception as e:  # noqa: BLE001
-                errors.append(repr(e))
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed in the serving benchmark: {errors[:3]}")
-    return latencies, time.perf_counter() - t0
-
-
-def _open_loop(engine, rate: float, n: int, request: dict, seed: int = 0) -> tuple[list[float], float]:
-    """``n`` requests arriving at random (Poisson, ``rate`` per second) whatever the server
-    does. Returns (latencies, wall seconds until the last image)."""
-    from .engine import Request
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    latencies, done = [], threading.Event()
-    lock = threading.Lock()
-    t0 = time.perf_counter()
-    due = t0
-    for k in range(n):
-        due += gaps[k]
-        time.sleep(max(0.0, due - time.perf_counter()))
-        sent = time.perf_counter()
-
-        def finished(f, sent=sent):
-            with lock:
-                latencies.append(time.perf_counter() - sent if f.exception() is None else math.inf)
-                if len(latencies) == n:
-                    done.set()
-        engine.submit(Request(prompt=f"arrival {k}", seed=k, **request)).add_done_callback(finished)
-    done.wait()
-    if not all(math.isfinite(v) for v in latencies):
-        raise RuntimeError("requests failed in the open-loop serving benchmark")
-    return latencies, time.perf_counter() - t0
-
-
-RESULTS_DIR = SUITES_FILE.parent / "results"
-
-
-def write_result(name: str, record: dict) -> Path:
-    """``benchmarks/results/<name>-<date>.json`` with the machine and versions it ran on."""
-    record.update(machine=machine(), versions=versions(), date=datetime.datetime.now().isoformat(timespec="seconds"))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{name}-{datetime.date.today().isoformat()}.json"
-    out.write_text(json.dumps(record, indent=2, default=float))
-    print(f"wrote {out}")
-    return out
-
-
-def latency_summary(values) -> dict:
-    """{n, mean, p50, p90, p99, max} of a list of seconds."""
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    if v.size == 0:
-        return dict(n=0)
-    return dict(n=int(v.size), mean=float(v.mean()), p50=float(np.percentile(v, 50)),
-                p90=float(np.percentile(v, 90)), p99=float(np.percentile(v, 99)), max=float(v[-1]))
-
-
-def run_serving(pipe, clients: int = 32, per_client: int = 2, rounds: int = 2,
-                modes: dict | None = None, request: dict | None = None, log=print,
-                open_rate: float | None = None, open_requests: int = 64) -> dict:
-    """Throughput and latency of ``sdrt.Engine`` under ``clients`` concurrent closed-loop clients,
-    per batching mode, side by side (modes interleaved within each round), plus the latency of
-    one request alone (called directly, and through an engine).
-
-    modes: name -> (max_batch_size, max_wait seconds, engine threads or None). Each mode is
-    compared with the one-at-a-time mode (max_batch_size 1) that uses the same threads."""
-    from .engine import Engine
-    modes = modes or {"one-at-a-time": (1, 0.0, None), f"dynamic-{clients}": (clients, 0.01, None),
-                      "one-at-a-time/1t": (1, 0.0, 1), f"dynamic-{clients}/1t": (clients, 0.01, 1)}
-    request = request or dict(steps=20, width=64, height=64, sampler="Euler a")
-    data = {name: {"latencies": [], "throughput": [], "batch_sizes": [], "open": []} for name in modes}
-    single = {"direct": []}
-    for r in range(rounds):
-        pipe(prompt="warm up", seed=0, **request)
-        for k in range(3):
-            t0 = time.perf_counter()
-            pipe(prompt=f"alone {k}", seed=k, **request)
-            single["direct"].append(time.perf_counter() - t0)
-        for name, (batch, wait, threads) in modes.items():
-            with Engine(pipe, max_batch_size=batch, max_wait=wait, max_queue=clients * per_client + 1,
-                        threads=threads) as engine:
-                engine.generate(prompt="warm up", seed=0, **request)
-                for k in range(3):
-                    t0 = time.perf_counter()
-                    engine.generate(prompt=f"alone {k}", seed=k, **request)
-                    single.setdefault(f"engine threads={threads}", []).append(time.perf_counter() - t0)
-                before = engine.metrics["batch_size"].count, engine.metrics["batch_size"].sum
-                lat, wall = _closed_loop(engine, clients, per_client, request)
-                hist = engine.metrics["batch_size"]
-                after = hist.count, hist.sum
-                if open_rate:
-                    open_lat, _ = _open_loop(engine, open_rate, open_requests, request, seed=r)
-                    data[name]["open"] += open_lat
-            d = data[name]
-            d["latencies"] += lat
-            d["throughput"].append(len(lat) / wall)
-            d["batch_sizes"].append((after[1] - before[1]) / max(after[0] - before[0], 1))
-            log(f"round {r + 1} {name:18s} {len(lat) / wall:7.2f} images/s  p50 {np.percentile(lat, 50):.3f} s  "
-                f"p99 {np.percentile(lat, 99):.3f} s  mean batch {d['batch_sizes'][-1]:.1f}")
-    single_s = {k: statistics.median(v) for k, v in single.items()}
-    out = {"clients": clients, "requests_per_client": per_client, "rounds": rounds, "request": request,
-           "single_request_latency_s": single_s, "modes": {}}
-    for name, d in data.items():
-        batch, wait, threads = modes[name]
-        out["modes"][name] = {"max_batch_size": batch, "max_wait_s": wait, "threads": threads,
-                              "images_per_s": statistics.median(d["throughput"]),
-                              "images_per_s_runs": d["throughput"], "mean_batch_size": statistics.mean(d["batch_sizes"]),
-                              "latency_s": latency_summary(d["latencies"])}
-        if d["open"]:
-            out["modes"][name]["open_loop"] = {"rate_per_s": open_rate, "requests": len(d["open"]),
-                                               "latency_s": latency_summary(d["open"])}
-    for name, m in out["modes"].items():
-        m["p99_over_single_request"] = m["latency_s"]["p99"] / single_s["direct"]
-        if "open_loop" in m:
-            m["open_loop"]["p99_over_single_request"] = m["open_loop"]["latency_s"]["p99"] / single_s["direct"]
-        base = next((b for b in out["modes"].values() if b["max_batch_size"] == 1 and b["threads"] == m["threads"]),
-                    None)
-        if base is not None:
-            m["throughput_vs_one_at_a_time"] = m["images_per_s"] / base["images_per_s"]
-            m["p99_vs_one_at_a_time"] = m["latency_s"]["p99"] / base["latency_s"]["p99"]
-    return out
-
-
-def format_serving(record: dict) -> str:
-    alone = ", ".join(f"{k} {v:.3f} s" for k, v in record["single_request_latency_s"].items())
-    lines = [f"{record['clients']} closed-loop clients x {record['requests_per_client']} requests, "
-             f"{record['rounds']} rounds; one request alone: {alone}",
-             f"{'mode':18s} {'images/s':>9s} {'x one-at-a-time':>16s} {'p50 s':>7s} {'p99 s':>7s} "
-             f"{'p99/alone':>9s} {'mean batch':>10s}"]
-    for name, m in record["modes"].items():
-        lines.append(f"{name:18s} {m['images_per_s']:9.2f} {m.get('throughput_vs_one_at_a_time', float('nan')):16.2f} "
-                     f"{m['latency_s']['p50']:7.3f} {m['latency_s']['p99']:7.3f} {m['p99_over_single_request']:9.2f} "
-                     f"{m['mean_batch_size']:10.1f}")
-    opened = [(n, m["open_loop"]) for n, m in record["modes"].items() if "open_loop" in m]
-    if opened:
-        lines.append(f"open loop: {opened[0][1]['rate_per_s']:g} requests/s arriving at random")
-        for name, o in opened:
-            lines.append(f"{name:18s} p50 {o['latency_s']['p50']:7.3f} s  p99 {o['latency_s']['p99']:7.3f} s  "
-                         f"p99/alone {o['p99_over_single_request']:6.2f}")
-    return "\n".join(lines)

@@ -1,13 +1,14 @@
 """sdrt's CUDA kernels from Python: the fused sampler step and the cross-attention kernel, their
 torch references, and the loader.
 
-The kernels live in ``kernels/*.cu`` and are built into one fatbin by the root CMakeLists.txt
-(``cmake -S . -B build && cmake --build build``); ``find_fatbin`` finds it (``$SDRT_KERNELS``,
-then ``build/sdrt_kernels.fatbin``) or compiles it with nvcc for the GPU at hand, and launches
+The kernels' sources ship inside the package, beside this file (``sdrt/kernels/*.cu``), and are
+built into one fatbin by the root CMakeLists.txt (``cmake -S . -B build && cmake --build build``,
+then ``SDRT_KERNELS=build/sdrt_kernels.fatbin``); without it ``find_fatbin`` compiles them with
+nvcc for the GPU at hand into the cache (``sdrt.paths.cache_root()``). Launches
 go through cuda-python's driver API on the caller's torch stream, so they are captured into
 CUDA graphs like any torch kernel.
 
-The fused step (``kernels/fused_step.cu``), one pass over the latents per step::
+The fused step (``fused_step.cu``), one pass over the latents per step::
 
     g  = u + s (c - u)                       CFG, per-image scale s; c, u: the UNet's two halves
     D  = c_skip x + c_out g                  model output -> denoised (eps or v prediction)
@@ -30,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "kernels" / "sdrt_kernels.cu"          # includes every kernel source
-SOURCES = (UNIT, ROOT / "kernels" / "fused_step.cu", ROOT / "kernels" / "cross_attention.cu")
+from ..paths import cache_root
+
+SOURCE_DIR = Path(__file__).resolve().parent          # the .cu files are package data
+UNIT = SOURCE_DIR / "sdrt_kernels.cu"                 # includes every kernel source
+SOURCES = (UNIT, SOURCE_DIR / "fused_step.cu", SOURCE_DIR / "cross_attention.cu")
 FATBIN_NAME = "sdrt_kernels.fatbin"
 ARCHS = ("80", "86", "89", "90")             # what CMakeLists.txt builds by default
 # one row of the step table, in the kernel's order
@@ -137,19 +140,15 @@ def build_fatbin(out_path, archs=ARCHS) -> Path:
 
 
 def find_fatbin(device: torch.device | None = None) -> Path:
-    """The kernels' fatbin: $SDRT_KERNELS, build/sdrt_kernels.fatbin if it is newer than the
-    sources, else one compiled now for this GPU's architecture into the cache (``cache_root()``)."""
+    """The kernels' fatbin: $SDRT_KERNELS (CMake's build), else one compiled for this GPU's
+    architecture into the cache (``cache_root()``), again when the sources are newer."""
     env = os.environ.get("SDRT_KERNELS")
     if env:
         if not Path(env).is_file():
             raise KernelError(f"SDRT_KERNELS={env} is not a file")
         return Path(env)
-    built = ROOT / "build" / FATBIN_NAME
     newest = max(s.stat().st_mtime for s in SOURCES)
-    if built.is_file() and built.stat().st_mtime >= newest:
-        return built
     major, minor = torch.cuda.get_device_capability(device)
-    from .backends import cache_root
     cached = cache_root() / f"kernels-sm{major}{minor}.fatbin"
     if cached.is_file() and cached.stat().st_mtime >= newest:
         return cached
@@ -186,7 +185,7 @@ class CudaModule:
             from cuda.bindings import driver
         except ImportError:
             try:
-                from cuda import cuda as driver   # cuda-python < 12.6
+                from cuda import cuda as driver  # cuda-python < 12.6
             except ImportError:
                 raise KernelError("sdrt's CUDA kernels need cuda-python (pip install 'cuda-python>=12')") from None
         self.driver, self.device = driver, torch.device(device)
