@@ -126,17 +126,17 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import main_bench
+    return main_bench(args)
+
+
 def _serve(args) -> int:
-    from .serving.app import ServerConfig
+    from .options import from_arguments
+    from .serving.config import ServerConfig
     from .serving.deploy import Scaling, run
-    config = ServerConfig(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                          engine_dir=args.engine_dir, max_batch_size=args.max_batch_size, max_wait=args.max_wait,
-                          max_queue=args.max_queue, timeout=args.timeout, max_images=args.max_images,
-                          threads=args.threads, fast_path=args.fast_path, channels_last=args.channels_last,
-                          compile=args.compile)
-    scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                      target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=args.cpus_per_replica)
-    run(config, host=args.host, port=args.port, scaling=scaling, use_ray=not args.no_ray,
+    config = from_arguments(ServerConfig, args, channels_last=args.channels_last, compile=args.compile)
+    run(config, host=args.host, port=args.port, scaling=from_arguments(Scaling, args), use_ray=not args.no_ray,
         ray_address=args.ray_address)
     return 0
 
@@ -151,28 +151,30 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
                         "use (45 s for SD 1.5 on a 16-core host); 1.6x per UNet call on an H200")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .params import add_arguments
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Which model runs where, for generate (serve takes them from ServerConfig)."""
+    p.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
+    p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 or float16")
+    p.add_argument("--engine-dir", default=None, help="the engine folder (compiled backends; default: in the cache)")
+    p.add_argument("--fast-path", action="store_true",
+                   help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
+    _speed_options(p)
 
-    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="what the library reports on stderr (on-demand builds, benchmark progress)")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _add_generate(sub) -> None:
+    from .params import add_arguments
     g = sub.add_parser("generate", help="generate images from a prompt and write PNGs with infotext")
     # the generation arguments, from sdrt.GenerationParams
     add_arguments(g, defaults=dict(width="the model's size", height="the model's size"))
-    g.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
-    g.add_argument("--backend", default="torch")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32")
-    g.add_argument("--engine-dir", default=None)
-    g.add_argument("--fast-path", action="store_true",
-                   help="static loop: per-step tables, fused step kernel, one CUDA graph on a GPU")
-    _speed_options(g)
+    _model_options(g)
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
+
+def _add_build(sub) -> None:
     b = sub.add_parser("build", help="export and compile a model's networks into an engine folder")
     b.add_argument("model", help="diffusers folder, random:tiny or random:sd15")
     b.add_argument("--backend", default="onnxruntime")
@@ -193,52 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "at least 8x8 at --min become Winograd GEMMs: faster, larger artifact)")
     b.set_defaults(func=_build)
 
+
+def _add_bench(sub) -> None:
     be = sub.add_parser("bench", help="time backends against the PyTorch reference and diffusers, side by side")
-    be.add_argument("--suite", default=None, help="a named set of settings from benchmarks/suites.json")
-    be.add_argument("--model", default=None)
+    be.add_argument("--suite", default=None, help="a named set of settings from sdrt/bench/suites.json")
     be.add_argument("--backends", default=None, help="comma list: torch,onnxruntime,tensorrt")
-    be.add_argument("--references", default=None, help="comma list: diffusers,optimum ('' for none)")
-    be.add_argument("--steps", type=int, default=None)
-    be.add_argument("--height", type=int, default=None)
-    be.add_argument("--width", type=int, default=None)
-    be.add_argument("--batch", type=int, default=None)
-    be.add_argument("--repeat", type=int, default=None)
-    be.add_argument("--warmup", type=int, default=None)
-    be.add_argument("--sampler", default=None)
-    be.add_argument("--schedule", default=None)
-    be.add_argument("--dtype", default=None)
-    be.add_argument("--device", default=None)
-    be.add_argument("--engine-dir", default=None)
+    be.add_argument("--references", default=None, help="comma list: diffusers ('' for none)")
+    for name in ("model", "sampler", "schedule", "dtype", "device", "engine-dir"):
+        be.add_argument(f"--{name}", default=None)
+    for name in ("steps", "height", "width", "batch", "repeat", "warmup"):
+        be.add_argument(f"--{name}", type=int, default=None)
     be.add_argument("--sweep", default=None, help="steps=5,10,20 | batch=1,2,4 | resolution=256,384,512")
     be.add_argument("--json", default=None)
     be.add_argument("--chart", default=None)
-    be.set_defaults(func=lambda a: __import__("sdrt.bench", fromlist=["main_bench"]).main_bench(a))
+    be.set_defaults(func=_bench)
 
+
+def _add_serve(sub) -> None:
+    from .options import add_arguments
+    from .serving.config import ServerConfig
+    from .serving.deploy import Scaling
     s = sub.add_parser("serve", help="serve the web UI's HTTP API (/sdapi/v1/txt2img, ...) with Ray Serve")
-    s.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
-    s.add_argument("--backend", default="torch")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--engine-dir", default=None)
+    add_arguments(s, ServerConfig)          # what a replica loads and its limits
+    _speed_options(s)
+    add_arguments(s, Scaling)               # replicas
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7861)
-    s.add_argument("--replicas", type=int, default=1, help="fixed replica count (one per GPU or CPU worker)")
-    s.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min and --max replicas")
-    s.add_argument("--max-replicas", type=int, default=None)
-    s.add_argument("--target-ongoing-requests", type=float, default=16.0, help="autoscaler target per replica")
-    s.add_argument("--cpus-per-replica", type=float, default=1.0)
-    s.add_argument("--max-batch-size", type=int, default=8, help="images per batch (dynamic batching)")
-    s.add_argument("--max-wait", type=float, default=0.02, help="seconds a partial batch waits for more requests")
-    s.add_argument("--max-queue", type=int, default=256, help="images waiting before the server answers 503")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds per image, queue included")
-    s.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter per request")
-    s.add_argument("--threads", type=int, default=None, help="torch threads per engine worker (tiny models: 1)")
-    s.add_argument("--fast-path", action="store_true", help="static loop; one CUDA graph per batch shape on a GPU")
-    _speed_options(s)
     s.add_argument("--no-ray", action="store_true", help="one process under uvicorn, without Ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.set_defaults(func=_serve)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="what the library reports on stderr (on-demand builds, benchmark progress)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_build, _add_bench, _add_serve):
+        add(sub)
     i = sub.add_parser("info", help="what an engine folder holds")
     i.add_argument("dir")
     i.set_defaults(func=_info)

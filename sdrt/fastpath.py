@@ -202,12 +202,12 @@ class StaticLoop:
         seconds of the VAE decode). A replayed graph runs the loop and the decode as one: there
         the decode's seconds are reported as 0 (the loop's time includes them)."""
         self.set_inputs(x0, noise, contexts, scales)
-        vae = 0.0
         if self.capture and self._graph is None:
             self._capture()          # its warm-up run computed this generation's outputs already
         elif self._graph is not None:
             self._graph.replay()
             self.replays += 1
+        vae = 0.0
         if self._graph is not None:
             for name, host in self._host.items():
                 host.copy_(getattr(self, name), non_blocking=True)
@@ -215,17 +215,16 @@ class StaticLoop:
             if callback is not None:
                 callback(self.steps, self.steps)
             out = self._host
-        else:
+        else:                        # eager: the decode is timed on its own
             self._denoise(callback)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             self._decode()
             out = dict(pixels=self.pixels, images=self.images, finite=self.finite)
-            result = tuple(out[k].cpu().numpy().copy() for k in ("pixels", "images", "finite"))
-            return (*result, time.perf_counter() - t0)
-        return (*(out[k].cpu().numpy().copy() for k in ("pixels", "images", "finite")), vae)
-
+            out = {k: v.cpu() for k, v in out.items()}
+            vae = time.perf_counter() - t0
+        return (*(out[k].numpy().copy() for k in ("pixels", "images", "finite")), vae)
 
 class LoopCache:
     """The static loops a pipeline has built, least recently used first out."""

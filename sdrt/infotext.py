@@ -38,7 +38,7 @@ def unquote(text: str) -> str:
         return text
 
 
-def format(params: dict) -> str:  # noqa: A001 - the public name of DESIGN.md
+def format(params: dict) -> str:  # noqa: A001 - the public name (docs/webui.md)
     """Infotext for ``params``: "Prompt", "Negative prompt" and the web UI's keys (a size may
     be given as "Size" or as "Size-1"/"Size-2", as ``parse`` returns it). Keys whose value is
     None are left out, and so is "Clip skip" when it is 1."""

@@ -19,13 +19,14 @@ import argparse
 import dataclasses
 import math
 import numbers
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from . import options
 from .conditioning import EMPHASIS
+from .options import declared, option
 from .rng import SOURCES, check_seed
 from .samplers import SAMPLERS, SamplerSpec, resolve_sampler
 from .schedules import SCHEDULES, normalize_schedule
@@ -35,33 +36,23 @@ MAX_BATCH = 256
 MAX_STEPS = 10000
 
 
-def param(default, help: str, *, per_image: bool = False, flags: tuple[str, ...] | None = None,
-          cli: bool = True, choices: tuple | None = None, webui: str | None = None,
-          webui_default=dataclasses.MISSING, webui_option: str | None = None):
-    """A generation argument.
+def param(default, help: str, *, per_image: bool = False, webui: str | None = None,
+          webui_default=dataclasses.MISSING, webui_option: str | None = None, **cli):
+    """A generation argument (``sdrt.options.option`` plus where the web UI carries it).
 
     Args:
         default: the Python API's default.
         help: one line, shown by ``sdrt generate --help`` and in the docs.
         per_image: a list with one value per image is accepted too; the batcher lets requests
             that differ only in such arguments share a batch.
-        flags: the CLI's flags (default ``--field-name``); ``cli=False``: not on the CLI.
-        choices: the CLI's choices (validation itself lives in ``validate``).
         webui: the field's name in the web UI's txt2img request (None: not in the request).
         webui_default: the web UI's default where it differs from sdrt's.
         webui_option: the web UI option (``override_settings`` key) that carries it instead.
+        cli: ``flags``, ``cli``, ``choices``, ``metavar`` of ``sdrt.options.option``.
     """
-    meta = dict(help=help, per_image=per_image, flags=flags, cli=cli, choices=choices, webui=webui,
-                webui_default=default if webui_default is dataclasses.MISSING else webui_default,
-                webui_option=webui_option)
-    return field(default=default, metadata=meta)
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    w, sep, h = str(text).lower().partition("x")
-    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768, got {text!r}")
-    return int(w), int(h)
+    return option(default, help, per_image=per_image, webui=webui,
+                  webui_default=default if webui_default is dataclasses.MISSING else webui_default,
+                  webui_option=webui_option, **cli)
 
 
 @dataclass
@@ -92,12 +83,12 @@ class GenerationParams:
                            webui_option="CLIP_stop_at_last_layers")
     rng: str = param("gpu", "noise source: gpu (the device's generator), cpu or nv (NVIDIA's Philox)",
                      choices=SOURCES, webui_option="randn_source")
-    eta_noise_seed_delta: int = param(0, "ENSD: added to the seed of the samplers' noise", flags=("--ensd",),
+    eta_noise_seed_delta: int = param(0, "ENSD: added to the seed of the samplers' noise", flags=("--ensd",), metavar="N",
                                       webui_option="eta_noise_seed_delta")
     subseed: int | list[int] = param(-1, "variation seed (-1: random)", per_image=True, webui="subseed")
     subseed_strength: float = param(0.0, "how much of the variation seed's noise, 0..1", webui="subseed_strength")
     seed_resize_from: tuple[int, int] | None = param(
-        None, "the web UI's 'resize seed from': WIDTHxHEIGHT whose noise is placed in this size")
+        None, "the web UI's 'resize seed from': the size whose noise is placed in this one", metavar="WxH")
     eta: float | None = param(None, "the ancestral samplers' eta (None: the sampler's default)", webui="eta")
     emphasis: str = param("Original", "how token weights apply: " + ", ".join(EMPHASIS), choices=EMPHASIS,
                           webui_option="emphasis")
@@ -106,7 +97,7 @@ class GenerationParams:
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
-        return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
+        return declared(GenerationParams)
 
     @classmethod
     def per_image_fields(cls) -> tuple[str, ...]:
@@ -265,32 +256,15 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
 # ------------------------------------------------------------------ the command line
 
 def scalar_type(f: dataclasses.Field):
-    """int, float or str: the type of one value of a field (None for a pair)."""
-    hint = typing.get_type_hints(GenerationParams)[f.name]
-    for arg in (typing.get_args(hint) or (hint,)):
-        if arg in (int, float, str):
-            return arg
-    return None
+    """int, float or str: the type of one value of a generation argument (None for a pair)."""
+    return options.scalar_type(GenerationParams, f)
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """``sdrt generate``'s generation flags, one per field (a flag left out keeps the default;
-    ``defaults``: how the command describes defaults it sets itself)."""
-    for f in GenerationParams.fields():
-        m = f.metadata
-        if not m["cli"]:
-            continue
-        flags = m["flags"] or ("--" + f.name.replace("_", "-"),)
-        kind = scalar_type(f) or _parse_size
-        default = (defaults or {}).get(f.name, f.default)
-        shown = f" (default: {default})" if default not in ("", None) else ""
-        kwargs = dict(help=m["help"] + shown, choices=m["choices"])
-        if flags[0].startswith("-"):
-            kwargs.update(dest=f.name, default=argparse.SUPPRESS)
-        parser.add_argument(*flags, type=kind, **kwargs)
+    """``sdrt generate``'s generation flags, one per field (a flag left out keeps the default)."""
+    options.add_arguments(parser, GenerationParams, defaults)
 
 
 def from_arguments(args: argparse.Namespace, **defaults) -> GenerationParams:
     """The GenerationParams of parsed flags; ``defaults`` fill what the command line left out."""
-    given = {f.name: getattr(args, f.name) for f in GenerationParams.fields() if hasattr(args, f.name)}
-    return GenerationParams(**{**defaults, **given})
+    return options.from_arguments(GenerationParams, args, **defaults)

@@ -153,18 +153,19 @@ def sample_linear(model, x, sigmas, noise=None, callback=None, step=None, name="
     return x
 
 
-def _linear(step, name):
+def linear_sampler(step, name: str):
+    """The eager sampler of a linear step declaration (what ``SamplerSpec.fn`` holds)."""
     fn = functools.partial(sample_linear, step=step, name=name)
     fn.__doc__ = step.__doc__
     return fn
 
 
-sample_euler = _linear(_euler_step, "Euler")
-sample_euler_ancestral = _linear(_euler_ancestral_step, "Euler a")
-sample_ddim = _linear(_ddim_step, "DDIM")
-sample_dpmpp_2m = _linear(_dpmpp_2m_step, "DPM++ 2M")
-sample_dpmpp_2m_sde = _linear(_dpmpp_2m_sde_step, "DPM++ 2M SDE")
-sample_lcm = _linear(_lcm_step, "LCM")
+sample_euler = linear_sampler(_euler_step, "Euler")
+sample_euler_ancestral = linear_sampler(_euler_ancestral_step, "Euler a")
+sample_ddim = linear_sampler(_ddim_step, "DDIM")
+sample_dpmpp_2m = linear_sampler(_dpmpp_2m_step, "DPM++ 2M")
+sample_dpmpp_2m_sde = linear_sampler(_dpmpp_2m_sde_step, "DPM++ 2M SDE")
+sample_lcm = linear_sampler(_lcm_step, "LCM")
 
 
 def sample_heun(model, x, sigmas, noise=None, callback=None):

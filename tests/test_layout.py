@@ -52,8 +52,11 @@ def test_a_new_field_reaches_the_cli_the_request_and_the_http_model(monkeypatch)
     assert fields <= {f.name for f in dataclasses.fields(Request)}
     parser = argparse.ArgumentParser()
     params.add_arguments(parser)
-    dests = {a.dest for a in parser._actions}
-    assert {f.name for f in params.GenerationParams.fields() if f.metadata["cli"]} <= dests
+    text = parser.format_help()
+    for f in params.GenerationParams.fields():
+        if f.metadata["cli"]:
+            flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[-1]
+            assert flag in text, f.name
     webui = {f.metadata["webui"] for f in params.GenerationParams.fields() if f.metadata["webui"]}
     assert webui <= set(app.Txt2Img.model_fields)
     assert app.Txt2Img.model_fields["steps"].default == 50             # the web UI's default, not sdrt's
@@ -101,3 +104,29 @@ def test_the_wheel_carries_the_package_data(tmp_path):
                    "sdrt/bench/suites.json", "sdrt/serving/app.py", "sdrt/_version.py"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "benchmarks/", "export/")) for n in names)
+
+
+def test_the_command_line_builds_without_the_serving_extras():
+    """`sdrt generate` must work after the plain setup (no fastapi, no Ray): building the parser,
+    serve's flags included, imports neither."""
+    code = ("import sys\n"
+            "for name in ('fastapi', 'ray', 'uvicorn', 'pydantic'):\n"
+            "    sys.modules[name] = None\n"
+            "from sdrt.cli import build_parser\n"
+            "args = build_parser().parse_args(['serve', '--max-batch-size', '4', '--replicas', '2'])\n"
+            "print(args.max_batch_size, args.replicas)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4", "2"]
+
+
+def test_serve_flags_build_the_server_config():
+    from sdrt.cli import build_parser
+    from sdrt.options import from_arguments
+    from sdrt.serving.config import ServerConfig
+    from sdrt.serving.deploy import Scaling
+    args = build_parser().parse_args(["serve", "--model", "m", "--fast-path", "--timeout", "5", "--min-replicas", "1",
+                                      "--max-replicas", "3"])
+    config = from_arguments(ServerConfig, args)
+    assert (config.model, config.fast_path, config.timeout, config.max_queue) == ("m", True, 5.0, 256)
+    assert from_arguments(Scaling, args) == Scaling(min_replicas=1, max_replicas=3)

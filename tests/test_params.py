@@ -120,7 +120,7 @@ def test_a_new_sampler_runs_on_the_static_loop_or_says_why_not(tiny, monkeypatch
     def halfway_step(s, i, **_):      # x' = D + (x - D) * sqrt(s'/s): a made-up but valid update
         a = (s[i + 1] / s[i]) ** 0.5 if s[i + 1] else 0.0
         return samplers.LinearStep(a=a, b=1.0 - a)
-    spec = samplers.SamplerSpec("Halfway", samplers._linear(halfway_step, "Halfway"), linear_step=halfway_step)
+    spec = samplers.SamplerSpec("Halfway", samplers.linear_sampler(halfway_step, "Halfway"), linear_step=halfway_step)
     plain = dataclasses.replace(spec, name="Halfway eager", linear_step=None)
     monkeypatch.setitem(samplers.SAMPLERS, spec.name, spec)
     monkeypatch.setitem(samplers.SAMPLERS, plain.name, plain)

@@ -19,7 +19,6 @@ import base64
 import io
 import json
 import time
-from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import FastAPI
@@ -36,30 +35,7 @@ from ..pipeline import Pipeline
 from ..result import save_png
 from ..samplers import SAMPLERS, resolve_sampler
 from ..schedules import SCHEDULES, normalize_schedule
-
-
-@dataclass
-class ServerConfig:
-    """What a server (each replica) loads and the limits it enforces."""
-
-    model: str = "random:tiny"
-    backend: str = "torch"
-    device: str = "cpu"
-    dtype: str = "float32"
-    engine_dir: str | None = None
-    fast_path: bool = False           # the static loop (one CUDA graph per configuration on a GPU)
-    channels_last: bool = False       # torch backend: NHWC weights (Pipeline.tune)
-    compile: str | None = None        # torch backend: torch.compile mode for the UNet (Pipeline.tune)
-    max_batch_size: int = 8           # images per UNet batch (sdrt.Batcher)
-    max_wait: float = 0.02            # seconds a partial batch waits
-    max_queue: int = 256              # images waiting; beyond it 503
-    timeout: float | None = 600.0     # seconds per image, queue included
-    threads: int | None = None        # torch threads per batcher worker (None: torch's default)
-    max_images: int = 16              # batch_size * n_iter per HTTP request
-    max_side: int = 2048              # pixels
-    max_prompt_chars: int = 20000     # prompt + negative prompt
-    max_body_bytes: int = 1 << 20
-
+from .config import ServerConfig
 
 # the web UI's scheduler names (API "scheduler" accepts a name or a label)
 SCHEDULER_NAMES = {s: s.lower().replace(" ", "_") for s in SCHEDULES}

@@ -11,19 +11,20 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 
-from .app import ServerConfig
+from ..options import option
+from .config import ServerConfig
 
 
 @dataclass
 class Scaling:
     """Replica count and Ray Serve settings."""
 
-    replicas: int = 1
-    min_replicas: int | None = None        # set both min and max to autoscale
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 16.0  # per replica, for the autoscaler
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
+    replicas: int = option(1, "fixed replica count (one per GPU or CPU worker)")
+    min_replicas: int | None = option(None, "autoscale between --min-replicas and --max-replicas")
+    max_replicas: int | None = option(None, "the autoscaler's largest replica count")
+    target_ongoing_requests: float = option(16.0, "the autoscaler's target of requests per replica")
+    cpus_per_replica: float = option(1.0, "CPUs Ray reserves per replica")
+    gpus_per_replica: float = option(0.0, "GPUs Ray reserves per replica (0: one with --device cuda)")
 
     def check(self) -> None:
         if (self.min_replicas is None) != (self.max_replicas is None):

@@ -1,0 +1,31 @@
+"""What a server replica loads and the limits it enforces: ``ServerConfig``, declared once; the
+``sdrt serve`` flags are derived from it (``sdrt.options``). No web framework is imported here,
+so the command line builds without the serving extras."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import option
+
+
+@dataclass
+class ServerConfig:
+    """What a server (each replica) loads and the limits it enforces (``sdrt serve``'s flags)."""
+
+    model: str = option("random:tiny", "diffusers folder, random:tiny or random:sd15")
+    backend: str = option("torch", "torch, onnxruntime or tensorrt")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    dtype: str = option("float32", "float32 or float16")
+    engine_dir: str | None = option(None, "the engine folder (compiled backends; default: in the cache)")
+    fast_path: bool = option(False, "the static loop: one CUDA graph per batch shape on a GPU")
+    channels_last: bool = option(False, "torch backend: NHWC weights (Pipeline.tune)", cli=False)
+    compile: str | None = option(None, "torch backend: torch.compile mode for the UNet (Pipeline.tune)", cli=False)
+    max_batch_size: int = option(8, "images per batch (dynamic batching, sdrt.Batcher)")
+    max_wait: float = option(0.02, "seconds a partial batch waits for more requests")
+    max_queue: int = option(256, "images waiting before the server answers 503")
+    timeout: float | None = option(600.0, "seconds per image, queue included")
+    threads: int | None = option(None, "torch threads per batcher worker (tiny models: 1; default: torch's)")
+    max_images: int = option(16, "batch_size x n_iter per request")
+    max_side: int = option(2048, "largest width or height in pixels")
+    max_prompt_chars: int = option(20000, "characters of prompt + negative prompt")
+    max_body_bytes: int = option(1 << 20, "largest request body in bytes")
