@@ -83,25 +83,34 @@ def is_static(shapes: dict) -> bool:
 
 
 def _progress_monitor(trt, on_progress: Callable[[str, int, int], None] | None):
-    """An ``IProgressMonitor`` that forwards (phase, step, steps) and never cancels."""
+    """An ``IProgressMonitor`` that forwards (phase, step, steps). An exception in ``on_progress``
+    never crosses into TensorRT: the monitor keeps it (``error``) and cancels the build (a
+    ``step_complete`` returning False), and ``build_engine`` raises it afterwards."""
     if on_progress is None:
         return None
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
-            self.steps = {}
+            self.steps, self.error = {}, None
+
+        def _report(self, phase_name, step, steps) -> bool:
+            if self.error is None:
+                try:
+                    on_progress(phase_name, step, steps)
+                except Exception as e:  # noqa: BLE001 - raised by build_engine once TensorRT has stopped
+                    self.error = e
+            return self.error is None
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self.steps[phase_name] = num_steps
-            on_progress(phase_name, 0, num_steps)
+            self._report(phase_name, 0, num_steps)
 
         def step_complete(self, phase_name, step):
-            on_progress(phase_name, step + 1, self.steps.get(phase_name, 0))
-            return True                    # False would cancel the build
+            return self._report(phase_name, step + 1, self.steps.get(phase_name, 0))   # False cancels
 
         def phase_finish(self, phase_name):
-            on_progress(phase_name, self.steps.get(phase_name, 0), self.steps.get(phase_name, 0))
+            self._report(phase_name, self.steps.get(phase_name, 0), self.steps.get(phase_name, 0))
     return Monitor()
 
 
@@ -153,8 +162,15 @@ def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, op
         config.set_flag(trt.BuilderFlag.REFIT)
     cache_path = Path(options.timing_cache) if options.timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = config.create_timing_cache(cache_bytes)    # kept alive until the build is done
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # made on another GPU or TensorRT version: TensorRT refuses it; start a fresh one
+        logging.getLogger("sdrt.export").warning(
+            "%s: the timing cache %s was made on another GPU or TensorRT version; starting a fresh one",
+            network_name, cache_path)
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise RuntimeError(f"{network_name}: TensorRT refused a fresh timing cache")
     monitor = _progress_monitor(trt, on_progress)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -163,11 +179,18 @@ def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, op
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
+    if monitor is not None and monitor.error is not None:
+        raise RuntimeError(f"the {network_name} build was cancelled: the progress callback raised "
+                           f"{type(monitor.error).__name__}: {monitor.error}") from monitor.error
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build the {network_name} engine (see the log above)")
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        used = config.get_timing_cache()
+        if used is None:           # TensorRT's way of saying there is none: keep the plan, skip the cache
+            logging.getLogger("sdrt.export").warning("%s: no timing cache to save after the build", network_name)
+        else:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_bytes(bytes(used.serialize()))
     return bytes(plan)
 
 

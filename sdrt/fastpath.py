@@ -27,6 +27,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .backends import ALIGNMENT, aligned_empty
 from .kernels import COEFFICIENTS, fused_step
 from .samplers import SAMPLERS, SamplerSpec, linear_steps
 
@@ -58,6 +59,11 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
                          else (1.0, -sig))
         table[i] = (c_skip, c_out, c.a, c.b, c.e, c.n, 1.0 / math.sqrt(nxt * nxt + 1.0), 0.0)
     return table, [c.draw for c in steps]
+
+
+class CaptureFailed(RuntimeError):
+    """The loop could not be captured as a CUDA graph (an engine that refuses to enqueue under
+    capture, for one); the pipeline runs that configuration on the eager loop instead."""
 
 
 def unsupported_reason(job, cond) -> str | None:
@@ -102,7 +108,10 @@ class StaticLoop:
         ts = [schedule.sigma_to_t(float(v)) for v in self.sigmas[:-1]]
         with torch.inference_mode():
             self.coef = torch.tensor(table, dtype=torch.float32, device=dev)
-            self.t = torch.tensor(ts, dtype=torch.float32, device=dev)[:, None].repeat(1, 2 * batch).contiguous()
+            # each step's timesteps (2B) start on an ALIGNMENT boundary: compiled backends bind them by address
+            stride = -(-2 * batch * 4 // ALIGNMENT) * ALIGNMENT // 4
+            self.t = aligned_empty((len(ts), stride), torch.float32, dev)
+            self.t.copy_(torch.tensor(ts, dtype=torch.float32)[:, None].expand(len(ts), stride))
             shape = (batch, *self.latent_shape)
             self.x0 = torch.zeros(shape, device=dev)              # initial latents (input)
             self.x = torch.zeros(shape, device=dev)
@@ -112,9 +121,13 @@ class StaticLoop:
             self.scale = torch.zeros(batch, device=dev)
             self.contexts = [torch.zeros(context_shape, device=dev, dtype=dt) for _ in range(n_contexts)]
             self.pixels = self.images = self.finite = None
-        self._graph = None
+        self._graph = self._state = None
         self._kv_refs: list = []       # the K/V buffers a captured graph reads: alive as long as it
         self.replays = 0
+
+    def _backend_state(self):
+        state = getattr(self.backend, "graph_state", None)
+        return state() if state is not None else None
 
     def release(self) -> None:
         """Drop this loop's graph and its cached cross-attention entries."""
@@ -140,7 +153,7 @@ class StaticLoop:
         self.x_in[b:].copy_(self.x_in[:b])
         k = 0
         for i in range(self.steps):
-            out = self.backend.unet(self.x_in, self.t[i], self.contexts[self.context_index[i]])
+            out = self.backend.unet(self.x_in, self.t[i, :2 * b], self.contexts[self.context_index[i]])
             noise = None
             if self.draws[i]:
                 noise, k = self.noise[k], k + 1
@@ -171,10 +184,14 @@ class StaticLoop:
             self._body()
         cuda.current_stream(dev).wait_stream(side)
         graph = cuda.CUDAGraph()
-        # thread_local: sdrt.Engine encodes the next batch's text on another thread meanwhile
-        with cuda.graph(graph, capture_error_mode="thread_local"):
-            self._body()
+        # thread_local: sdrt.Batcher encodes the next batch's text on another thread meanwhile
+        try:
+            with cuda.graph(graph, capture_error_mode="thread_local"):
+                self._body()
+        except Exception as e:  # noqa: BLE001 - reported as what it is: this loop cannot be a graph
+            raise CaptureFailed(f"the loop could not be captured as a CUDA graph: {type(e).__name__}: {e}") from e
         self._graph = graph
+        self._state = self._backend_state()
         pinned = dev.type == "cuda"
         self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
                       for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
@@ -202,6 +219,10 @@ class StaticLoop:
         seconds of the VAE decode). A replayed graph runs the loop and the decode as one: there
         the decode's seconds are reported as 0 (the loop's time includes them)."""
         self.set_inputs(x0, noise, contexts, scales)
+        if self._graph is not None and self._backend_state() != self._state:
+            # another loop or an eager call re-shaped an engine's context since the capture:
+            # replaying would be undefined behaviour (TensorRT), so capture again
+            self._graph = None
         if self.capture and self._graph is None:
             self._capture()          # its warm-up run computed this generation's outputs already
         elif self._graph is not None:
@@ -231,6 +252,7 @@ class LoopCache:
 
     def __init__(self, size: int = 4):
         self.size, self._loops = size, OrderedDict()
+        self.refused: dict = {}          # key -> why the configuration runs eagerly (CaptureFailed)
 
     def get(self, key, make):
         loop = self._loops.pop(key, None)
@@ -244,6 +266,14 @@ class LoopCache:
     def clear(self) -> None:
         while self._loops:
             self._loops.popitem()[1].release()
+        self.refused.clear()
+
+    def refuse(self, key, reason: str) -> None:
+        """Run this configuration on the eager loop from now on (its loop could not be captured)."""
+        loop = self._loops.pop(key, None)
+        if loop is not None:
+            loop.release()
+        self.refused[key] = reason
 
     def __len__(self) -> int:
         return len(self._loops)

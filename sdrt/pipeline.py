@@ -14,6 +14,7 @@ A generation runs as public, typed stages (``sdrt.Engine`` and the server use th
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 
@@ -33,6 +34,7 @@ from .rng import BrownianNoise, ImageRNG
 from .schedules import get_sigmas
 
 RNG_INFOTEXT = {"cpu": "CPU", "nv": "NV", "gpu": None}
+logger = logging.getLogger(__name__)
 
 
 def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
@@ -169,6 +171,9 @@ class Pipeline:
             from .fastpath import unsupported_reason
             if unsupported_reason(job, cond) is None:
                 return self._sample_static(job, cond, callback)
+        return self._sample_eager(job, cond, callback)
+
+    def _sample_eager(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         t0 = time.perf_counter()
         latents = self.denoise(job, cond, callback)
         sync(self.backend.device)
@@ -253,7 +258,7 @@ class Pipeline:
 
     def _sample_static(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         """Stages 3 and 4 on the static loop (same images as the eager loop up to float rounding)."""
-        from .fastpath import StaticLoop
+        from .fastpath import CaptureFailed, StaticLoop
         be, spec, sig = self.backend, job.sampler, job.sigmas
         n_steps = len(sig) - 1
         t0 = time.perf_counter()
@@ -261,6 +266,8 @@ class Pipeline:
         distinct, index = plan_contexts(cond.conds, cond.uncond, n_steps, be.device, be.dtype)
         key = (job.batch_size, latent_shape, spec.name, sig.tobytes(), job.eta, tuple(index),
                tuple(distinct[0].shape), len(distinct))
+        if key in self.loops.refused:
+            return self._sample_eager(job, cond, callback)
         loop = self.loops.get(key, lambda: StaticLoop(
             be, self.components.noise_schedule, spec, sig, job.eta, job.batch_size, latent_shape, index,
             tuple(distinct[0].shape), len(distinct), **self.fast_path))
@@ -270,7 +277,13 @@ class Pipeline:
             noise = [tree(sig[i], sig[i + 1]) for i, d in enumerate(loop.draws) if d]
         else:
             noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
-        pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback)
+        try:
+            pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback)
+        except CaptureFailed as e:        # once per configuration: it runs eagerly from now on
+            logger.warning("%s; this configuration (%s, %d steps, batch %d) runs on the eager loop from now on",
+                           e, spec.name, n_steps, job.batch_size)
+            self.loops.refuse(key, str(e))
+            return self._sample_eager(job, cond, callback)
         loop_seconds = time.perf_counter() - t0 - vae
         return Decoded(pixels=pixels, images=images, finite=[bool(f) for f in finite],
                        timings=dict(loop=loop_seconds, vae=vae))

@@ -5,6 +5,14 @@ It checks what the real API would refuse (profile shapes out of order, inputs wi
 a timing cache given as something other than bytes), parses the ONNX for its real input names,
 records every call, and records every attribute name the code touches so that
 ``test_tensorrt_names`` can check them against the real 11.4 binding's name table.
+
+It also behaves like TensorRT where the code could go wrong although every name exists:
+``set_tensor_address`` returns False for an address not aligned to 256 bytes; a captured
+``execute_async_v3`` fails loudly when replayed after its context was re-shaped; an
+engine marked ``CAPTURE_FORBIDDEN`` refuses to enqueue under capture (returns False); a timing
+cache from another device is refused by ``set_timing_cache`` (False; ``get_timing_cache`` then
+gives None); a progress monitor that raises cancels the build (None); ``module("10.0.x")`` lacks
+the 10.1 memory APIs and has TensorRT 10's enum values, the default module 11's.
 """
 from __future__ import annotations
 
@@ -44,6 +52,12 @@ class BuilderFlag:
 
 
 class NetworkDefinitionCreationFlag:
+    """TensorRT 11's values: EXPLICIT_BATCH is gone, so STRONGLY_TYPED is bit 0 (NvInfer.h)."""
+    STRONGLY_TYPED = 0
+
+
+class NetworkDefinitionCreationFlag10:
+    """TensorRT 10's: bit 0 is the deprecated EXPLICIT_BATCH, STRONGLY_TYPED bit 1."""
     STRONGLY_TYPED = 1
 
 
@@ -113,9 +127,12 @@ class IOptimizationProfile(_Recorded):
         self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
+DEVICE = "fake-gpu-0"          # what a timing cache records of the GPU it was made on
+
+
 class ITimingCache(_Recorded):
     def __init__(self, data: bytes):
-        self.data = bytes(data) or b"fake-timing-cache:"
+        self.data = bytes(data) or f"fake-timing-cache:{DEVICE}:".encode()
 
     def serialize(self):
         return memoryview(self.data + b"+")      # each build adds measurements
@@ -140,6 +157,11 @@ class IBuilderConfig(_Recorded):
         return ITimingCache(serialized_timing_cache)
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        """False (and no cache) for one made on another device, unless ignore_mismatch."""
+        header = f"fake-timing-cache:{DEVICE}:".encode()
+        if not ignore_mismatch and not cache.data.startswith(header):
+            _call("set_timing_cache refused", cache.data[:40])
+            return False
         self._cache = cache
         return True
 
@@ -176,11 +198,15 @@ class Builder(_Recorded):
                 return None
         monitor = config.progress_monitor
         if monitor is not None:
-            monitor.phase_start("Building engine", None, 2)
-            for i in range(2):
-                if not monitor.step_complete("Building engine", i):
-                    return None
-            monitor.phase_finish("Building engine")
+            try:
+                monitor.phase_start("Building engine", None, 2)
+                for i in range(2):
+                    if not monitor.step_complete("Building engine", i):
+                        return None
+                monitor.phase_finish("Building engine")
+            except Exception:  # noqa: BLE001 - TensorRT treats an exception in the callback as a cancel
+                _call("build cancelled by the progress monitor")
+                return None
         flags = ",".join(sorted(config.flags))
         return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}".encode())
 
@@ -203,6 +229,8 @@ class ExecutionContextAllocationStrategy:
 # shapes({input: shape}) -> {output: shape}); tests fill it in (tests/test_tensorrt_runtime.py)
 EXECUTORS: dict = {}
 SCRATCH = {"text_encoder": 3 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
+ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
+CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture
 _TORCH = {DataType.FLOAT: "float32", DataType.HALF: "float16", DataType.INT64: "int64", DataType.INT32: "int32"}
 
 
@@ -286,14 +314,17 @@ class IExecutionContext(_Recorded):
 
     def set_tensor_address(self, name, memory):
         _call("set_tensor_address", self._engine._network, name, memory)
-        if not memory:
+        if not memory or memory % ALIGNMENT:
             return False
         self._addresses[name] = memory
         return True
 
     def execute_async_v3(self, stream_handle):
+        import cuda_graph_fake
         net = self._engine._network
         _call("execute_async_v3", net, stream_handle)
+        if cuda_graph_fake._ACTIVE and net in CAPTURE_FORBIDDEN:
+            return False              # "enqueue returns false while capturing" (an op not allowed under capture)
         if self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:
             return False              # the real context fails: user-managed memory was never given
         names = {n: (m, d) for n, m, d in self._engine._tensors}
@@ -304,8 +335,14 @@ class IExecutionContext(_Recorded):
         plan = [(n, m, d, self._addresses[n], self._shapes.get(n) or self.get_tensor_shape(n))
                 for n, (m, d) in names.items()]
         self._run(plan)
-        import cuda_graph_fake
-        cuda_graph_fake.record(lambda: self._run(plan))      # inside a capture: replayed later
+        shapes = dict(self._shapes)
+
+        def replay():     # a graph of this enqueue is tied to the context's shapes at capture (its
+            if self._shapes != shapes:        # addresses are baked into the graph's kernels)
+                raise RuntimeError(f"{net}: a CUDA graph of execute_async_v3 replayed after its execution context "
+                                   "was re-shaped (undefined behaviour on a GPU)")
+            self._run(plan)
+        cuda_graph_fake.record(replay)      # inside a capture: replayed later
         return True
 
     def _run(self, plan):
@@ -334,16 +371,36 @@ class Runtime(_Recorded):
         return ICudaEngine(network, shapes)
 
 
+class ICudaEngine100(ICudaEngine):
+    """TensorRT 10.0's engine: ``device_memory_size_v2`` came in 10.1."""
+
+    @property
+    def device_memory_size_v2(self):
+        raise AttributeError("'tensorrt.ICudaEngine' object has no attribute 'device_memory_size_v2'")
+
+
+class Runtime100(Runtime):
+    def deserialize_cuda_engine(self, serialized_engine):
+        engine = super().deserialize_cuda_engine(serialized_engine)
+        if engine is not None:
+            engine.__class__ = ICudaEngine100
+        return engine
+
+
 def module(version: str = "11.4.0.106", weak: bool = False):
-    """A stand-in for ``import tensorrt`` (TensorRT 11; ``weak=True``: TensorRT 10's flags too)."""
+    """A stand-in for ``import tensorrt``: TensorRT 11 by default; ``weak=True`` or a version
+    10.x: TensorRT 10's precision flags and enum values; 10.0: without the 10.1 memory APIs."""
     class Module(_Recorded, types.ModuleType):
         pass
     m = Module("tensorrt")
     for obj in (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, Builder, OnnxParser, Runtime, TensorIOMode,
                 DataType, ExecutionContextAllocationStrategy, NetworkDefinitionCreationFlag):
         setattr(m, obj.__name__, obj)
-    if weak:
+    if weak or version.startswith("10."):
         m.BuilderFlag = BuilderFlag10
+        m.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag10
+    if version.startswith("10.0."):
+        m.Runtime = Runtime100
     m.__version__ = version
     return m
 

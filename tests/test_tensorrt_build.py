@@ -67,13 +67,13 @@ def test_build_engine_sets_profile_precision_and_cache(tiny_onnx, tiny, tmp_path
     assert config.pools == {"WORKSPACE": 1 << 30} and config.builder_optimization_level == 5
     assert config.flags == ({flag} if flag else set()) | {"REFIT"}
     # fp32/fp16: a strongly typed network (the graph's types decide); bf16: TensorRT 10's weak typing
-    assert network._flags == (0 if weak else 1 << fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert network._flags == (0 if weak else 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert plan.startswith(b"fake-plan|")
-    assert cache.read_bytes() == b"fake-timing-cache:+"
+    assert cache.read_bytes() == f"fake-timing-cache:{fake.DEVICE}:+".encode()
     assert progress[0] == ("Building engine", 0, 2) and progress[-1] == ("Building engine", 2, 2)
     # the second build starts from the saved cache and extends it
     build_engine(trt, tiny_onnx["unet"], "unet", shapes, opts)
-    assert cache.read_bytes() == b"fake-timing-cache:++"
+    assert cache.read_bytes() == f"fake-timing-cache:{fake.DEVICE}:++".encode()
 
 
 def test_build_engine_errors_are_clear(tiny_onnx, tmp_path):

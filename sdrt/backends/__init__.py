@@ -19,6 +19,7 @@ from ..paths import cache_root, default_engine_dir  # noqa: F401 - their old hom
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+ALIGNMENT = 256        # bytes: what TensorRT requires of every tensor address (CUDA allocations have it)
 
 
 class Backend(Protocol):
@@ -28,6 +29,19 @@ class Backend(Protocol):
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor: ...
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def aligned_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty contiguous tensor whose address is a multiple of ``ALIGNMENT`` bytes (a buffer that a
+    compiled backend binds by address and keeps across calls)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    n = 1
+    for d in shape:
+        n *= int(d)
+    with torch.inference_mode(False):     # a normal tensor: the eager loop writes it in place too
+        raw = torch.empty(n * size + ALIGNMENT, dtype=torch.uint8, device=device)
+        offset = -raw.data_ptr() % ALIGNMENT
+        return raw[offset:offset + n * size].view(dtype).view(tuple(shape))
 
 
 def build_log(message: str) -> None:
@@ -49,6 +63,8 @@ def parse_device(device) -> torch.device:
             raise ValueError(f"device {device!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if dev.index is None:      # "cuda" is the current device: name it, so it equals tensors' devices
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

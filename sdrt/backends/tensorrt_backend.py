@@ -21,16 +21,43 @@ faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked a
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import build_log, check_profile_request, check_profile_windows, check_text_input
+from . import ALIGNMENT, aligned_empty, build_log, check_profile_request, check_profile_windows, check_text_input
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
+MIN_VERSION = (10, 1)           # device_memory_size_v2 and set_device_memory(ptr, size) came in 10.1
+
+
+def check_runtime_version(trt) -> None:
+    """Refuse a TensorRT older than 10.1 at load, naming what it lacks."""
+    try:
+        version = tuple(int(v) for v in str(trt.__version__).split(".")[:2])
+    except ValueError:
+        raise ValueError(f"TensorRT version {trt.__version__!r} is not understood") from None
+    if version < MIN_VERSION:
+        raise ValueError(f"TensorRT {trt.__version__} is too old for sdrt's runtime: it needs 10.1 or newer "
+                         "(ICudaEngine.device_memory_size_v2 and IExecutionContext.set_device_memory(memory, size), "
+                         "which user-managed scratch memory uses); install tensorrt>=10.1")
+
+
+def normalize_device(device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current device), so that it compares equal to a tensor's device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def on_device(device: torch.device):
+    """A scope in which TensorRT builds, deserializes and creates contexts on ``device``."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def torch_dtype(trt, data_type) -> torch.dtype:
@@ -69,10 +96,16 @@ class _Engine:
         self.max_shapes = {t: tuple(self.engine.get_tensor_profile_shape(t, 0)[2]) for t in self.inputs}
         self._bound: dict[str, tuple] = {}          # tensor -> (shape, address) last given to TensorRT
         self._out: dict[tuple, torch.Tensor] = {}    # (tensor, shape) -> output buffer
+        self._staging: dict[tuple, torch.Tensor] = {}   # (tensor, shape) -> aligned copy of a misaligned input
+        # how often the context's input shapes changed: a CUDA graph of this context is only valid
+        # with the shapes it was captured with (its addresses are baked into the graph's kernels);
+        # StaticLoop compares it before each replay
+        self.version = 0
 
     def close(self) -> None:
         """Release the context before the engine (TensorRT's order), and the output buffers."""
         self._out.clear()
+        self._staging.clear()
         self._bound.clear()
         self.context = None
         self.engine = None
@@ -80,20 +113,32 @@ class _Engine:
     def set_scratch(self, scratch: torch.Tensor) -> None:
         self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
 
+    def _address(self, tensor: str, shape: tuple, addr: int) -> None:
+        if not self.context.set_tensor_address(tensor, addr):
+            raise RuntimeError(f"{self.name}: TensorRT refused the address {addr:#x} of {tensor} (it must be a "
+                               f"device address aligned to {ALIGNMENT} bytes)")
+        self._bound[tensor] = (shape, addr)
+
     def __call__(self, stream: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         for tensor in self.inputs:
             t = inputs[tensor]
             if t.dtype != self.dtypes[tensor] or not t.is_contiguous() or t.device != self.device:
                 raise ValueError(f"{self.name}.{tensor}: needs a contiguous {self.dtypes[tensor]} tensor on "
                                  f"{self.device}, got {t.dtype} on {t.device}")
-            shape, addr = tuple(t.shape), t.data_ptr()
+            shape = tuple(t.shape)
+            if t.data_ptr() % ALIGNMENT:          # a view into a larger tensor: bind an aligned copy
+                staged = self._staging.get((tensor, shape))
+                if staged is None:
+                    staged = self._staging[(tensor, shape)] = aligned_empty(shape, t.dtype, self.device)
+                t = staged.copy_(t)
             old = self._bound.get(tensor)
             if old is None or old[0] != shape:
                 if not self.context.set_input_shape(tensor, shape):
                     raise ValueError(f"{self.name}: input {tensor} of shape {shape} is outside the engine's profile")
-            if old is None or old[1] != addr:
-                self.context.set_tensor_address(tensor, addr)
-            self._bound[tensor] = (shape, addr)
+                self.version += 1
+            if old is None or old[1] != t.data_ptr():
+                self._address(tensor, shape, t.data_ptr())
+            self._bound[tensor] = (shape, t.data_ptr())
         result = {}
         for tensor in self.outputs:
             shape = tuple(self.context.get_tensor_shape(tensor))
@@ -101,10 +146,9 @@ class _Engine:
                 raise RuntimeError(f"{self.name}: TensorRT left the shape of {tensor} unresolved: {shape}")
             buf = self._out.get((tensor, shape))
             if buf is None:                           # once per shape
-                buf = self._out[(tensor, shape)] = torch.empty(shape, dtype=self.dtypes[tensor], device=self.device)
+                buf = self._out[(tensor, shape)] = aligned_empty(shape, self.dtypes[tensor], self.device)
             if self._bound.get(tensor, (None, None))[1] != buf.data_ptr():
-                self.context.set_tensor_address(tensor, buf.data_ptr())
-                self._bound[tensor] = (shape, buf.data_ptr())
+                self._address(tensor, shape, buf.data_ptr())
             result[tensor] = buf
         if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT failed to enqueue {self.name} (see the log above)")
@@ -129,7 +173,8 @@ class TensorRTBackend:
         )
 
         self.trt = trt = trt or require_tensorrt()
-        self.device = device
+        check_runtime_version(trt)
+        self.device = device = normalize_device(device)
         log = log or build_log
         arch = arch or native_arch()
         if arch is None:
@@ -151,8 +196,9 @@ class TensorRTBackend:
             manifest.get("networks", {}).get(n, {}).get("key", {})).ok]
         if missing:
             log(f"building TensorRT engines for {', '.join(missing)} in {self.engine_dir}")
-            manifest = build_tensorrt(components, self.engine_dir, options=BuildOptions(precision=precision),
-                                      networks=NETWORKS, target=arch, trt=trt, arch=arch, log=log)
+            with on_device(device):
+                manifest = build_tensorrt(components, self.engine_dir, options=BuildOptions(precision=precision),
+                                          networks=NETWORKS, target=arch, trt=trt, arch=arch, log=log)
         unet_entry = manifest["networks"]["unet"]
         self.profile = Profile.from_json(unet_entry["profile"])
         self.size_multiple = int(unet_entry.get("size_multiple", components.size_multiple))
@@ -160,21 +206,27 @@ class TensorRTBackend:
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engines = {n: _Engine(trt, self.runtime, n, self.engine_dir / manifest["networks"][n]["file"], device)
-                        for n in NETWORKS}
+        with on_device(device):            # engines and contexts live on the device they were loaded on
+            self.engines = {n: _Engine(trt, self.runtime, n, self.engine_dir / manifest["networks"][n]["file"],
+                                       device) for n in NETWORKS}
         # one scratch buffer for the UNet and the VAE, sized for the larger: they run one after the
         # other in the denoising stage. The text encoder gets its own: sdrt.Engine encodes the next
         # batch's text on another thread (and stream) while this one denoises.
         self.scratch_bytes = max(self.engines[n].scratch_bytes for n in LOOP_NETWORKS)
-        self.scratch = torch.empty(max(1, self.scratch_bytes), dtype=torch.uint8, device=device)
+        self.scratch = aligned_empty((max(1, self.scratch_bytes),), torch.uint8, device)
         for n in LOOP_NETWORKS:
             self.engines[n].set_scratch(self.scratch)
         text = self.engines["text_encoder"]
-        self.text_scratch = torch.empty(max(1, text.scratch_bytes), dtype=torch.uint8, device=device)
+        self.text_scratch = aligned_empty((max(1, text.scratch_bytes),), torch.uint8, device)
         text.set_scratch(self.text_scratch)
         self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
         # per token-id shape: pinned host buffer, device buffer, CUDA event after its last copy
         self._ids: dict[tuple, tuple] = {}
+
+    def graph_state(self) -> tuple:
+        """The loop engines' context state: a CUDA graph captured with one set of input shapes must
+        not replay after another was set (by an eager call or another loop)."""
+        return tuple(self.engines[n].version for n in LOOP_NETWORKS)
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0

@@ -1,0 +1,210 @@
+"""What TensorRT does that a naive fake hides (issue: "TensorRT as it really behaves"): each test
+fails against the code before the fix and passes now, against tests/tensorrt_fake.py, which
+behaves like TensorRT in these places (see its docstring). Nothing here runs real TensorRT."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import tensorrt_fake as fake
+import torch
+from cuda_graph_fake import FakeCuda
+
+import sdrt
+from sdrt.backends import parse_device
+from sdrt.backends import tensorrt_backend as tb
+from sdrt.export.specs import ModelDims, Profile, profile_shapes
+from sdrt.export.tensorrt import BuildOptions, build_engine, build_tensorrt
+
+pytestmark = [pytest.mark.slow]
+
+ALIGNMENT = 256          # bytes: TensorRT's requirement for every address given to set_tensor_address
+PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
+ARGS = dict(prompt="a [cat:dog:0.5]", steps=4, width=64, height=64, sampler="Euler a", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe():
+    return sdrt.Pipeline.from_pretrained("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory, torch_pipe):
+    c, be = torch_pipe.components, torch_pipe.backend
+    d = tmp_path_factory.mktemp("trt")
+    build_tensorrt(c, d, profile=PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(), arch="sm_90",
+                   log=lambda m: None)
+    layers, f = be.num_text_layers, c.latent_factor
+    hidden = int(c.text_encoder.config.hidden_size)
+
+    def text(input_ids):
+        ids = input_ids.reshape(1, -1)
+        return {"hidden_states": torch.stack([be.encode_text(ids, k).reshape(input_ids.shape[0], 77, -1)
+                                              for k in range(layers, 0, -1)])}
+    fake.EXECUTORS.update({
+        "text_encoder": (text, lambda s: {"hidden_states": (layers, s["input_ids"][0], 77, hidden)}),
+        "unet": (lambda sample, timestep, encoder_hidden_states: {
+            "out_sample": be.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
+        "vae_decoder": (lambda latent: {"image": be.decode(latent)},
+                        lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+    })
+    return d
+
+
+def _pipe(torch_pipe, engine_dir, **kw):
+    backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, engine_dir,
+                                 trt=kw.pop("trt", fake.module()), arch="sm_90", log=lambda m: None, **kw)
+    return sdrt.Pipeline(torch_pipe.components, backend)
+
+
+# 1. devices -------------------------------------------------------------------------------------
+
+def test_cuda_without_an_index_names_the_current_device(monkeypatch):
+    """torch.device("cuda") != a tensor's cuda:0: every engine call failed the device check."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert parse_device("cuda") == torch.device("cuda", 1) == tb.normalize_device("cuda")
+    assert parse_device("cuda:0") == torch.device("cuda", 0) and tb.normalize_device("cpu") == torch.device("cpu")
+    assert isinstance(tb.on_device(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(tb.on_device(torch.device("cuda", 1)), torch.cuda.device)
+
+
+# 9. the device engines load on ------------------------------------------------------------------
+
+def test_engines_are_deserialized_inside_the_device_scope(torch_pipe, engine_dir, monkeypatch):
+    @contextlib.contextmanager
+    def scope(device):
+        fake.CALLS.append(("enter device", device))
+        yield
+        fake.CALLS.append(("leave device", device))
+    monkeypatch.setattr(tb, "on_device", scope)
+    fake.CALLS.clear()
+    _pipe(torch_pipe, engine_dir)
+    names = [c[0] for c in fake.CALLS]
+    enter, leave = names.index("enter device"), names.index("leave device")
+    loads = [i for i, n in enumerate(names) if n in ("deserialize_cuda_engine", "create_execution_context")]
+    assert len(loads) == 6 and all(enter < i < leave for i in loads)
+
+
+# 2. alignment -----------------------------------------------------------------------------------
+
+def test_misaligned_inputs_are_bound_through_an_aligned_copy(torch_pipe, engine_dir):
+    """TensorRT refuses an address not aligned to 256 bytes (set_tensor_address returns False);
+    the result used to be ignored and the address recorded as bound."""
+    pipe = _pipe(torch_pipe, engine_dir)
+    be, ref = pipe.backend, torch_pipe.backend
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, int(torch_pipe.components.text_encoder.config.hidden_size), generator=g)
+    table = torch.zeros(3, 2 + 1)                   # a row view one float past an aligned start
+    table[1, 1:] = torch.tensor([500.0, 500.0])
+    t = table[1, 1:]
+    assert t.data_ptr() % ALIGNMENT and t.is_contiguous()
+    fake.CALLS.clear()
+    out = be.unet(sample, t, ctx)
+    bound = [c[1][2] for c in fake.CALLS if c[0] == "set_tensor_address"]
+    assert bound and all(a % ALIGNMENT == 0 for a in bound)
+    assert torch.allclose(out, ref.unet(sample, t.clone(), ctx), atol=1e-6)
+    with pytest.raises(RuntimeError, match="aligned to 256"):
+        be.engines["unet"]._address("sample", (2, 4, 8, 8), sample.data_ptr() + 4)
+
+
+def test_the_static_loop_s_timestep_rows_are_aligned(torch_pipe, engine_dir):
+    pipe = _pipe(torch_pipe, engine_dir)
+    pipe.set_fast_path()
+    pipe(seed=1, **ARGS)
+    loop = pipe.loops.values()[0]
+    assert all(loop.t[i, :4].data_ptr() % ALIGNMENT == 0 for i in range(loop.steps))
+
+
+# 3. one graph per context state -----------------------------------------------------------------
+
+def test_a_context_reshaped_after_capture_is_captured_again(torch_pipe, engine_dir):
+    """A graph of enqueueV3 is tied to its context's shapes: an eager call at another size
+    re-shapes the context, and replaying the old graph then is undefined (the fake raises)."""
+    pipe = _pipe(torch_pipe, engine_dir)
+    cuda = FakeCuda()
+    pipe.set_fast_path(capture=True, cuda=cuda)
+    first = pipe(seed=3, **ARGS)
+    pipe(**dict(ARGS, sampler="Heun", width=96, seed=4))          # eager: re-shapes the UNet's context
+    again = pipe(seed=5, **ARGS)
+    assert len(cuda.graphs) == 2                                   # captured again, not replayed
+    assert pipe(seed=6, **ARGS).images and cuda.events.count("replay") == 1   # then replayed
+    want = torch_pipe(seed=5, **ARGS)
+    assert np.abs(want.pixels - again.pixels).max() <= 1e-4 and first.seeds == [3, 4]
+
+
+# 8. engines that cannot be captured ---------------------------------------------------------------
+
+def test_an_engine_that_refuses_capture_falls_back_to_the_eager_loop_once(torch_pipe, engine_dir, caplog):
+    pipe = _pipe(torch_pipe, engine_dir)
+    cuda = FakeCuda()
+    pipe.set_fast_path(capture=True, cuda=cuda)
+    fake.CAPTURE_FORBIDDEN.add("vae_decoder")
+    try:
+        with caplog.at_level("WARNING"):
+            got = [pipe(seed=s, **ARGS) for s in (7, 8)]
+    finally:
+        fake.CAPTURE_FORBIDDEN.clear()
+    assert cuda.events.count("capture begin (thread_local)") == 1          # tried once
+    assert len(pipe.loops.refused) == 1 and len(pipe.loops) == 0
+    assert sum("eager loop" in r.getMessage() for r in caplog.records) == 1
+    for s, g in zip((7, 8), got):
+        assert np.abs(torch_pipe(seed=s, **ARGS).pixels - g.pixels).max() <= 1e-5
+
+
+# 5. TensorRT 10.0 --------------------------------------------------------------------------------
+
+def test_tensorrt_10_0_is_refused_with_what_it_lacks(torch_pipe, engine_dir):
+    with pytest.raises(ValueError, match="needs 10.1 or newer.*device_memory_size_v2"):
+        _pipe(torch_pipe, engine_dir, trt=fake.module("10.0.1.6"))
+    with pytest.raises(ValueError, match="built with TensorRT 11.4"):      # 10.1 passes the version gate
+        _pipe(torch_pipe, engine_dir, trt=fake.module("10.1.0.27"))
+
+
+# 6. enum values ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unet_onnx(tmp_path_factory, torch_pipe):
+    from sdrt.export.onnx_export import export_onnx
+    path = tmp_path_factory.mktemp("onnx") / "unet.onnx"
+    export_onnx(torch_pipe.components, "unet", path)
+    c = torch_pipe.components
+    dims = ModelDims(c.latent_factor, 4, int(c.text_encoder.config.hidden_size), 2)
+    return path, profile_shapes("unet", PROFILE, dims)
+
+
+@pytest.mark.parametrize("version, flags", [("11.4.0.106", 1), ("10.13.0.35", 2)])
+def test_the_strongly_typed_flag_follows_the_version_s_enum(unet_onnx, version, flags):
+    """STRONGLY_TYPED is bit 1 in TensorRT 10 (bit 0: EXPLICIT_BATCH) and bit 0 in 11."""
+    fake.CALLS.clear()
+    build_engine(fake.module(version), unet_onnx[0], "unet", unet_onnx[1], BuildOptions(precision="fp32"))
+    network = next(c[1][0] for c in fake.CALLS if c[0] == "build_serialized_network")
+    assert network._flags == flags
+
+
+# 7. a timing cache from another GPU ----------------------------------------------------------------
+
+def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(unet_onnx, tmp_path, caplog):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"fake-timing-cache:another-gpu:+++")
+    with caplog.at_level("WARNING"):
+        plan = build_engine(fake.module(), unet_onnx[0], "unet", unet_onnx[1],
+                            BuildOptions(precision="fp32", timing_cache=str(cache)))
+    assert plan.startswith(b"fake-plan|")
+    assert cache.read_bytes() == f"fake-timing-cache:{fake.DEVICE}:+".encode()      # a fresh cache, saved
+    assert any("another GPU" in r.getMessage() for r in caplog.records)
+
+
+# a progress callback that raises cancels the build and names why ----------------------------------
+
+def test_a_failing_progress_callback_cancels_the_build_with_its_reason(unet_onnx):
+    def progress(phase, step, steps):
+        if step == 1:
+            raise OSError("the progress file is full")
+    with pytest.raises(RuntimeError, match="cancelled.*OSError: the progress file is full"):
+        build_engine(fake.module(), unet_onnx[0], "unet", unet_onnx[1], BuildOptions(precision="fp32"),
+                     on_progress=progress)
+    assert ("build cancelled by the progress monitor", ()) not in fake.CALLS     # cancelled by returning False
