@@ -133,17 +133,24 @@ def save_onnx(model, path: Path) -> None:
         data.write_bytes(b"")
 
 
+# what stays float32 in a float16 graph: the VAE decoder's normalisations and softmax (in
+# float16 they overflow); nothing else. A strongly typed TensorRT network computes exactly in the
+# graph's types, so every float32 node is a float32 island with casts around it.
+FLOAT32_OPS = {"vae_decoder": ("InstanceNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")}
+
+
 def to_float16(path: Path, name: str) -> None:
-    """Convert a float32 graph to float16 in place, keeping float32 inputs/outputs. The VAE
-    decoder keeps its normalisations and softmax in float32: in float16 they overflow."""
+    """Convert a float32 graph to float16 in place, keeping float32 inputs/outputs and only the
+    float32 nodes of ``FLOAT32_OPS`` (an explicit list: onnxruntime's default block list would
+    keep Range, Min, Max, CumSum, Upsample, ... in float32). The converter needs the graph's
+    value types to put casts around a kept node, so shape inference runs when there is one (the
+    VAE decoder is far below protobuf's 2 GiB limit); without it the list was silently ignored."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path), load_external_data=True)
-    block = ["InstanceNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"] \
-        if name.startswith("vae") else []
-    kwargs = {"op_block_list": block} if block else {}
-    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True, **kwargs)
+    keep = list(FLOAT32_OPS.get(name, ()))
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=not keep, op_block_list=keep)
     save_onnx(model, path)
 
 

@@ -194,9 +194,26 @@ def build_engine(trt, onnx_path: str | Path, network_name: str, shapes: dict, op
     return bytes(plan)
 
 
+def device_name() -> str | None:
+    """The name of the GPU engines are built on (None without one)."""
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def engine_target(trt, arch: str) -> dict:
-    """What an engine is tied to; recorded in the manifest and checked by the loader."""
-    return {"arch": arch, "tensorrt": str(trt.__version__)}
+    """What an engine is tied to; recorded in the manifest and checked by the loader. The
+    device's name too: TensorRT warns that a plan moved between boards of one architecture
+    (another memory size or clock) may choose slower kernels or misbehave."""
+    return {"arch": arch, "tensorrt": str(trt.__version__), "device": device_name()}
+
+
+def device_warning(recorded: dict, engine_dir) -> str | None:
+    """A warning when the engines were built on another board of this architecture."""
+    built, here = recorded.get("device"), device_name()
+    if built and here and built != here:
+        return (f"the engines in {engine_dir} were built on a {built}, this GPU is a {here} (same architecture): "
+                "TensorRT chose their kernels for that board; rebuild them here for its best kernels")
+    return None
 
 
 def check_engine_target(recorded: dict, arch: str, trt_version: str, engine_dir) -> str | None:

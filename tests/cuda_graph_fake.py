@@ -89,6 +89,10 @@ class FakeGraph:
 class FakeStream:
     def __init__(self, cuda: "FakeCuda", name: str):
         self.cuda, self.name = cuda, name
+        # CUDA's handle: 0 is the legacy default stream (torch's current stream on a new thread)
+        self.cuda_stream = 0 if name == "current" else 1 + len(cuda.streams)
+        if name != "current":
+            cuda.streams.append(self)
 
     def wait_stream(self, other: "FakeStream") -> None:
         self.cuda.events.append(f"{self.name} waits for {other.name}")
@@ -103,6 +107,7 @@ class FakeCuda:
     def __init__(self, mirror: list | None = None):
         self.events = _Events(mirror)
         self.graphs: list[FakeGraph] = []
+        self.streams: list[FakeStream] = []
 
     def Stream(self, device=None):  # noqa: N802 - torch.cuda's name
         return FakeStream(self, "side")

@@ -12,7 +12,8 @@ It also behaves like TensorRT where the code could go wrong although every name 
 engine marked ``CAPTURE_FORBIDDEN`` refuses to enqueue under capture (returns False); a timing
 cache from another device is refused by ``set_timing_cache`` (False; ``get_timing_cache`` then
 gives None); a progress monitor that raises cancels the build (None); ``module("10.0.x")`` lacks
-the 10.1 memory APIs and has TensorRT 10's enum values, the default module 11's.
+the 10.1 memory APIs and has TensorRT 10's enum values, the default module 11's; with a stream
+API in play (``STREAMS``), an enqueue on the legacy default stream (handle 0) is recorded.
 """
 from __future__ import annotations
 
@@ -231,6 +232,7 @@ EXECUTORS: dict = {}
 SCRATCH = {"text_encoder": 3 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
 ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
 CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture
+STREAMS: list = []               # non-empty while a test runs the backend with a (fake) CUDA stream API
 _TORCH = {DataType.FLOAT: "float32", DataType.HALF: "float16", DataType.INT64: "int64", DataType.INT32: "int32"}
 
 
@@ -323,6 +325,8 @@ class IExecutionContext(_Recorded):
         import cuda_graph_fake
         net = self._engine._network
         _call("execute_async_v3", net, stream_handle)
+        if stream_handle == 0 and STREAMS:
+            _call("legacy default stream", net)     # TensorRT adds device synchronisations there
         if cuda_graph_fake._ACTIVE and net in CAPTURE_FORBIDDEN:
             return False              # "enqueue returns false while capturing" (an op not allowed under capture)
         if self._strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self._memory is None:

@@ -208,3 +208,89 @@ def test_a_failing_progress_callback_cancels_the_build_with_its_reason(unet_onnx
         build_engine(fake.module(), unet_onnx[0], "unet", unet_onnx[1], BuildOptions(precision="fp32"),
                      on_progress=progress)
     assert ("build cancelled by the progress monitor", ()) not in fake.CALLS     # cancelled by returning False
+
+
+# 4. streams ---------------------------------------------------------------------------------------
+
+def test_engines_never_enqueue_on_the_legacy_default_stream(torch_pipe, engine_dir):
+    """On the batcher's threads torch's current stream is the legacy default stream (handle 0):
+    the text encoder and the loop get streams of their own, joined to it by events."""
+    cuda = FakeCuda()
+    fake.STREAMS.append(cuda)
+    try:
+        pipe = _pipe(torch_pipe, engine_dir, cuda=cuda)
+        fake.CALLS.clear()
+        got = pipe(seed=2, **ARGS)
+    finally:
+        fake.STREAMS.clear()
+    assert not [c for c in fake.CALLS if c[0] == "legacy default stream"]
+    handles = {c[1][0]: c[1][1] for c in fake.CALLS if c[0] == "execute_async_v3"}
+    assert handles["unet"] == handles["vae_decoder"] != handles["text_encoder"] and 0 not in handles.values()
+    assert len(cuda.streams) == 2 and cuda.events.count("side waits for current") == cuda.events.count(
+        "current waits for side") > 0
+    assert np.abs(torch_pipe(seed=2, **ARGS).pixels - got.pixels).max() <= 1e-5
+
+
+def test_on_a_stream_of_its_own_the_engines_use_it(torch_pipe, engine_dir):
+    class Capturing(FakeCuda):              # e.g. inside a CUDA-graph capture: not the default stream
+        def current_stream(self, device=None):
+            return self._current
+
+    cuda = Capturing()
+    cuda._current = cuda.Stream()
+    pipe = _pipe(torch_pipe, engine_dir, cuda=cuda)
+    fake.CALLS.clear()
+    pipe(seed=2, **ARGS)
+    assert {c[1][1] for c in fake.CALLS if c[0] == "execute_async_v3"} == {cuda._current.cuda_stream}
+    assert len(cuda.streams) == 1 and not [e for e in cuda.events if "waits" in e]
+
+
+# 10. float32 islands in float16 graphs -------------------------------------------------------------
+
+def _casts(model, to: int) -> list:
+    return [n for n in model.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == to for a in n.attribute)]
+
+
+@pytest.mark.parametrize("network", ["text_encoder", "unet", "vae_decoder"])
+def test_float16_graphs_keep_only_the_float32_they_need(torch_pipe, tmp_path, network):
+    """Strong typing honours every float32 node: the UNet and text encoder keep none but their
+    float32 output; the VAE decoder keeps its normalisations, which used to be converted to
+    float16 (the converter ignored the block list without shape inference)."""
+    import onnx
+    from onnx import TensorProto
+
+    from sdrt.export.onnx_export import export_onnx, to_float16
+    path = tmp_path / f"{network}.onnx"
+    export_onnx(torch_pipe.components, network, path)
+    to_float16(path, network)
+    model = onnx.load(str(path), load_external_data=False)
+    to_f32 = _casts(model, TensorProto.FLOAT)
+    produced = {o: n for n in model.graph.node for o in n.output}
+    norms = [n for n in model.graph.node if n.op_type == "InstanceNormalization"]
+    fed_f32 = [n for n in norms if produced.get(n.input[0]) in to_f32]
+    if network == "vae_decoder":
+        assert norms and len(fed_f32) == len(norms)
+    else:
+        assert [n.output[0] for n in to_f32] == [o.name for o in model.graph.output] and not fed_f32
+    assert all(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer if len(i.dims) > 1)
+
+
+# engines from another board of the same architecture ----------------------------------------------
+
+def test_engines_from_another_board_load_with_a_warning(torch_pipe, engine_dir, monkeypatch, caplog):
+    import json
+
+    from sdrt.export import tensorrt as export_trt
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert "device" in manifest["target"]                      # recorded at build time
+    monkeypatch.setattr(export_trt, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    original = dict(manifest)
+    manifest["target"] = dict(manifest["target"], device="NVIDIA H200")
+    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with caplog.at_level("WARNING"):
+            pipe = _pipe(torch_pipe, engine_dir)
+    finally:
+        (engine_dir / "manifest.json").write_text(json.dumps(original))
+    assert pipe.backend is not None
+    assert any("built on a NVIDIA H200, this GPU is a NVIDIA H100" in r.getMessage() for r in caplog.records)

@@ -117,7 +117,7 @@ def test_build_tensorrt_writes_a_manifest_and_keeps_up_to_date_engines(tiny, tmp
     m = build_tensorrt(tiny.components, tmp_path, profile=p, networks=("vae_decoder",), trt=trt, arch="sm_89",
                        log=logs.append)
     entry = m["networks"]["vae_decoder"]
-    assert m["target"] == {"arch": "sm_89", "tensorrt": "11.4.0.106"} and entry["static"] is False
+    assert m["target"] == {"arch": "sm_89", "tensorrt": "11.4.0.106", "device": None} and entry["static"] is False
     assert (tmp_path / "vae_decoder.plan").is_file() and (tmp_path / "onnx" / "vae_decoder.onnx").is_file()
     assert json.loads((tmp_path / "manifest.json").read_text())["networks"]["vae_decoder"]["key"]["target"] == \
         "sm_89/trt-11.4.0.106"

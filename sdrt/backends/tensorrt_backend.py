@@ -22,6 +22,7 @@ faithful fake of that API (tests/tensorrt_fake.py) whose every name is checked a
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -161,13 +162,14 @@ class TensorRTBackend:
     graph_safe = True
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype, engine_dir=None, trt=None,
-                 arch: str | None = None, log=None):
+                 arch: str | None = None, log=None, cuda=None):
         from sdrt.export import Profile
         from sdrt.export.build import check_artifact, read_manifest
         from sdrt.export.tensorrt import (
             BuildOptions,
             build_tensorrt,
             check_engine_target,
+            device_warning,
             native_arch,
             require_tensorrt,
         )
@@ -175,6 +177,9 @@ class TensorRTBackend:
         self.trt = trt = trt or require_tensorrt()
         check_runtime_version(trt)
         self.device = device = normalize_device(device)
+        # the CUDA stream API (tests pass a fake); None on a CPU, where there are no streams
+        self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
+        self._side: dict[str, object] = {}       # "text" / "loop" -> a dedicated stream (created on first use)
         log = log or build_log
         arch = arch or native_arch()
         if arch is None:
@@ -187,6 +192,9 @@ class TensorRTBackend:
             problem = check_engine_target(target, arch, str(trt.__version__), self.engine_dir)
             if problem:
                 raise ValueError(problem)
+            warning = device_warning(target, self.engine_dir)
+            if warning:
+                logging.getLogger("sdrt.backends").warning(warning)
         if manifest.get("networks") and manifest.get("precision") not in (None, precision):
             raise ValueError(f"the engines in {self.engine_dir} are {manifest.get('precision')}, dtype "
                              f"{str(dtype).replace('torch.', '')} asks for {precision}: build another folder "
@@ -228,8 +236,25 @@ class TensorRTBackend:
         not replay after another was set (by an eager call or another loop)."""
         return tuple(self.engines[n].version for n in LOOP_NETWORKS)
 
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+    def _enqueue(self, engine: _Engine, group: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run ``engine`` ordered after the work already queued on torch's current stream, and
+        before what follows there. On the legacy default stream (what the batcher's threads get)
+        TensorRT would add device synchronisations and serialise the text encoding with the
+        denoising, so the engines of each group ("text", "loop") get a stream of their own,
+        joined to the current one by events; on any other stream (a CUDA-graph capture's among
+        them) they run on it."""
+        if self.cuda is None:
+            return engine(0, **inputs)
+        current = self.cuda.current_stream(self.device)
+        if current.cuda_stream:
+            return engine(current.cuda_stream, **inputs)
+        side = self._side.get(group)
+        if side is None:
+            side = self._side[group] = self.cuda.Stream(self.device)
+        side.wait_stream(current)              # the inputs written on the current stream are ready
+        out = engine(side.cuda_stream, **inputs)
+        current.wait_stream(side)              # the outputs are ready for what follows there
+        return out
 
     def close(self) -> None:
         """Release the execution contexts and engines, then their scratch memory."""
@@ -264,7 +289,7 @@ class TensorRTBackend:
             dev.copy_(host, non_blocking=True)             # pinned -> device, asynchronous
             if copied is not None:
                 copied.record()
-            hidden = engine(self._stream(), input_ids=dev)["hidden_states"]    # (L, rows, 77, C)
+            hidden = self._enqueue(engine, "text", input_ids=dev)["hidden_states"]    # (L, rows, 77, C)
             parts.append(hidden[hidden.shape[0] - clip_skip].clone())
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
         return out.reshape(b, n, out.shape[-1])
@@ -274,9 +299,9 @@ class TensorRTBackend:
         e = self.engines["unet"]
         args = {"sample": sample, "timestep": t, "encoder_hidden_states": context}
         args = {k: v.to(e.dtypes[k]).contiguous() for k, v in args.items()}
-        return e(self._stream(), **args)["out_sample"]
+        return self._enqueue(e, "loop", **args)["out_sample"]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         e = self.engines["vae_decoder"]
-        image = e(self._stream(), latent=latents.to(e.dtypes["latent"]).contiguous())["image"]
+        image = self._enqueue(e, "loop", latent=latents.to(e.dtypes["latent"]).contiguous())["image"]
         return image.float()
