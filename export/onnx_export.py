@@ -76,7 +76,8 @@ def sample_inputs(components, spec: NetworkSpec) -> tuple:
     f, hidden = components.latent_factor, components.text_encoder.config.hidden_size
     g = torch.Generator().manual_seed(0)
     if spec.name == "text_encoder":
-        return (torch.randint(0, 49407, (2, 77), generator=g),)
+        vocab = int(components.text_encoder.config.vocab_size)
+        return (torch.randint(0, vocab, (2, 77), generator=g),)
     if spec.name == "unet":
         return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
                 torch.randn(2, 77, hidden, generator=g))

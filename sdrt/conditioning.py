@@ -1,8 +1,10 @@
 """Prompt text to CLIP conditioning, as the web UI builds it.
 
 Each piece of ``prompts.parse_attention`` is tokenized on its own and its tokens carry its
-weight. Tokens fill windows of 75; each window becomes BOS + 75 + EOS = 77 ids, padded with EOS
-(Stable Diffusion 1.x). A BREAK closes the current window. When a window fills while a comma
+weight. Tokens fill windows of 75; each window becomes BOS + 75 + EOS = 77 ids, with the start,
+end and pad ids of the model's own tokenizer (``tokenizer.token_ids``): padded with EOS for SD 1.x,
+and for a tokenizer that pads with another id (SD 2.x's OpenCLIP, id 0) every position after the
+first EOS is that id, as the web UI does it. A BREAK closes the current window. When a window fills while a comma
 lies within the last ``comma_backtrack`` tokens, the text after that comma moves to the next
 window. All texts of a request are padded with empty windows to the same count k, and the
 encoder runs on every window, giving (77k, C) per text.
@@ -17,21 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import parse_attention
-from .tokenizer import BOS_ID, CHUNK, EOS_ID
+from .tokenizer import CHUNK, token_ids
 
 EMPHASIS = ("Original", "No norm", "Ignore")
 COMMA_BACKTRACK = 20
-
-
-def _comma_id(tokenizer) -> int:
-    return tokenizer.convert_tokens_to_ids(",</w>")
 
 
 def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK):
     """``text`` -> list of windows, each (ids[77], weights[77])."""
     pieces = parse_attention(text)
     token_lists = tokenizer([p for p, _ in pieces], add_special_tokens=False, truncation=False).input_ids
-    comma = _comma_id(tokenizer)
+    special = token_ids(tokenizer)
+    comma = special.comma
     windows: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     mults: list[float] = []
@@ -40,7 +39,7 @@ def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRA
     def close():
         nonlocal ids, mults, last_comma
         pad = CHUNK - len(ids)
-        windows.append(([BOS_ID] + ids + [EOS_ID] * pad + [EOS_ID], [1.0] + mults + [1.0] * pad + [1.0]))
+        windows.append((special.window(ids), [1.0] + mults + [1.0] * pad + [1.0]))
         ids, mults, last_comma = [], [], -1
 
     for tokens, (piece, weight) in zip(token_lists, pieces):
@@ -48,7 +47,7 @@ def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRA
             close()
             continue
         for token in tokens:
-            if token == comma:
+            if comma is not None and token == comma:
                 last_comma = len(ids)
             elif (comma_backtrack and len(ids) == CHUNK and last_comma != -1
                   and len(ids) - last_comma <= comma_backtrack):
@@ -66,8 +65,9 @@ def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRA
     return windows
 
 
-def empty_window():
-    return [BOS_ID] + [EOS_ID] * (CHUNK + 1), [1.0] * (CHUNK + 2)
+def empty_window(tokenizer):
+    """The window of an empty text (what shorter texts are padded with)."""
+    return token_ids(tokenizer).window([]), [1.0] * (CHUNK + 2)
 
 
 def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Original") -> dict[str, torch.Tensor]:
@@ -79,7 +79,7 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
     k = max(len(w) for w in tokenized)
     ids, mults = [], []
     for windows in tokenized:
-        windows = windows + [empty_window()] * (k - len(windows))
+        windows = windows + [empty_window(tokenizer)] * (k - len(windows))
         ids.append([i for w in windows for i in w[0]])
         mults.append([m for w in windows for m in w[1]])
     hidden = backend.encode_text(torch.tensor(ids, dtype=torch.long), clip_skip)     # (T, 77k, C)

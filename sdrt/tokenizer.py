@@ -12,9 +12,11 @@ import functools
 import gzip
 import importlib.util
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
-BOS_ID, EOS_ID = 49406, 49407
+BOS_ID, EOS_ID = 49406, 49407     # the stock CLIP vocabulary's; a model's own come from token_ids()
 MAX_LENGTH = 77
 CHUNK = MAX_LENGTH - 2  # tokens of text per 77-token window
 
@@ -65,3 +67,55 @@ def clip_tokenizer():
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=MAX_LENGTH,
                          pad_token="<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special token ids of a model's tokenizer, as the web UI uses them.
+
+    Each 77-token window is ``[bos] + text + [eos] * fill + [eos]`` (SD 1.x: CLIP pads with its
+    end token). A tokenizer whose pad token is not its end token (SD 2.x's OpenCLIP pads with id
+    0) gets the web UI's OpenCLIP rule: every position after the first end token is the pad id,
+    the last one included, which is also what its tokenizer gives with ``padding="max_length"``.
+    """
+
+    bos: int
+    eos: int
+    pad: int
+    comma: int | None          # where long prompts may be split (None: never at a comma)
+
+    @property
+    def pads_after_end(self) -> bool:
+        return self.pad != self.eos
+
+    def window(self, ids: list[int]) -> list[int]:
+        """One 77-token window around at most ``CHUNK`` text ids."""
+        fill = CHUNK - len(ids)
+        if self.pads_after_end:
+            return [self.bos] + ids + [self.eos] + [self.pad] * fill
+        return [self.bos] + ids + [self.eos] * (fill + 1)
+
+
+_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_ids(tokenizer) -> TokenIds:
+    """``tokenizer``'s start, end, pad and comma ids (cached per tokenizer object)."""
+    try:
+        return _IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError(f"the model's tokenizer ({type(tokenizer).__name__}) has no start or end token "
+                         f"(bos {tokenizer.bos_token!r}, eos {tokenizer.eos_token!r}): not a CLIP tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if comma is None or comma == getattr(tokenizer, "unk_token_id", None):
+        comma = None
+    ids = TokenIds(bos=int(bos), eos=int(eos), pad=int(pad), comma=None if comma is None else int(comma))
+    try:
+        _IDS[tokenizer] = ids
+    except TypeError:               # not weak-referenceable: computed again next time
+        pass
+    return ids
