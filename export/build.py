@@ -67,23 +67,51 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _entry_ok(entry) -> bool:
+    """A manifest entry of the shape the loaders read (anything else is rebuilt, never trusted)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return False
+    if not isinstance(entry.get("key"), dict) or not isinstance(entry.get("profile"), dict):
+        return False
+    files = entry.get("files")
+    return isinstance(files, list) and bool(files) and all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
+        and isinstance(f.get("sha256"), str) for f in files)
+
+
 def read_manifest(engine_dir: Path) -> dict:
+    """The engine folder's manifest. Unreadable JSON, or JSON of the wrong shape (a list, null,
+    an entry that is not an artifact record), gives ``damaged: True`` and keeps only the entries
+    that are well formed: the others are rebuilt, never used."""
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         return {"format": FORMAT, "networks": {}}
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data.get("networks"), dict):
-            raise ValueError("no networks")
-        return data
     except (ValueError, OSError):
         return {"format": FORMAT, "networks": {}, "damaged": True}
+    if not isinstance(data, dict) or not isinstance(data.get("networks"), dict):
+        return {"format": FORMAT, "networks": {}, "damaged": True}
+    good = {name: e for name, e in data["networks"].items() if _entry_ok(e)}
+    if len(good) != len(data["networks"]) or not isinstance(data.get("target", {}), dict):
+        data = dict(data, networks=good, damaged=True)
+        if not isinstance(data.get("target", {}), dict):
+            data.pop("target")
+    return data
 
 
 def write_manifest(engine_dir: Path, data: dict) -> None:
+    """Write the manifest (to a temporary name, renamed into place), unless it already holds
+    exactly ``data``: a folder that is up to date is never written, so it can be read-only."""
     path = Path(engine_dir) / MANIFEST
+    text = json.dumps(data, indent=2, sort_keys=True)
+    try:
+        if path.is_file() and path.read_text() == text:
+            return
+    except OSError:
+        pass
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -212,10 +240,11 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     if unknown:
         raise ValueError(f"network(s) {', '.join(unknown)} unknown; valid: {', '.join(NETWORKS)}")
     engine_dir = Path(engine_dir)
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    if not engine_dir.is_dir():              # an existing folder may be read-only: never touch it
+        engine_dir.mkdir(parents=True)
     manifest = read_manifest(engine_dir)
     if manifest.pop("damaged", False):
-        log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
+        log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
     wanted = profile                       # None: any recorded profile will do
     profile = profile or default_profile(components.latent_factor, components.native_size)
     # CPU: ONNX Runtime's portable optimisations saved into the graph. CUDA: its SD fusions, on

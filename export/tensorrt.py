@@ -257,10 +257,11 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     check_precision(trt, options.precision)             # before any export
     arch = check_arch(target, arch if arch is not None else native_arch())
     engine_dir = Path(engine_dir)
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    if not engine_dir.is_dir():              # an existing folder may be read-only: never touch it
+        engine_dir.mkdir(parents=True)
     manifest = read_manifest(engine_dir)
     if manifest.pop("damaged", False):
-        log(f"{engine_dir / MANIFEST} is damaged: rebuilding everything")
+        log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
     profile = profile or default_profile(components.latent_factor, components.native_size)
     dims = model_dims(components)
     where = engine_target(trt, arch)

@@ -135,6 +135,12 @@ def _prompt_list(name, value, batch_size) -> list[str]:
     values = [value] * batch_size if isinstance(value, str) else list(value)
     if len(values) != batch_size or not all(isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a string or a list of {batch_size} strings")
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:    # a lone surrogate: what invalid UTF-8 on a command line becomes
+            raise ValueError(f"{name} holds a character that is not valid Unicode at position {e.start} "
+                             f"({v[e.start]!r}); pass UTF-8 text") from None
     return values
 
 

@@ -32,6 +32,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
     >>> parse_attention("a (b:1.5) [c]")
     [('a ', 1.0), ('b', 1.5), (' ', 1.0), ('c', 0.9090909090909091)]
+
+    The web UI's algorithm (each closing bracket multiplies every piece since its opening), with
+    one bound: brackets nested more than ``MAX_DEPTH`` deep are kept as literal text, so the work
+    is at most ``MAX_DEPTH`` multiplications per piece (unbounded, 30,000 nested ``(a`` took 28 s)
+    and a weight is at most 1.1 ** 100 from its brackets.
     """
     res: list[list] = []
     round_open: list[int] = []
@@ -45,6 +50,8 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         piece, weight = m.group(0), m.group(1)
         if piece.startswith("\\"):
             res.append([piece[1:], 1.0])
+        elif piece in "([" and len(round_open) + len(square_open) >= MAX_DEPTH:
+            res.append([piece, 1.0])            # too deep: a literal bracket
         elif piece == "(":
             round_open.append(len(res))
         elif piece == "[":

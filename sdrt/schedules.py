@@ -34,6 +34,11 @@ class DiscreteSchedule:
         import torch
 
         n = int(num_train_timesteps)
+        if n < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps!r}")
+        if not (0 < float(beta_start) <= float(beta_end) < 1):
+            raise ValueError(f"the betas must satisfy 0 < beta_start <= beta_end < 1, got {beta_start!r} and "
+                             f"{beta_end!r}")
         if beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float32) ** 2
         elif beta_schedule == "linear":

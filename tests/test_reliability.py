@@ -1,0 +1,147 @@
+"""Bad input gets a clear error, never a traceback or a silently wrong result (part of the issue
+"Nothing silently wrong, nothing unbounded, no open door"): engine folders whose manifest has the
+wrong shape are rebuilt, an up-to-date folder is used without writing to it, damaged model
+folders and prompts that are not Unicode are refused by name, and deeply nested prompts parse in
+bounded work."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sdrt
+from sdrt.models import ModelError, load_model, save_diffusers_folder
+from sdrt.prompts import MAX_DEPTH, parse_attention
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# engine folders -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_engine(tmp_path_factory, tiny):
+    from sdrt.export import build_onnxruntime
+    d = tmp_path_factory.mktemp("eng")
+    build_onnxruntime(tiny.components, d, networks=("text_encoder",), log=lambda m: None)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["[]", "null", '{"networks": {"text_encoder": 5}}',
+                                 '{"networks": {"text_encoder": {"file": 3}}}', '{"networks": [1]}'])
+def test_a_manifest_of_the_wrong_shape_is_rebuilt(tiny, text_engine, tmp_path, bad, capsys):
+    from sdrt.cli import main
+    from sdrt.export import build_onnxruntime, read_manifest
+    d = tmp_path / "eng"
+    d.mkdir()
+    for f in text_engine.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "manifest.json").write_text(bad)
+    assert read_manifest(d)["damaged"] is True
+    assert main(["info", str(d)]) == 2 and "holds no engines" in capsys.readouterr().err   # no traceback
+    logs = []
+    manifest = build_onnxruntime(tiny.components, d, networks=("text_encoder",), log=logs.append)
+    assert "damaged" in logs[0] and manifest["networks"]["text_encoder"]["files"]
+    assert main(["info", str(d)]) == 0
+
+
+@pytest.mark.slow
+def test_an_up_to_date_folder_is_used_without_writing_to_it(tiny, text_engine, monkeypatch):
+    """A valid engine folder on a read-only mount: loading writes nothing."""
+    from sdrt.export import build_onnxruntime
+
+    def refuse(*a, **k):
+        raise PermissionError(30, "Read-only file system")
+    monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
+    logs = []
+    build_onnxruntime(tiny.components, text_engine, networks=("text_encoder",), log=logs.append)
+    assert logs == ["text_encoder: up to date"]
+
+
+# model folders ------------------------------------------------------------------------------------
+
+class _WritesAFile:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    save_diffusers_folder(tiny.components, d)
+    return d
+
+
+def _copy(folder, dest):
+    for f in folder.rglob("*"):
+        if f.is_file():
+            (dest / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f.relative_to(folder)).write_bytes(f.read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config", "unet/config.json must hold a JSON object"),
+    ("truncated", "could not load text_encoder/"),
+    ("timesteps", "num_train_timesteps must be at least 2"),
+    ("pickle", "could not load text_encoder/"),
+])
+def test_a_damaged_model_folder_is_refused_by_name(folder, tmp_path, damage, message):
+    d = _copy(folder, tmp_path / "m")
+    marker = tmp_path / "pwned"
+    if damage == "config":
+        (d / "unet" / "config.json").write_text("[1, 2, 3]")
+    elif damage == "truncated":
+        f = next((d / "text_encoder").glob("*.safetensors"))
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "timesteps":
+        cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+        (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(cfg, num_train_timesteps=0)))
+    else:
+        for f in (d / "text_encoder").glob("*.safetensors"):
+            f.unlink()
+        (d / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _WritesAFile(marker)}))
+    with pytest.raises(ModelError, match=message):
+        load_model(d)
+    assert not marker.exists()                   # the pickle's code never ran
+
+
+# prompts ------------------------------------------------------------------------------------------
+
+def test_a_prompt_that_is_not_unicode_is_refused_by_name(tiny):
+    with pytest.raises(ValueError, match="negative_prompt holds a character that is not valid Unicode at position 2"):
+        tiny.validate(sdrt.GenerationParams("ok", negative_prompt="ab\udcffc", width=64, height=64))
+
+
+def test_invalid_utf8_on_the_command_line_is_one_line_and_rc_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", b"a \xff cat", "--steps", "2",
+                           "-o", str(tmp_path / "x.png")], capture_output=True, cwd=ROOT)
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr.decode(errors="replace")
+    assert err[-1].startswith("sdrt generate: error: prompt holds a character that is not valid Unicode")
+
+
+def test_seed_resize_from_must_be_a_pair(tiny):
+    with pytest.raises(ValueError, match="seed_resize_from must be"):
+        tiny.validate(sdrt.GenerationParams("x", seed_resize_from=5, width=64, height=64))
+
+
+def test_deep_nesting_is_bounded():
+    """Brackets deeper than MAX_DEPTH stay literal, so each piece gets at most MAX_DEPTH factors
+    (the web UI's algorithm is quadratic here: 30,000 nested '(a' took 28 s)."""
+    pieces = parse_attention("(a" * 30000)
+    assert len(pieces) == MAX_DEPTH and max(w for _, w in pieces) == pytest.approx(1.1 ** MAX_DEPTH)
+    assert pieces[-1][0].startswith("a(a(a")                     # the rest is literal text
+    assert parse_attention("((a))") == [("a", pytest.approx(1.21))]
