@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import time
 from datetime import datetime
 
@@ -36,6 +37,9 @@ from ..result import save_png
 from ..samplers import SAMPLERS, resolve_sampler
 from ..schedules import SCHEDULES, normalize_schedule
 from .config import ServerConfig
+from .guard import Guard, parse_auth
+
+logger = logging.getLogger("sdrt.serving")
 
 # the web UI's scheduler names (API "scheduler" accepts a name or a label)
 SCHEDULER_NAMES = {s: s.lower().replace(" ", "_") for s in SCHEDULES}
@@ -102,14 +106,27 @@ class APIError(Exception):
         self.status, self.kind, self.detail, self.headers = status, kind, detail, headers
 
 
-def _error(status, kind, detail, headers=None):
-    return JSONResponse({"error": kind, "detail": detail}, status_code=status, headers=headers)
+def _error(status, kind, detail, headers=None, request_id: str | None = None):
+    body = {"error": kind, "detail": detail}
+    if request_id and status >= 500:          # (every response carries it in X-Request-ID too)
+        body["request_id"] = request_id
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _request_id(request: HTTPRequest) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def _until_disconnected(request: HTTPRequest, poll: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll)
 
 
 class ServerState:
     """One replica: the pipeline, its batcher, the options and the HTTP counters."""
 
     def __init__(self, config: ServerConfig, pipe: Pipeline | None = None):
+        parse_auth(config.api_auth)                # a malformed credential list fails before the model loads
         self.config = config
         self.pipe = pipe or Pipeline.from_pretrained(
             config.model, backend=config.backend, device=config.device, dtype=config.dtype,
@@ -195,16 +212,28 @@ class ServerState:
         reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
         return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
 
-    async def txt2img(self, body: Txt2Img) -> dict:
+    async def txt2img(self, body: Txt2Img, disconnected=None) -> dict:
+        """``disconnected``: an awaitable that completes when the client goes away; its requests
+        are then cancelled (their batch-mates are not affected)."""
         reqs, meta = self.requests_for(body)
         # submit validates (tokenizes the prompt): off the event loop
         futures = await asyncio.to_thread(lambda: [self.batcher.submit(r) for r in reqs])
+        gathered = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
         try:
-            results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+            if watcher is not None:
+                await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not gathered.done():
+                    raise asyncio.CancelledError("the client disconnected")
+            results = await gathered
         except BaseException as e:  # noqa: BLE001 - cancelled or failed: cancel the rest, answer the error
             for f in futures:
                 f.cancel()
+            gathered.cancel()
             raise _api_error(e) from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
         infotexts = [r.infotexts[0] for r in results]
         c = self.pipe.components
@@ -298,18 +327,18 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     state = state or ServerState(config or ServerConfig())
     app = FastAPI(title="sdrt", version=__version__)
     app.state.sdrt = state
+    cfg = state.config
+    # outermost: body limit and deadline, credentials, request ids (sdrt.serving.guard)
+    app.add_middleware(Guard, max_body_bytes=cfg.max_body_bytes, body_timeout=cfg.body_timeout,
+                       api_auth=cfg.api_auth)
 
     @app.middleware("http")
-    async def limits_and_counts(request: HTTPRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.config.max_body_bytes):
-            response = _error(413, "TooLarge", f"request body of {length} bytes; this server accepts at most "
-                                               f"{state.config.max_body_bytes}")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # noqa: BLE001 - never let one request take the server down
-                response = _error(500, type(e).__name__, str(e))
+    async def counts_and_errors(request: HTTPRequest, call_next):
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 - never let one request take the server down
+            logger.exception("500 on %s %s (request %s)", request.method, request.url.path, _request_id(request))
+            response = _error(500, type(e).__name__, str(e), request_id=_request_id(request))
         key = (request.url.path, response.status_code)
         state.http[key] = state.http.get(key, 0) + 1
         return response
@@ -325,11 +354,14 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError):
-        return _error(exc.status, exc.kind, exc.detail, exc.headers)
+        if exc.status >= 500:
+            logger.error("%d on %s %s (request %s): %s", exc.status, request.method, request.url.path,
+                         _request_id(request), exc.detail)
+        return _error(exc.status, exc.kind, exc.detail, exc.headers, request_id=_request_id(request))
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2Img):
-        return await state.txt2img(body)
+    async def txt2img(body: Txt2Img, request: HTTPRequest):
+        return await state.txt2img(body, _until_disconnected(request))
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():
@@ -353,6 +385,9 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.post("/sdapi/v1/options")
     async def set_options(body: dict):
+        if cfg.freeze_settings:
+            raise APIError(403, "Frozen", "this server's options are frozen (freeze_settings); per-request "
+                                          "override_settings still apply")
         state.settings(body)                       # validates every key and value first
         state.options.update(body)
         return None

@@ -28,4 +28,8 @@ class ServerConfig:
     max_images: int = option(16, "batch_size x n_iter per request")
     max_side: int = option(2048, "largest width or height in pixels")
     max_prompt_chars: int = option(20000, "characters of prompt + negative prompt")
-    max_body_bytes: int = option(1 << 20, "largest request body in bytes")
+    max_body_bytes: int = option(1 << 20, "largest request body in bytes (chunked bodies too)")
+    body_timeout: float = option(30.0, "seconds a client has to send its whole request body (408 after)")
+    api_auth: str | None = option(None, "HTTP Basic credentials user:pass[,user2:pass2] (the web UI's --api-auth): "
+                                  "every route but /health needs them", metavar="USER:PASS")
+    freeze_settings: bool = option(False, "refuse changes to the server's options (POST /sdapi/v1/options: 403)")

@@ -78,7 +78,10 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 7861, scaling
         import uvicorn
 
         from .app import create_app
-        uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+        # a shutdown waits at most this long for requests in flight (a slow body is cut at
+        # body_timeout by the guard anyway)
+        uvicorn.run(create_app(config), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=int(max(1, config.body_timeout)))
         return
     try:
         import ray
