@@ -22,6 +22,7 @@ from .prompts import parse_attention
 from .tokenizer import CHUNK, token_ids
 
 EMPHASIS = ("Original", "No norm", "Ignore")
+ENCODE_CHUNK = 16          # texts per text-encoder call (prompt alternation can give one per step)
 COMMA_BACKTRACK = 20
 
 
@@ -82,10 +83,15 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
         windows = windows + [empty_window(tokenizer)] * (k - len(windows))
         ids.append([i for w in windows for i in w[0]])
         mults.append([m for w in windows for m in w[1]])
-    hidden = backend.encode_text(torch.tensor(ids, dtype=torch.long), clip_skip)     # (T, 77k, C)
-    if emphasis != "Ignore":
-        hidden = apply_emphasis(hidden, torch.tensor(mults, dtype=hidden.dtype, device=hidden.device), emphasis)
-    return {t: hidden[i] for i, t in enumerate(distinct)}
+    out = {}
+    for start in range(0, len(distinct), ENCODE_CHUNK):      # bounded activations: a chunk of texts at a time
+        end = start + ENCODE_CHUNK
+        hidden = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip)   # (t, 77k, C)
+        if emphasis != "Ignore":
+            weights = torch.tensor(mults[start:end], dtype=hidden.dtype, device=hidden.device)
+            hidden = apply_emphasis(hidden, weights, emphasis)
+        out.update({t: hidden[i] for i, t in enumerate(distinct[start:end])})
+    return out
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +36,20 @@ from .schedules import get_sigmas
 
 RNG_INFOTEXT = {"cpu": "CPU", "nv": "NV", "gpu": None}
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextCost:
+    """``Pipeline.cost``: distinct texts, 77-token windows per text, most ``AND`` parts of an image."""
+
+    texts: int
+    windows: int
+    and_parts: int
+
+    @property
+    def text_windows(self) -> int:
+        """Windows the text encoder runs (and whose hidden states are kept) for the job."""
+        return self.texts * self.windows
 
 
 def _brownian(x: torch.Tensor, sigmas: np.ndarray, seeds) -> BrownianNoise:
@@ -147,9 +162,20 @@ class Pipeline:
 
     def windows(self, job: Job) -> int:
         """How many 77-token windows the job's texts take (all are padded to this count)."""
-        pos, neg, _ = self._prompt_schedules(job)
+        return self.cost(job).windows
+
+    def cost(self, job: Job, max_texts: int | None = None) -> TextCost:
+        """What the job's text asks of the text encoder and the UNet, before anything runs: the
+        distinct texts (prompt editing and alternation give one per schedule entry), the windows
+        each is padded to, and the conditional rows of every UNet call (``AND`` parts). With more
+        than ``max_texts`` distinct texts nothing is tokenized (``windows`` is then 0)."""
+        pos, neg, parts = self._prompt_schedules(job)
         texts = dict.fromkeys(t for sched in pos + neg for _, t in sched)
-        return max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
+        and_parts = max(len(ps) for ps in parts)
+        if max_texts is not None and len(texts) > max_texts:
+            return TextCost(texts=len(texts), windows=0, and_parts=and_parts)
+        windows = max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
+        return TextCost(texts=len(texts), windows=windows, and_parts=and_parts)
 
     def encode(self, job: Job) -> Conditioning:
         """Stage 2: the conditioning of every model call, each distinct text encoded once."""

@@ -144,3 +144,26 @@ def test_a_client_that_goes_away_has_its_work_cancelled(tiny):
     release.set()
     state.batcher.close()
     assert after.images and state.batcher.metrics["requests"]["cancelled"] == 1
+
+
+def _alternations(chars: int) -> str:
+    """The issue's prompt: alternations of every cycle length, one distinct text per step."""
+    words, n = [], 2
+    while sum(map(len, words)) < chars:
+        words.append("[" + "|".join(f"w{i}" for i in range(n)) + "] ")
+        n = n % 7 + 2
+    return "".join(words)[:chars].rsplit(" ", 1)[0]
+
+
+@pytest.mark.parametrize("body, limit", [
+    ({"prompt": _alternations(19000), "steps": 600}, "max_text_windows"),
+    ({"prompt": " AND ".join(["a cat"] * 2000), "steps": 3, "batch_size": 16}, "max_and_parts"),
+    ({"prompt": "x", "steps": 1000, "batch_size": 4}, "max_image_steps"),
+])
+def test_requests_beyond_the_budget_are_refused_before_any_work(tiny, body, limit):
+    state, client = _client(tiny, max_images=16)
+    with client:
+        r = client.post("/sdapi/v1/txt2img", json={"seed": 1, "width": 64, "height": 64, **body})
+    state.batcher.close()
+    assert r.status_code == 422 and limit in r.json()["detail"], r.text
+    assert state.batcher.metrics["batches"] == 0

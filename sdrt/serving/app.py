@@ -210,13 +210,35 @@ class ServerState:
         common.update(rng=RNG_SOURCES[opts["randn_source"]], sampler=spec.name, schedule=schedule,
                       seed_resize_from=resize)
         reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
+        self.check_budget(reqs[0], n)
         return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
+
+    def check_budget(self, request: Request, images: int) -> None:
+        """Refuse (422, naming the limit) a request whose text or work exceeds this server's bounds."""
+        cfg = self.config
+        try:
+            job = self.pipe.validate(request)
+            cost = self.pipe.cost(job, max_texts=cfg.max_text_windows)     # tokenizes nothing past the bound
+        except ValueError as e:
+            raise APIError(422, "ValueError", str(e)) from None
+        if images * job.steps > cfg.max_image_steps:
+            raise APIError(422, "TooMuchWork", f"{images} images x {job.steps} steps = {images * job.steps}; this "
+                                               f"server accepts at most {cfg.max_image_steps} (max_image_steps)")
+        if cost.and_parts > cfg.max_and_parts:
+            raise APIError(422, "TooMuchWork", f"the prompt has {cost.and_parts} AND parts; this server accepts at "
+                                               f"most {cfg.max_and_parts} per image (max_and_parts)")
+        if cost.texts > cfg.max_text_windows or cost.text_windows > cfg.max_text_windows:
+            size = f"{cost.windows} 77-token windows" if cost.windows else "at least one 77-token window"
+            raise APIError(422, "TooMuchText", f"the prompts give {cost.texts} distinct texts of {size} to encode; "
+                                               f"this server accepts at most {cfg.max_text_windows} windows "
+                                               "(max_text_windows): fewer alternations or edits, a shorter prompt, "
+                                               "or fewer steps")
 
     async def txt2img(self, body: Txt2Img, disconnected=None) -> dict:
         """``disconnected``: an awaitable that completes when the client goes away; its requests
         are then cancelled (their batch-mates are not affected)."""
-        reqs, meta = self.requests_for(body)
-        # submit validates (tokenizes the prompt): off the event loop
+        # checking the request tokenizes its texts: off the event loop, as submit (which validates)
+        reqs, meta = await asyncio.to_thread(self.requests_for, body)
         futures = await asyncio.to_thread(lambda: [self.batcher.submit(r) for r in reqs])
         gathered = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
         watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None

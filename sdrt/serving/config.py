@@ -28,6 +28,10 @@ class ServerConfig:
     max_images: int = option(16, "batch_size x n_iter per request")
     max_side: int = option(2048, "largest width or height in pixels")
     max_prompt_chars: int = option(20000, "characters of prompt + negative prompt")
+    max_text_windows: int = option(256, "77-token windows of distinct text per request (prompt editing and "
+                                         "alternation give one text per step): bounds the conditioning's memory")
+    max_and_parts: int = option(16, "AND parts per image (each is a row of every UNet call)")
+    max_image_steps: int = option(16 * 150, "images x steps per request")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (chunked bodies too)")
     body_timeout: float = option(30.0, "seconds a client has to send its whole request body (408 after)")
     api_auth: str | None = option(None, "HTTP Basic credentials user:pass[,user2:pass2] (the web UI's --api-auth): "
