@@ -248,7 +248,16 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     recording in the manifest the key (weights hash, spec, precision, options), the profile and
     the target (architecture, TensorRT version). Up-to-date engines are kept."""
     log = log or logging.getLogger("sdrt.export").info
-    from .build import MANIFEST, artifact_key, check_artifact, file_digest, key_digest, read_manifest, write_manifest
+    from .build import (
+        MANIFEST,
+        artifact_key,
+        check_artifact,
+        file_record,
+        folder_lock,
+        key_digest,
+        read_manifest,
+        write_manifest,
+    )
     from .onnx_export import export_onnx, to_float16
     from .specs import default_profile
 
@@ -259,44 +268,45 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():              # an existing folder may be read-only: never touch it
         engine_dir.mkdir(parents=True)
-    manifest = read_manifest(engine_dir)
-    if manifest.pop("damaged", False):
-        log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
-    profile = profile or default_profile(components.latent_factor, components.native_size)
-    dims = model_dims(components)
-    where = engine_target(trt, arch)
-    optimization = (f"trt-{options.precision.value}-O{options.optimization_level}"
-                    + ("-refit" if options.refit else ""))
-    manifest.update(model=components.name, model_hash=components.model_hash, backend="tensorrt",
-                    precision=options.precision.value, target=where)
-    for name in networks:
-        key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value, optimization,
-                           f"{arch}/trt-{where['tensorrt']}")
-        entry = manifest["networks"].get(name)
-        check = check_artifact(engine_dir, entry, key)
-        if check.ok and not force and Profile.from_json(entry["profile"]) == profile:
-            log(f"{name}: up to date")
-            continue
-        if entry is not None and not check.ok:
-            log(f"{name}: rebuilding: {check.reason}")
-        onnx_path = engine_dir / "onnx" / f"{name}.onnx"
-        t0 = time.perf_counter()
-        export_onnx(components, name, onnx_path)
-        if options.precision is Precision.FP16:      # strong typing: the graph carries the precision
-            to_float16(onnx_path, name)
-        t1 = time.perf_counter()
-        shapes = profile_shapes(name, profile, dims)
-        plan_path = engine_dir / f"{name}.plan"
-        plan_path.write_bytes(build_engine(trt, onnx_path, name, shapes, options, on_progress))
-        stages = {"export": t1 - t0, "build": time.perf_counter() - t1}
-        files = [{"name": plan_path.name, "size": plan_path.stat().st_size, "sha256": file_digest(plan_path)}]
-        manifest["networks"][name] = {
-            "file": plan_path.name, "files": files, "key": key, "key_digest": key_digest(key),
-            "profile": profile.to_json(), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-            "static": is_static(shapes), "target": where, "size_multiple": components.size_multiple,
-            "build_seconds": stages, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with folder_lock(engine_dir):     # one build per folder at a time, across processes
+        manifest = read_manifest(engine_dir)
+        if manifest.pop("damaged", False):
+            log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
+        profile = profile or default_profile(components.latent_factor, components.native_size)
+        dims = model_dims(components)
+        where = engine_target(trt, arch)
+        optimization = (f"trt-{options.precision.value}-O{options.optimization_level}"
+                        + ("-refit" if options.refit else ""))
+        manifest.update(model=components.name, model_hash=components.model_hash, backend="tensorrt",
+                        precision=options.precision.value, target=where)
+        for name in networks:
+            key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value, optimization,
+                               f"{arch}/trt-{where['tensorrt']}")
+            entry = manifest["networks"].get(name)
+            check = check_artifact(engine_dir, entry, key)
+            if check.ok and not force and Profile.from_json(entry["profile"]) == profile:
+                log(f"{name}: up to date")
+                continue
+            if entry is not None and not check.ok:
+                log(f"{name}: rebuilding: {check.reason}")
+            onnx_path = engine_dir / "onnx" / f"{name}.onnx"
+            t0 = time.perf_counter()
+            export_onnx(components, name, onnx_path)
+            if options.precision is Precision.FP16:      # strong typing: the graph carries the precision
+                to_float16(onnx_path, name)
+            t1 = time.perf_counter()
+            shapes = profile_shapes(name, profile, dims)
+            plan_path = engine_dir / f"{name}.plan"
+            plan_path.write_bytes(build_engine(trt, onnx_path, name, shapes, options, on_progress))
+            stages = {"export": t1 - t0, "build": time.perf_counter() - t1}
+            files = [file_record(plan_path)]
+            manifest["networks"][name] = {
+                "file": plan_path.name, "files": files, "key": key, "key_digest": key_digest(key),
+                "profile": profile.to_json(), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
+                "static": is_static(shapes), "target": where, "size_multiple": components.size_multiple,
+                "build_seconds": stages, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_manifest(engine_dir, manifest)
+            log(f"{name}: built {plan_path.name} ({files[0]['size'] / 2**20:.1f} MiB, "
+                f"{'static' if is_static(shapes) else 'dynamic'} profile)")
         write_manifest(engine_dir, manifest)
-        log(f"{name}: built {plan_path.name} ({files[0]['size'] / 2**20:.1f} MiB, "
-            f"{'static' if is_static(shapes) else 'dynamic'} profile)")
-    write_manifest(engine_dir, manifest)
-    return manifest
+        return manifest

@@ -145,3 +145,52 @@ def test_deep_nesting_is_bounded():
     assert len(pieces) == MAX_DEPTH and max(w for _, w in pieces) == pytest.approx(1.1 ** MAX_DEPTH)
     assert pieces[-1][0].startswith("a(a(a")                     # the rest is literal text
     assert parse_attention("((a))") == [("a", pytest.approx(1.21))]
+
+
+# two builds into one folder ---------------------------------------------------------------------------
+
+BUILD = """
+import sys
+from sdrt.export import build_onnxruntime
+from sdrt.models import load_model
+c = load_model("random:tiny")
+build_onnxruntime(c, sys.argv[1], networks=("text_encoder", "vae_decoder"), log=lambda m: print(m, flush=True))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_folder_build_it_once(tmp_path):
+    """Two jobs sharing an engine folder (two replicas, two `sdrt generate`): the lock makes one
+    wait for the other, which then finds every artifact up to date and verified."""
+    from sdrt.export import check_artifact, read_manifest
+    d = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    logs = [o[0] for o in outs]
+    assert sorted(log.count("built in") for log in logs) == [0, 2]          # one built both, the other none
+    assert sorted(log.count("up to date") for log in logs) == [0, 2]
+    manifest = read_manifest(d)
+    for name, entry in manifest["networks"].items():
+        assert check_artifact(d, entry, entry["key"]).ok, name
+        assert all(f["hash"] == "sha256-full" for f in entry["files"])
+
+
+def test_every_byte_of_an_artifact_is_verified(tmp_path):
+    """Large files used to be sample-hashed (64 blocks of 64 KiB above 512 MiB): a damaged byte
+    elsewhere went unnoticed. Every byte counts now (shown on a small file: the method is one)."""
+    from sdrt.export.build import check_artifact, file_record
+    f = tmp_path / "unet.onnx.data"
+    f.write_bytes(bytes(3 << 20))
+    entry = {"files": [file_record(f)], "key_digest": "k"}
+    key = {}
+    import sdrt.export.build as build
+    entry["key_digest"] = build.key_digest(key)
+    assert check_artifact(tmp_path, entry, key).ok
+    data = bytearray(f.read_bytes())
+    data[1_234_567] ^= 1                               # one bit, in the middle
+    f.write_bytes(bytes(data))
+    assert "corrupted" in check_artifact(tmp_path, entry, key).reason
+    legacy = {"files": [{k: v for k, v in file_record(f).items() if k != "hash"}], "key_digest": entry["key_digest"]}
+    assert "sampled hash" in check_artifact(tmp_path, legacy, key).reason
