@@ -40,11 +40,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TextCost:
-    """``Pipeline.cost``: distinct texts, 77-token windows per text, most ``AND`` parts of an image."""
+    """``Pipeline.cost``: distinct texts, 77-token windows per text, most ``AND`` parts of an
+    image, the largest attention weight."""
 
     texts: int
     windows: int
     and_parts: int
+    max_weight: float = 1.0        # the largest attention weight of any token, in magnitude
 
     @property
     def text_windows(self) -> int:
@@ -175,7 +177,8 @@ class Pipeline:
         if max_texts is not None and len(texts) > max_texts:
             return TextCost(texts=len(texts), windows=0, and_parts=and_parts)
         windows = max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
-        return TextCost(texts=len(texts), windows=windows, and_parts=and_parts)
+        weight = max(abs(w) for t in texts for piece, w in prompts.parse_attention(t) if piece != "BREAK")
+        return TextCost(texts=len(texts), windows=windows, and_parts=and_parts, max_weight=weight)
 
     def encode(self, job: Job) -> Conditioning:
         """Stage 2: the conditioning of every model call, each distinct text encoded once."""

@@ -133,9 +133,12 @@ def test_huge_prompts_and_bodies_are_refused_and_the_server_lives_on(client):
     assert "sdrt_batch_size_bucket" in metrics and 'sdrt_stage_seconds_count{stage="unet"}' in metrics
 
 
-def test_nan_image_is_a_500_naming_the_cause(client):
+def test_an_overflowing_request_is_refused_before_it_runs(client):
+    """It used to run and end as a 500 (NaN or Inf image): now a 422 naming the bound."""
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_scale": 1e38, "seed": 1, **SMALL})
-    assert r.status_code == 500 and "NaN or Inf" in r.json()["detail"]
+    assert r.status_code == 422 and "max_cfg_scale" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a (cat:" + "9" * 300 + ")", "seed": 1, **SMALL})
+    assert r.status_code == 422 and "max_attention_weight" in r.json()["detail"]
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, **SMALL}).status_code == 200
 
 

@@ -221,6 +221,13 @@ class ServerState:
             cost = self.pipe.cost(job, max_texts=cfg.max_text_windows)     # tokenizes nothing past the bound
         except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
+        if any(abs(v) > cfg.max_cfg_scale for v in job.cfg_scales):
+            raise APIError(422, "ValueError", f"cfg_scale must be within +-{cfg.max_cfg_scale:g} on this server "
+                                              f"(max_cfg_scale), got {job.cfg_scales[0]:g}")
+        if cost.max_weight > cfg.max_attention_weight:
+            raise APIError(422, "ValueError", f"the prompt gives a token the attention weight {cost.max_weight:g}; "
+                                              f"this server accepts at most {cfg.max_attention_weight:g} "
+                                              "(max_attention_weight)")
         if images * job.steps > cfg.max_image_steps:
             raise APIError(422, "TooMuchWork", f"{images} images x {job.steps} steps = {images * job.steps}; this "
                                                f"server accepts at most {cfg.max_image_steps} (max_image_steps)")

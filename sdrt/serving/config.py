@@ -32,6 +32,9 @@ class ServerConfig:
                                          "alternation give one text per step): bounds the conditioning's memory")
     max_and_parts: int = option(16, "AND parts per image (each is a row of every UNet call)")
     max_image_steps: int = option(16 * 150, "images x steps per request")
+    max_cfg_scale: float = option(100.0, "largest CFG scale, in magnitude (beyond it an image can overflow)")
+    max_attention_weight: float = option(100.0, "largest attention weight of a token, (word:w) and brackets "
+                                                "multiplied, in magnitude")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (chunked bodies too)")
     body_timeout: float = option(30.0, "seconds a client has to send its whole request body (408 after)")
     api_auth: str | None = option(None, "HTTP Basic credentials user:pass[,user2:pass2] (the web UI's --api-auth): "
