@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,20 @@ def file_digest(path: Path) -> str:
 def file_record(path: Path) -> dict:
     """What the manifest records of an artifact file."""
     return {"name": path.name, "size": path.stat().st_size, "sha256": file_digest(path), "hash": HASH}
+
+
+@contextlib.contextmanager
+def staging(engine_dir: Path, name: str):
+    """A private folder inside ``engine_dir`` where an artifact is built; its files are renamed into
+    place (same file system: atomic per file) once complete, so no reader ever sees a half-written
+    file under an artifact's name. Removed afterwards, whatever happened."""
+    work = Path(engine_dir) / f".staging-{name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -301,26 +316,31 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
                 log(f"{name}: rebuilding: {check.reason}")
             elif entry is not None and not force:
                 log(f"{name}: rebuilding for the profile {profile.describe()}")
-            path = engine_dir / f"{name}.onnx"
             stage = _Stages(name, on_stage)
-            with stage("export"):
-                export_onnx(components, name, path)
-            fused, rewritten = {}, {}
-            with stage("optimise"):
-                if rewrite:
-                    rewritten = rewrite_file(path, smallest_inputs(model_dims(components), name, profile))
-                if target == "cpu":
-                    ort_offline_optimize(path)
-                else:
-                    try:
-                        fused = diffusion_fusions(path, name)
-                    except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version
-                        log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused graph")
-                        fused = {"failed": str(e)}
-                if precision == "float16":
-                    to_float16(path, name)
-            with stage("save"):
-                files = [file_record(p) for p in files_of(path)]
+            with staging(engine_dir, name) as work:       # built aside, renamed into place when done
+                path = work / f"{name}.onnx"
+                with stage("export"):
+                    export_onnx(components, name, path)
+                fused, rewritten = {}, {}
+                with stage("optimise"):
+                    if rewrite:
+                        rewritten = rewrite_file(path, smallest_inputs(model_dims(components), name, profile))
+                    if target == "cpu":
+                        ort_offline_optimize(path)
+                    else:
+                        try:
+                            fused = diffusion_fusions(path, name)
+                        except Exception as e:  # noqa: BLE001 - the optimizer's own failures vary by version
+                            log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused "
+                                "graph")
+                            fused = {"failed": str(e)}
+                    if precision == "float16":
+                        to_float16(path, name)
+                with stage("save"):
+                    for p in files_of(path):
+                        os.replace(p, engine_dir / p.name)
+                    path = engine_dir / path.name
+                    files = [file_record(p) for p in files_of(path)]
             stages = stage.seconds
             manifest["networks"][name] = {
                 "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),

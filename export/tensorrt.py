@@ -17,6 +17,7 @@ float32) parsed as a strongly typed network, which TensorRT 10 builds the same w
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -297,7 +298,10 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
             t1 = time.perf_counter()
             shapes = profile_shapes(name, profile, dims)
             plan_path = engine_dir / f"{name}.plan"
-            plan_path.write_bytes(build_engine(trt, onnx_path, name, shapes, options, on_progress))
+            plan = build_engine(trt, onnx_path, name, shapes, options, on_progress)
+            partial = plan_path.with_name(f".{plan_path.name}.{os.getpid()}")
+            partial.write_bytes(plan)
+            os.replace(partial, plan_path)               # never a half-written plan under its name
             stages = {"export": t1 - t0, "build": time.perf_counter() - t1}
             files = [file_record(plan_path)]
             manifest["networks"][name] = {

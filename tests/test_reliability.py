@@ -194,3 +194,28 @@ def test_every_byte_of_an_artifact_is_verified(tmp_path):
     assert "corrupted" in check_artifact(tmp_path, entry, key).reason
     legacy = {"files": [{k: v for k, v in file_record(f).items() if k != "hash"}], "key_digest": entry["key_digest"]}
     assert "sampled hash" in check_artifact(tmp_path, legacy, key).reason
+
+
+def test_artifacts_appear_under_their_names_only_when_complete(tiny, tmp_path, monkeypatch):
+    """Built in a private staging folder and renamed into place: a reader never sees a half-built
+    graph under its name, and a failed build leaves neither a partial artifact nor its staging."""
+    from sdrt.export import build as build_module
+    real = build_module.ort_offline_optimize
+    seen = []
+
+    def optimize(path):
+        seen.append((path.parent.name, (tmp_path / "d" / path.name).exists()))
+        return real(path)
+    monkeypatch.setattr(build_module, "ort_offline_optimize", optimize)
+    d = tmp_path / "d"
+    build_module.build_onnxruntime(tiny.components, d, networks=("text_encoder",), log=lambda m: None)
+    assert seen[0][0].startswith(".staging-text_encoder-") and seen[0][1] is False
+    assert (d / "text_encoder.onnx").is_file() and not list(d.glob(".staging-*"))
+
+    def broken(path):
+        raise RuntimeError("the optimiser crashed")
+    monkeypatch.setattr(build_module, "ort_offline_optimize", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        build_module.build_onnxruntime(tiny.components, tmp_path / "e", networks=("text_encoder",),
+                                       log=lambda m: None)
+    assert not list((tmp_path / "e").glob("*.onnx*")) and not list((tmp_path / "e").glob(".staging-*"))
