@@ -22,7 +22,7 @@ from .prompts import parse_attention
 from .tokenizer import CHUNK, token_ids
 
 EMPHASIS = ("Original", "No norm", "Ignore")
-ENCODE_CHUNK = 16          # texts per text-encoder call (prompt alternation can give one per step)
+ENCODE_WINDOWS = 64        # 77-token sequences per text-encoder call (alternation can give a text per step)
 COMMA_BACKTRACK = 20
 
 
@@ -84,8 +84,9 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
         ids.append([i for w in windows for i in w[0]])
         mults.append([m for w in windows for m in w[1]])
     out = {}
-    for start in range(0, len(distinct), ENCODE_CHUNK):      # bounded activations: a chunk of texts at a time
-        end = start + ENCODE_CHUNK
+    per_call = max(1, ENCODE_WINDOWS // k)      # bounded activations: at most ENCODE_WINDOWS sequences per call
+    for start in range(0, len(distinct), per_call):
+        end = start + per_call
         hidden = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip)   # (t, 77k, C)
         if emphasis != "Ignore":
             weights = torch.tensor(mults[start:end], dtype=hidden.dtype, device=hidden.device)

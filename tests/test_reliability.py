@@ -219,3 +219,29 @@ def test_artifacts_appear_under_their_names_only_when_complete(tiny, tmp_path, m
         build_module.build_onnxruntime(tiny.components, tmp_path / "e", networks=("text_encoder",),
                                        log=lambda m: None)
     assert not list((tmp_path / "e").glob("*.onnx*")) and not list((tmp_path / "e").glob(".staging-*"))
+
+
+@pytest.mark.slow
+def test_a_rebuild_does_not_disturb_a_session_already_running(tiny, tmp_path):
+    """Another job rebuilds the folder (here: for other weights) while this one generates: the
+    new files are renamed over the old ones, so the running sessions keep what they loaded."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from sdrt.backends import create_backend
+    from sdrt.export import build_onnxruntime
+    d = tmp_path / "eng"
+    args = dict(prompt="a boat", steps=3, sampler="Euler", seed=3, width=64, height=64)
+    pipe = sdrt.Pipeline(tiny.components, create_backend("onnxruntime", tiny.components, "cpu", "float32",
+                                                         engine_dir=str(d)))
+    before = pipe(**args)
+    other_text = copy.deepcopy(tiny.components.text_encoder)
+    with torch.no_grad():
+        for p in other_text.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    other = dataclasses.replace(tiny.components, text_encoder=other_text, model_hash="0ther0ne00")
+    build_onnxruntime(other, d, networks=("text_encoder", "unet", "vae_decoder"), log=lambda m: None)
+    assert np.array_equal(pipe(**args).pixels, before.pixels)
