@@ -93,3 +93,33 @@ def test_body_limits_and_a_sigterm_that_a_slow_client_cannot_hold(tmp_path):
         slow.close()
     finally:
         _stop(proc)
+
+
+def test_a_client_that_disconnects_frees_the_server(tmp_path):
+    """Its generation is cancelled mid-way (the metrics count it) and the next request is served."""
+    proc, port = _start("--max-batch-size", "1", "--max-wait", "0")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = b'{"prompt": "nobody waits for this", "steps": 2000, "width": 64, "height": 64, "seed": 1}'
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(40):                                    # wait until it runs, at most 20 s
+            if requests.get(f"{url}/sdapi/v1/progress", timeout=5).json()["state"]["sampling_step"] > 0:
+                break
+            time.sleep(0.5)
+        s.close()                                              # the client goes away
+        cancelled = 0
+        for _ in range(40):                                    # at most 20 s
+            metrics = requests.get(f"{url}/metrics", timeout=5).text
+            cancelled = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                                       if line.startswith('sdrt_requests_total{outcome="cancelled"}'))))
+            if cancelled:
+                break
+            time.sleep(0.5)
+        assert cancelled == 1
+        r = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "next", "steps": 2, "width": 64, "height": 64},
+                          timeout=60)
+        assert r.status_code == 200
+    finally:
+        _stop(proc)

@@ -117,9 +117,12 @@ def _request_id(request: HTTPRequest) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-async def _until_disconnected(request: HTTPRequest, poll: float = 0.25) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(poll)
+async def _until_disconnected(request: HTTPRequest) -> None:
+    """Completes when the client goes away (the guard watches the connection)."""
+    event = getattr(request.state, "disconnected", None)
+    if event is None:                       # not behind the guard: never
+        await asyncio.Event().wait()
+    await event.wait()
 
 
 class ServerState:

@@ -8,6 +8,8 @@
 - **authentication**: with ``api_auth`` ("user:pass,user2:pass2", the web UI's ``--api-auth``),
   every route but ``/health`` needs HTTP Basic credentials, compared in constant time; 401 with
   ``WWW-Authenticate`` otherwise;
+- **the client's disconnect**, watched while the request runs (``scope["state"]["disconnected"]``,
+  an ``asyncio.Event``), so that its work can be cancelled;
 - **a request id** on every response (``X-Request-ID``), which 5xx bodies carry too and the
   server's log names.
 """
@@ -90,17 +92,30 @@ class Guard:
             if not message.get("more_body"):
                 break
         body, delivered = b"".join(chunks), False
+        # the client's disconnect, watched from here: routes wait on scope["state"]["disconnected"]
+        # (polling receive() from a route cannot see it through the middlewares' own receive)
+        disconnected = scope["state"]["disconnected"] = asyncio.Event()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
 
         async def replay():
             nonlocal delivered
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()               # then: the client's disconnect, when it comes
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
 
         async def tagged_send(message):
             if message["type"] == "http.response.start":
                 message = dict(message, headers=[*message.get("headers", []), (b"x-request-id", request_id.encode())])
             await send(message)
 
-        await self.app(scope, replay, tagged_send)
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.app(scope, replay, tagged_send)
+        finally:
+            watcher.cancel()
