@@ -125,6 +125,7 @@ def test_a_prompt_that_is_not_unicode_is_refused_by_name(tiny):
         tiny.validate(sdrt.GenerationParams("ok", negative_prompt="ab\udcffc", width=64, height=64))
 
 
+@pytest.mark.slow
 def test_invalid_utf8_on_the_command_line_is_one_line_and_rc_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", b"a \xff cat", "--steps", "2",
                            "-o", str(tmp_path / "x.png")], capture_output=True, cwd=ROOT)
