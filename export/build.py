@@ -65,6 +65,21 @@ def file_record(path: Path) -> dict:
 
 
 @contextlib.contextmanager
+def open_folder(engine_dir: Path, log):
+    """An engine folder opened for building: created if missing (an existing one is never
+    touched, it may be read-only), locked against other processes, its manifest read (a damaged
+    one is reported; what it does not describe is rebuilt). Yields the manifest."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        engine_dir.mkdir(parents=True)
+    with folder_lock(engine_dir):     # one build per folder at a time, across processes
+        manifest = read_manifest(engine_dir)
+        if manifest.pop("damaged", False):
+            log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
+        yield manifest
+
+
+@contextlib.contextmanager
 def staging(engine_dir: Path, name: str):
     """A private folder inside ``engine_dir`` where an artifact is built; its files are renamed into
     place (same file system: atomic per file) once complete, so no reader ever sees a half-written
@@ -286,12 +301,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
     if unknown:
         raise ValueError(f"network(s) {', '.join(unknown)} unknown; valid: {', '.join(NETWORKS)}")
     engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():              # an existing folder may be read-only: never touch it
-        engine_dir.mkdir(parents=True)
-    with folder_lock(engine_dir):     # one build per folder at a time, across processes
-        manifest = read_manifest(engine_dir)
-        if manifest.pop("damaged", False):
-            log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
+    with open_folder(engine_dir, log) as manifest:
         wanted = profile                       # None: any recorded profile will do
         profile = profile or default_profile(components.latent_factor, components.native_size)
         # CPU: ONNX Runtime's portable optimisations saved into the graph. CUDA: its SD fusions, on

@@ -249,16 +249,7 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     recording in the manifest the key (weights hash, spec, precision, options), the profile and
     the target (architecture, TensorRT version). Up-to-date engines are kept."""
     log = log or logging.getLogger("sdrt.export").info
-    from .build import (
-        MANIFEST,
-        artifact_key,
-        check_artifact,
-        file_record,
-        folder_lock,
-        key_digest,
-        read_manifest,
-        write_manifest,
-    )
+    from .build import artifact_key, check_artifact, file_record, key_digest, open_folder, write_manifest
     from .onnx_export import export_onnx, to_float16
     from .specs import default_profile
 
@@ -267,12 +258,7 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     check_precision(trt, options.precision)             # before any export
     arch = check_arch(target, arch if arch is not None else native_arch())
     engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():              # an existing folder may be read-only: never touch it
-        engine_dir.mkdir(parents=True)
-    with folder_lock(engine_dir):     # one build per folder at a time, across processes
-        manifest = read_manifest(engine_dir)
-        if manifest.pop("damaged", False):
-            log(f"{engine_dir / MANIFEST} is damaged: rebuilding what it does not describe")
+    with open_folder(engine_dir, log) as manifest:
         profile = profile or default_profile(components.latent_factor, components.native_size)
         dims = model_dims(components)
         where = engine_target(trt, arch)

@@ -227,8 +227,27 @@ class ExecutionContextAllocationStrategy:
 
 
 # what each fake engine computes: network -> (run(**inputs) -> {output: tensor},
-# shapes({input: shape}) -> {output: shape}); tests fill it in (tests/test_tensorrt_runtime.py)
+# shapes({input: shape}) -> {output: shape}); tests fill it in (compute_with)
 EXECUTORS: dict = {}
+
+
+def compute_with(components, backend) -> None:
+    """Make the fake engines compute what a torch backend's modules compute."""
+    import torch
+    layers, f = backend.num_text_layers, components.latent_factor
+    hidden = int(components.text_encoder.config.hidden_size)
+
+    def text(input_ids):
+        ids = input_ids.reshape(1, -1)
+        return {"hidden_states": torch.stack([backend.encode_text(ids, k).reshape(input_ids.shape[0], 77, -1)
+                                              for k in range(layers, 0, -1)])}
+    EXECUTORS.update({
+        "text_encoder": (text, lambda s: {"hidden_states": (layers, s["input_ids"][0], 77, hidden)}),
+        "unet": (lambda sample, timestep, encoder_hidden_states: {
+            "out_sample": backend.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
+        "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
+                        lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+    })
 SCRATCH = {"text_encoder": 3 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
 ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
 CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture

@@ -35,21 +35,7 @@ def engines(tmp_path_factory, torch_pipe):
     d = tmp_path_factory.mktemp("trt")
     build_tensorrt(c, d, profile=PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(), arch="sm_90",
                    log=lambda m: None)
-    layers = be.num_text_layers
-
-    def text(input_ids):
-        ids = input_ids.reshape(1, -1)
-        return {"hidden_states": torch.stack([be.encode_text(ids, k).reshape(input_ids.shape[0], 77, -1)
-                                              for k in range(layers, 0, -1)])}
-    hidden = int(c.text_encoder.config.hidden_size)
-    f = c.latent_factor
-    fake.EXECUTORS.update({
-        "text_encoder": (text, lambda s: {"hidden_states": (layers, s["input_ids"][0], 77, hidden)}),
-        "unet": (lambda sample, timestep, encoder_hidden_states: {
-            "out_sample": be.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
-        "vae_decoder": (lambda latent: {"image": be.decode(latent)},
-                        lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
-    })
+    fake.compute_with(c, be)
     return d
 
 
