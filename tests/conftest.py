@@ -65,3 +65,24 @@ def dynamo_only(monkeypatch):
     torch._dynamo.reset()
     yield calls
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def torch_pipe():
+    """A fresh random:tiny pipeline (torch backend) per module, for tests that change its state."""
+    import sdrt
+    return sdrt.Pipeline.from_pretrained("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def trt_engines(tmp_path_factory, torch_pipe):
+    """An engine folder built with the fake TensorRT (tests/tensorrt_fake.py) for its PROFILE,
+    whose engines compute what torch_pipe's modules compute."""
+    import tensorrt_fake as fake
+
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+    d = tmp_path_factory.mktemp("trt")
+    build_tensorrt(torch_pipe.components, d, profile=fake.PROFILE, options=BuildOptions(precision="fp32"),
+                   trt=fake.module(), arch="sm_90", log=lambda m: None)
+    fake.compute_with(torch_pipe.components, torch_pipe.backend)
+    return d

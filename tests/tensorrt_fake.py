@@ -231,6 +231,14 @@ class ExecutionContextAllocationStrategy:
 EXECUTORS: dict = {}
 
 
+def _profile():
+    from sdrt.export.specs import Profile
+    return Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
+
+
+PROFILE = _profile()               # what the tests' fake engines are built for (conftest: trt_engines)
+
+
 def compute_with(components, backend) -> None:
     """Make the fake engines compute what a torch backend's modules compute."""
     import torch

@@ -14,33 +14,17 @@ from cuda_graph_fake import FakeCuda
 import sdrt
 from sdrt.backends import parse_device
 from sdrt.backends import tensorrt_backend as tb
-from sdrt.export.specs import ModelDims, Profile, profile_shapes
-from sdrt.export.tensorrt import BuildOptions, build_engine, build_tensorrt
+from sdrt.export.specs import ModelDims, profile_shapes
+from sdrt.export.tensorrt import BuildOptions, build_engine
 
 pytestmark = [pytest.mark.slow]
 
 ALIGNMENT = 256          # bytes: TensorRT's requirement for every address given to set_tensor_address
-PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
 ARGS = dict(prompt="a [cat:dog:0.5]", steps=4, width=64, height=64, sampler="Euler a", batch_size=2)
 
 
-@pytest.fixture(scope="module")
-def torch_pipe():
-    return sdrt.Pipeline.from_pretrained("random:tiny")
-
-
-@pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory, torch_pipe):
-    c, be = torch_pipe.components, torch_pipe.backend
-    d = tmp_path_factory.mktemp("trt")
-    build_tensorrt(c, d, profile=PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(), arch="sm_90",
-                   log=lambda m: None)
-    fake.compute_with(c, be)
-    return d
-
-
-def _pipe(torch_pipe, engine_dir, **kw):
-    backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, engine_dir,
+def _pipe(torch_pipe, trt_engines, **kw):
+    backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, trt_engines,
                                  trt=kw.pop("trt", fake.module()), arch="sm_90", log=lambda m: None, **kw)
     return sdrt.Pipeline(torch_pipe.components, backend)
 
@@ -60,7 +44,7 @@ def test_cuda_without_an_index_names_the_current_device(monkeypatch):
 
 # 9. the device engines load on ------------------------------------------------------------------
 
-def test_engines_are_deserialized_inside_the_device_scope(torch_pipe, engine_dir, monkeypatch):
+def test_engines_are_deserialized_inside_the_device_scope(torch_pipe, trt_engines, monkeypatch):
     @contextlib.contextmanager
     def scope(device):
         fake.CALLS.append(("enter device", device))
@@ -68,7 +52,7 @@ def test_engines_are_deserialized_inside_the_device_scope(torch_pipe, engine_dir
         fake.CALLS.append(("leave device", device))
     monkeypatch.setattr(tb, "on_device", scope)
     fake.CALLS.clear()
-    _pipe(torch_pipe, engine_dir)
+    _pipe(torch_pipe, trt_engines)
     names = [c[0] for c in fake.CALLS]
     enter, leave = names.index("enter device"), names.index("leave device")
     loads = [i for i, n in enumerate(names) if n in ("deserialize_cuda_engine", "create_execution_context")]
@@ -77,10 +61,10 @@ def test_engines_are_deserialized_inside_the_device_scope(torch_pipe, engine_dir
 
 # 2. alignment -----------------------------------------------------------------------------------
 
-def test_misaligned_inputs_are_bound_through_an_aligned_copy(torch_pipe, engine_dir):
+def test_misaligned_inputs_are_bound_through_an_aligned_copy(torch_pipe, trt_engines):
     """TensorRT refuses an address not aligned to 256 bytes (set_tensor_address returns False);
     the result used to be ignored and the address recorded as bound."""
-    pipe = _pipe(torch_pipe, engine_dir)
+    pipe = _pipe(torch_pipe, trt_engines)
     be, ref = pipe.backend, torch_pipe.backend
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=g)
@@ -98,8 +82,8 @@ def test_misaligned_inputs_are_bound_through_an_aligned_copy(torch_pipe, engine_
         be.engines["unet"]._address("sample", (2, 4, 8, 8), sample.data_ptr() + 4)
 
 
-def test_the_static_loop_s_timestep_rows_are_aligned(torch_pipe, engine_dir):
-    pipe = _pipe(torch_pipe, engine_dir)
+def test_the_static_loop_s_timestep_rows_are_aligned(torch_pipe, trt_engines):
+    pipe = _pipe(torch_pipe, trt_engines)
     pipe.set_fast_path()
     pipe(seed=1, **ARGS)
     loop = pipe.loops.values()[0]
@@ -108,10 +92,10 @@ def test_the_static_loop_s_timestep_rows_are_aligned(torch_pipe, engine_dir):
 
 # 3. one graph per context state -----------------------------------------------------------------
 
-def test_a_context_reshaped_after_capture_is_captured_again(torch_pipe, engine_dir):
+def test_a_context_reshaped_after_capture_is_captured_again(torch_pipe, trt_engines):
     """A graph of enqueueV3 is tied to its context's shapes: an eager call at another size
     re-shapes the context, and replaying the old graph then is undefined (the fake raises)."""
-    pipe = _pipe(torch_pipe, engine_dir)
+    pipe = _pipe(torch_pipe, trt_engines)
     cuda = FakeCuda()
     pipe.set_fast_path(capture=True, cuda=cuda)
     first = pipe(seed=3, **ARGS)
@@ -125,8 +109,8 @@ def test_a_context_reshaped_after_capture_is_captured_again(torch_pipe, engine_d
 
 # 8. engines that cannot be captured ---------------------------------------------------------------
 
-def test_an_engine_that_refuses_capture_falls_back_to_the_eager_loop_once(torch_pipe, engine_dir, caplog):
-    pipe = _pipe(torch_pipe, engine_dir)
+def test_an_engine_that_refuses_capture_falls_back_to_the_eager_loop_once(torch_pipe, trt_engines, caplog):
+    pipe = _pipe(torch_pipe, trt_engines)
     cuda = FakeCuda()
     pipe.set_fast_path(capture=True, cuda=cuda)
     fake.CAPTURE_FORBIDDEN.add("vae_decoder")
@@ -144,11 +128,11 @@ def test_an_engine_that_refuses_capture_falls_back_to_the_eager_loop_once(torch_
 
 # 5. TensorRT 10.0 --------------------------------------------------------------------------------
 
-def test_tensorrt_10_0_is_refused_with_what_it_lacks(torch_pipe, engine_dir):
+def test_tensorrt_10_0_is_refused_with_what_it_lacks(torch_pipe, trt_engines):
     with pytest.raises(ValueError, match="needs 10.1 or newer.*device_memory_size_v2"):
-        _pipe(torch_pipe, engine_dir, trt=fake.module("10.0.1.6"))
+        _pipe(torch_pipe, trt_engines, trt=fake.module("10.0.1.6"))
     with pytest.raises(ValueError, match="built with TensorRT 11.4"):      # 10.1 passes the version gate
-        _pipe(torch_pipe, engine_dir, trt=fake.module("10.1.0.27"))
+        _pipe(torch_pipe, trt_engines, trt=fake.module("10.1.0.27"))
 
 
 # 6. enum values ----------------------------------------------------------------------------------
@@ -160,7 +144,7 @@ def unet_onnx(tmp_path_factory, torch_pipe):
     export_onnx(torch_pipe.components, "unet", path)
     c = torch_pipe.components
     dims = ModelDims(c.latent_factor, 4, int(c.text_encoder.config.hidden_size), 2)
-    return path, profile_shapes("unet", PROFILE, dims)
+    return path, profile_shapes("unet", fake.PROFILE, dims)
 
 
 @pytest.mark.parametrize("version, flags", [("11.4.0.106", 1), ("10.13.0.35", 2)])
@@ -199,13 +183,13 @@ def test_a_failing_progress_callback_cancels_the_build_with_its_reason(unet_onnx
 
 # 4. streams ---------------------------------------------------------------------------------------
 
-def test_engines_never_enqueue_on_the_legacy_default_stream(torch_pipe, engine_dir):
+def test_engines_never_enqueue_on_the_legacy_default_stream(torch_pipe, trt_engines):
     """On the batcher's threads torch's current stream is the legacy default stream (handle 0):
     the text encoder and the loop get streams of their own, joined to it by events."""
     cuda = FakeCuda()
     fake.STREAMS.append(cuda)
     try:
-        pipe = _pipe(torch_pipe, engine_dir, cuda=cuda)
+        pipe = _pipe(torch_pipe, trt_engines, cuda=cuda)
         fake.CALLS.clear()
         got = pipe(seed=2, **ARGS)
     finally:
@@ -218,14 +202,14 @@ def test_engines_never_enqueue_on_the_legacy_default_stream(torch_pipe, engine_d
     assert np.abs(torch_pipe(seed=2, **ARGS).pixels - got.pixels).max() <= 1e-5
 
 
-def test_on_a_stream_of_its_own_the_engines_use_it(torch_pipe, engine_dir):
+def test_on_a_stream_of_its_own_the_engines_use_it(torch_pipe, trt_engines):
     class Capturing(FakeCuda):              # e.g. inside a CUDA-graph capture: not the default stream
         def current_stream(self, device=None):
             return self._current
 
     cuda = Capturing()
     cuda._current = cuda.Stream()
-    pipe = _pipe(torch_pipe, engine_dir, cuda=cuda)
+    pipe = _pipe(torch_pipe, trt_engines, cuda=cuda)
     fake.CALLS.clear()
     pipe(seed=2, **ARGS)
     assert {c[1][1] for c in fake.CALLS if c[0] == "execute_async_v3"} == {cuda._current.cuda_stream}
@@ -264,20 +248,20 @@ def test_float16_graphs_keep_only_the_float32_they_need(torch_pipe, tmp_path, ne
 
 # engines from another board of the same architecture ----------------------------------------------
 
-def test_engines_from_another_board_load_with_a_warning(torch_pipe, engine_dir, monkeypatch, caplog):
+def test_engines_from_another_board_load_with_a_warning(torch_pipe, trt_engines, monkeypatch, caplog):
     import json
 
     from sdrt.export import tensorrt as export_trt
-    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest = json.loads((trt_engines / "manifest.json").read_text())
     assert "device" in manifest["target"]                      # recorded at build time
     monkeypatch.setattr(export_trt, "device_name", lambda: "NVIDIA H100 80GB HBM3")
     original = dict(manifest)
     manifest["target"] = dict(manifest["target"], device="NVIDIA H200")
-    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    (trt_engines / "manifest.json").write_text(json.dumps(manifest))
     try:
         with caplog.at_level("WARNING"):
-            pipe = _pipe(torch_pipe, engine_dir)
+            pipe = _pipe(torch_pipe, trt_engines)
     finally:
-        (engine_dir / "manifest.json").write_text(json.dumps(original))
+        (trt_engines / "manifest.json").write_text(json.dumps(original))
     assert pipe.backend is not None
     assert any("built on a NVIDIA H200, this GPU is a NVIDIA H100" in r.getMessage() for r in caplog.records)

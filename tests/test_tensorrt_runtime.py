@@ -15,28 +15,10 @@ import torch
 import sdrt
 from sdrt.backends import create_backend
 from sdrt.backends.tensorrt_backend import TensorRTBackend
-from sdrt.export.specs import Profile
-from sdrt.export.tensorrt import BuildOptions, build_tensorrt
 
 pytestmark = [pytest.mark.slow]
 
-PROFILE = Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96), windows=(1, 1, 2))
-
-
-@pytest.fixture(scope="module")
-def torch_pipe():
-    return sdrt.Pipeline.from_pretrained("random:tiny")
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory, torch_pipe):
-    """A fake-built engine folder, and the fake engines' computation: the torch modules."""
-    c, be = torch_pipe.components, torch_pipe.backend
-    d = tmp_path_factory.mktemp("trt")
-    build_tensorrt(c, d, profile=PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(), arch="sm_90",
-                   log=lambda m: None)
-    fake.compute_with(c, be)
-    return d
+PROFILE = fake.PROFILE
 
 
 def _backend(components, engine_dir, **kw):
@@ -45,9 +27,9 @@ def _backend(components, engine_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def trt_pipe(torch_pipe, engines):
+def trt_pipe(torch_pipe, trt_engines):
     fake.CALLS.clear()
-    return sdrt.Pipeline(torch_pipe.components, _backend(torch_pipe.components, engines))
+    return sdrt.Pipeline(torch_pipe.components, _backend(torch_pipe.components, trt_engines))
 
 
 @pytest.mark.parametrize("kw", [
@@ -114,17 +96,17 @@ def test_request_outside_the_profile_is_refused(trt_pipe):
         trt_pipe(prompt="word " * 200, steps=2, width=64, height=64, seed=1)
 
 
-def test_engines_for_another_gpu_or_version_are_refused(torch_pipe, engines):
+def test_engines_for_another_gpu_or_version_are_refused(torch_pipe, trt_engines):
     with pytest.raises(ValueError, match=r"built for sm_90, this GPU is sm_89.*sdrt build"):
-        _backend(torch_pipe.components, engines, arch="sm_89")
+        _backend(torch_pipe.components, trt_engines, arch="sm_89")
     with pytest.raises(ValueError, match=r"TensorRT 11\.4\.0\.106, this is TensorRT 10\.13"):
-        _backend(torch_pipe.components, engines, trt=fake.module(version="10.13.0.35"))
+        _backend(torch_pipe.components, trt_engines, trt=fake.module(version="10.13.0.35"))
 
 
-def test_damaged_engine_is_rebuilt_and_undeserializable_one_refused(torch_pipe, engines, tmp_path):
+def test_damaged_engine_is_rebuilt_and_undeserializable_one_refused(torch_pipe, trt_engines, tmp_path):
     import shutil
     d = tmp_path / "copy"
-    shutil.copytree(engines, d)
+    shutil.copytree(trt_engines, d)
     (d / "unet.plan").write_bytes(b"fake-plan|trunc")
     logs = []
     be = _backend(torch_pipe.components, d, log=logs.append)
@@ -148,9 +130,9 @@ def test_tensorrt_backend_needs_cuda_and_the_package(torch_pipe):
         sdrt.Pipeline.from_pretrained("random:tiny", backend="tensorrt")
 
 
-def test_sdrt_info_lists_a_tensorrt_folder(engines, capsys):
+def test_sdrt_info_lists_a_tensorrt_folder(trt_engines, capsys):
     from sdrt.cli import main
-    assert main(["info", str(engines)]) == 0
+    assert main(["info", str(trt_engines)]) == 0
     out = capsys.readouterr().out
     assert "backend tensorrt" in out
     for name in ("text_encoder", "unet", "vae_decoder"):
