@@ -167,3 +167,43 @@ def test_requests_beyond_the_budget_are_refused_before_any_work(tiny, body, limi
     state.batcher.close()
     assert r.status_code == 422 and limit in r.json()["detail"], r.text
     assert state.batcher.metrics["batches"] == 0
+
+
+# the rest of the web UI's read-only API ----------------------------------------------------------------
+
+def test_png_info_reads_back_what_txt2img_wrote(tiny):
+    import io
+
+    from PIL import Image
+    state, client = _client(tiny, api_auth="u:p")
+    auth = _basic("u", "p")
+    with client:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a (red:1.2) boat", "seed": 77, **SMALL}, headers=auth)
+        png = r.json()["images"][0]
+        info = client.post("/sdapi/v1/png-info", json={"image": png}, headers=auth).json()
+        data_url = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + png}, headers=auth)
+        plain = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(plain, format="PNG")
+        bare = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(plain.getvalue()).decode()},
+                           headers=auth).json()
+        not_b64 = client.post("/sdapi/v1/png-info", json={"image": "%%%"}, headers=auth)
+        not_image = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(b"hello").decode()},
+                                headers=auth)
+        flags = client.get("/sdapi/v1/cmd-flags", headers=auth).json()
+        lists = {n: client.get(f"/sdapi/v1/{n}", headers=auth).json()
+                 for n in ("upscalers", "embeddings", "sd-vae", "hypernetworks", "prompt-styles", "face-restorers",
+                           "realesrgan-models", "latent-upscale-modes")}
+    state.batcher.close()
+    assert info["info"] == json_infotexts(r)[0] and info["parameters"]["Seed"] == "77"
+    assert info["parameters"]["Prompt"] == "a (red:1.2) boat" and "parameters" not in info["items"]
+    assert data_url.json() == info and bare == {"info": "", "items": {}, "parameters": {}}
+    assert not_b64.status_code == not_image.status_code == 422 and "base64 PNG" in not_image.json()["detail"]
+    assert flags["api_auth"] == "***" and flags["max_images"] == 16
+    assert lists["upscalers"][0]["name"] == "None" and lists["embeddings"] == {"loaded": {}, "skipped": {}}
+    assert all(lists[n] == [] for n in ("sd-vae", "hypernetworks", "prompt-styles", "face-restorers",
+                                        "realesrgan-models", "latent-upscale-modes"))
+
+
+def json_infotexts(response) -> list:
+    import json
+    return json.loads(response.json()["info"])["infotexts"]

@@ -5,8 +5,10 @@
 
 Routes (the web UI's names and JSON shapes, so existing clients such as ``webuiapi`` work):
 ``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models``,
-``GET|POST /sdapi/v1/options``, ``GET /sdapi/v1/progress``, ``GET /sdapi/v1/scripts``, plus
-``GET /health`` and ``GET /metrics`` (Prometheus text format).
+``GET|POST /sdapi/v1/options``, ``GET /sdapi/v1/progress``, ``GET /sdapi/v1/scripts``,
+``POST /sdapi/v1/png-info``, the resource lists clients read on start (``/upscalers``,
+``/embeddings``, ``/cmd-flags``, ``/sd-vae``, ...; empty where sdrt has none), plus ``GET /health``
+and ``GET /metrics`` (Prometheus text format).
 
 Errors are JSON ``{"error": kind, "detail": message}``: 400 malformed JSON, 413 body too large,
 422 invalid or unsupported arguments, 503 queue full (with Retry-After), 504 timeout, 500 a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -28,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, create_model
 
+from .. import infotext
 from .._version import __version__
 from ..batcher import Batcher, BatcherBusy, BatcherClosed, Request
 from ..conditioning import EMPHASIS
@@ -350,6 +354,31 @@ def _api_error(e: BaseException) -> APIError:
     return APIError(500, type(e).__name__, str(e))
 
 
+async def _empty_list():
+    return []
+
+
+class PNGInfo(BaseModel):
+    image: str = ""
+
+
+def _png_info(data: str) -> dict:
+    """The web UI's png-info: the image's ``parameters`` text, its other text chunks, and the
+    parameters parsed as the web UI's ``parse_generation_parameters`` gives them."""
+    from PIL import Image, UnidentifiedImageError
+    data = data.strip()
+    if data.startswith("data:") and "," in data:           # a data URL, as browsers send them
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+    except (ValueError, UnidentifiedImageError, OSError) as e:
+        raise APIError(422, "ValueError", f"image must be a base64 PNG or JPEG: {type(e).__name__}: {e}") from None
+    items = {k: v for k, v in (image.info or {}).items() if isinstance(v, str)}
+    text = items.pop("parameters", "")
+    return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
+
+
 def _png_base64(image, text: str) -> str:
     return base64.b64encode(save_png(image, io.BytesIO(), text).getvalue()).decode()
 
@@ -431,6 +460,31 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     @app.get("/sdapi/v1/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}
+
+    # what this server has of the web UI's other resources: the routes answer in the web UI's
+    # shapes, so clients that list them on start work; sdrt has none of these yet
+    empty_lists = ("latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models",
+                   "prompt-styles", "sd-vae", "loras")
+    for name in empty_lists:
+        app.add_api_route(f"/sdapi/v1/{name}", _empty_list, methods=["GET"], name=name)
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags():
+        flags = dataclasses.asdict(state.config)
+        flags["api_auth"] = "***" if flags.get("api_auth") else None       # never echo credentials
+        return flags
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(body: PNGInfo):
+        return _png_info(body.image)
 
     @app.get("/health")
     async def health():
