@@ -14,6 +14,7 @@ window so its mean is unchanged; "No norm" only multiplies; "Ignore" drops the w
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,19 @@ COMMA_BACKTRACK = 20
 
 
 def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK):
-    """``text`` -> list of windows, each (ids[77], weights[77])."""
+    """``text`` -> list of windows, each (ids[77], weights[77]). A request's texts are tokenized
+    several times on their way (the server's bounds, the batcher's window count, the encoder),
+    so the result is cached per tokenizer and text (the lists returned are fresh copies)."""
+    windows = _tokenize_cached(tokenizer, text, comma_backtrack)
+    return [(list(ids), list(weights)) for ids, weights in windows]
+
+
+@functools.lru_cache(maxsize=512)
+def _tokenize_cached(tokenizer, text: str, comma_backtrack: int) -> tuple:
+    return tuple((tuple(ids), tuple(w)) for ids, w in _tokenize(tokenizer, text, comma_backtrack))
+
+
+def _tokenize(tokenizer, text: str, comma_backtrack: int):
     pieces = parse_attention(text)
     token_lists = tokenizer([p for p, _ in pieces], add_special_tokens=False, truncation=False).input_ids
     special = token_ids(tokenizer)

@@ -35,7 +35,7 @@ from .samplers import SAMPLERS, SamplerSpec, linear_steps
 STEP_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.linear_step is not None)
 
 
-def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 1.0,
+def step_table(sampler: SamplerSpec | str, sigmas, eta: float | None = None, s_noise: float = 1.0,
                v_prediction: bool = False, solver_type: str = "midpoint") -> tuple[np.ndarray, list[bool]]:
     """The fused step's coefficients for every step, and which steps draw ancestral noise.
 
@@ -45,9 +45,10 @@ def step_table(sampler: str, sigmas, eta: float | None = None, s_noise: float = 
     is the sampler's own declaration (``SamplerSpec.linear_step``, which the eager loop runs
     too); this adds the model's parameterisation (c_skip, c_out) and the next input scaling.
     """
-    spec = SAMPLERS.get(sampler)
+    spec = sampler if isinstance(sampler, SamplerSpec) else SAMPLERS.get(sampler)
     if spec is None or spec.linear_step is None:
-        raise ValueError(f"sampler {sampler!r} has no fused step; the static loop runs {', '.join(STEP_SAMPLERS)}")
+        raise ValueError(f"sampler {getattr(sampler, 'name', sampler)!r} has no fused step; the static loop runs "
+                         f"{', '.join(STEP_SAMPLERS)}")
     if eta is None:
         eta = spec.eta_default or 0.0
     steps = linear_steps(spec.linear_step, sigmas, eta=eta, s_noise=s_noise, solver_type=solver_type)
@@ -85,16 +86,15 @@ class StaticLoop:
     (B, H, W, 3), uint8 images (B, H, W, 3) and a per-image finite flag, all on the host.
     """
 
-    def __init__(self, backend, schedule, sampler: SamplerSpec | str, sigmas, eta, batch: int, latent_shape,
+    def __init__(self, backend, schedule, spec: SamplerSpec, sigmas, eta, batch: int, latent_shape,
                  context_index: list[int], context_shape, n_contexts: int, use_kernel: bool = True,
                  capture: bool | None = None, cuda=None):
-        spec = SAMPLERS[sampler] if isinstance(sampler, str) else sampler
         self.backend, self.device = backend, backend.device
         self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         self.steps = len(self.sigmas) - 1
-        table, self.draws = step_table(spec.name, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
+        table, self.draws = step_table(spec, self.sigmas, eta, v_prediction=schedule.prediction_type == "v_prediction",
                                        solver_type=spec.options.get("solver_type", "midpoint"))
         self.context_index = list(context_index[:self.steps])
         self.use_kernel = use_kernel

@@ -188,8 +188,9 @@ class Job:
     @property
     def model_calls(self) -> int:
         """Model calls as the web UI counts them for prompt editing (two per step for the
-        second-order samplers)."""
-        return self.steps * 2 if self.sampler.second_order else self.steps
+        second-order samplers), over the planned sigmas."""
+        steps = self.steps if self.sigmas is None else len(self.sigmas) - 1
+        return steps * 2 if self.sampler.second_order else steps
 
     def batch_key(self) -> tuple:
         """What requests must share to run in one batch: every argument but the per-image ones."""

@@ -1,6 +1,6 @@
 """``sdrt.Pipeline``: text to images through any backend, with the web UI's settings.
 
-A generation runs as public, typed stages (``sdrt.Engine`` and the server use the same ones)::
+A generation runs as public, typed stages (``sdrt.Batcher`` and the server use the same ones)::
 
     job  = pipe.validate(params)         GenerationParams -> Job: checked arguments, planned sigmas
     cond = pipe.encode(job)              -> Conditioning: every model call's text conditioning
@@ -111,11 +111,11 @@ class Pipeline:
         return self.result(job, cond, out)
 
     def submit(self, request=None, /, **kwargs):
-        """Queue one image on this pipeline's default ``sdrt.Engine`` (created on first use);
+        """Queue one image on this pipeline's default ``sdrt.Batcher`` (created on first use);
         returns a Future of a one-image GenerationResult. See ``sdrt.batcher``."""
         if self._batcher is None:
-            from .batcher import Engine
-            self._batcher = Engine(self)
+            from .batcher import Batcher
+            self._batcher = Batcher(self)
         return self._batcher.submit(request, **kwargs)
 
     def close(self) -> None:
@@ -156,7 +156,7 @@ class Pipeline:
         return job
 
     def _prompt_schedules(self, job: Job):
-        calls = (len(job.sigmas) - 1) * (2 if job.sampler.second_order else 1)
+        calls = job.model_calls
         parts = [prompts.split_and(p) for p in job.prompts]
         pos = prompts.schedules([t for ps in parts for t, _ in ps], calls)
         neg = prompts.schedules(job.negative_prompts, calls)
@@ -176,9 +176,9 @@ class Pipeline:
         and_parts = max(len(ps) for ps in parts)
         if max_texts is not None and len(texts) > max_texts:
             return TextCost(texts=len(texts), windows=0, and_parts=and_parts)
-        windows = max(len(tokenize_weighted(self.components.tokenizer, t)) for t in texts)
-        weight = max(abs(w) for t in texts for piece, w in prompts.parse_attention(t) if piece != "BREAK")
-        return TextCost(texts=len(texts), windows=windows, and_parts=and_parts, max_weight=weight)
+        tokenized = [tokenize_weighted(self.components.tokenizer, t) for t in texts]
+        weight = max(abs(w) for windows in tokenized for _, ws in windows for w in ws)
+        return TextCost(texts=len(texts), windows=max(map(len, tokenized)), and_parts=and_parts, max_weight=weight)
 
     def encode(self, job: Job) -> Conditioning:
         """Stage 2: the conditioning of every model call, each distinct text encoded once."""
@@ -207,7 +207,9 @@ class Pipeline:
         latents = self.denoise(job, cond, callback)
         sync(self.backend.device)
         t_loop = time.perf_counter() - t0
-        return self.decode(latents, loop_seconds=t_loop)
+        out = self.decode(latents)
+        out.timings["loop"] = t_loop
+        return out
 
     def denoise(self, job: Job, cond: Conditioning, callback=None) -> torch.Tensor:
         """Stage 3 on the eager loop: the final latents (B, C, h, w) float32."""
@@ -232,12 +234,12 @@ class Pipeline:
             x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
         return x / math.sqrt(1.0 + float(sig[-1]) ** 2)
 
-    def decode(self, latents: torch.Tensor, loop_seconds: float = 0.0) -> Decoded:
+    def decode(self, latents: torch.Tensor) -> Decoded:
         """Stage 4: latents (B, C, h, w) -> pixels and uint8 images on the host."""
         t0 = time.perf_counter()
         decoded = self.backend.decode(latents)
         pixels = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
-        return Decoded.from_pixels(pixels, dict(loop=loop_seconds, vae=time.perf_counter() - t0))
+        return Decoded.from_pixels(pixels, dict(vae=time.perf_counter() - t0))
 
     def result(self, job: Job, cond: Conditioning, out: Decoded) -> GenerationResult:
         """Stage 5: PIL images, the web UI's infotexts, seeds and per-stage timings."""

@@ -38,7 +38,7 @@ class Decoded:
     pixels: np.ndarray                 # (B, H, W, 3) float32 in [0, 1]; NaN where the model overflowed
     images: np.ndarray                 # (B, H, W, 3) uint8, the web UI's truncation of 255 * pixels
     finite: list[bool]                 # per image: no NaN or Inf
-    timings: dict[str, float]          # seconds: loop, vae
+    timings: dict[str, float]          # seconds: vae, and loop once the loop's stage adds it
 
     @property
     def bad(self) -> list[int]:

@@ -162,3 +162,14 @@ def test_weights_change_the_image_and_emphasis_option(tiny):
     assert "Emphasis: Ignore" in ignored.infotexts[0]
     with pytest.raises(ValueError, match="emphasis"):
         tiny("x", emphasis="Loud", **ARGS)
+
+
+def test_tokenizing_is_cached_but_results_are_fresh_lists():
+    """Texts are tokenized several times on their way (bounds, window count, encoder): one
+    computation, and a caller that changes its lists cannot change the next caller's."""
+    from sdrt.conditioning import _tokenize_cached
+    before = _tokenize_cached.cache_info().hits
+    first = tokenize_weighted(TOK, "a (cached:1.2) prompt")
+    first[0][0][1] = -1
+    second = tokenize_weighted(TOK, "a (cached:1.2) prompt")
+    assert _tokenize_cached.cache_info().hits == before + 1 and second[0][0][1] != -1

@@ -252,7 +252,8 @@ class TensorRTBackend:
         if side is None:
             side = self._side[group] = self.cuda.Stream(self.device)
         side.wait_stream(current)              # the inputs written on the current stream are ready
-        out = engine(side.cuda_stream, **inputs)
+        with self.cuda.stream(side):           # the engine's own torch work (aligned copies) goes there too
+            out = engine(side.cuda_stream, **inputs)
         current.wait_stream(side)              # the outputs are ready for what follows there
         return out
 

@@ -251,9 +251,10 @@ class ServerState:
     async def txt2img(self, body: Txt2Img, disconnected=None) -> dict:
         """``disconnected``: an awaitable that completes when the client goes away; its requests
         are then cancelled (their batch-mates are not affected)."""
-        # checking the request tokenizes its texts: off the event loop, as submit (which validates)
-        reqs, meta = await asyncio.to_thread(self.requests_for, body)
-        futures = await asyncio.to_thread(lambda: [self.batcher.submit(r) for r in reqs])
+        def check_and_submit():       # tokenizes the texts (checks, submit's validation): off the event loop
+            reqs, meta = self.requests_for(body)
+            return [self.batcher.submit(r) for r in reqs], meta
+        futures, meta = await asyncio.to_thread(check_and_submit)
         gathered = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
         watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
         try:
@@ -274,8 +275,8 @@ class ServerState:
         infotexts = [r.infotexts[0] for r in results]
         c = self.pipe.components
         info = {
-            "prompt": body.prompt, "all_prompts": [body.prompt] * len(reqs),
-            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(reqs),
+            "prompt": body.prompt, "all_prompts": [body.prompt] * len(futures),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(futures),
             "seed": meta["seeds"][0], "all_seeds": meta["seeds"], "subseed": meta["subseeds"][0],
             "all_subseeds": meta["subseeds"], "subseed_strength": body.subseed_strength,
             "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
