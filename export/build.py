@@ -151,11 +151,11 @@ def read_manifest(engine_dir: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("networks"), dict):
         return {"format": FORMAT, "networks": {}, "damaged": True}
     good = {name: e for name, e in data["networks"].items() if _entry_ok(e)}
-    if len(good) != len(data["networks"]) or not isinstance(data.get("target", {}), dict):
-        data = dict(data, networks=good, damaged=True)
-        if not isinstance(data.get("target", {}), dict):
-            data.pop("target")
-    return data
+    bad_target = not isinstance(data.get("target", {}), dict)
+    if len(good) == len(data["networks"]) and not bad_target:
+        return data
+    data = {k: v for k, v in data.items() if not (k == "target" and bad_target)}
+    return dict(data, networks=good, damaged=True)
 
 
 def write_manifest(engine_dir: Path, data: dict) -> None:

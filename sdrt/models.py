@@ -160,30 +160,33 @@ def load_diffusers_folder(path: str | Path) -> Components:
     if not sched_file.is_file():
         raise ModelError(f"{str(path)!r}: missing scheduler/scheduler_config.json "
                          "(it gives the beta schedule and the prediction type)")
+    configs = {}
     for part, name in (("scheduler", "scheduler_config.json"), ("unet", "config.json"), ("vae", "config.json"),
                        ("text_encoder", "config.json")):
         cfg = root / part / name
         try:
-            value = json.loads(cfg.read_text()) if cfg.is_file() else {}
+            configs[part] = json.loads(cfg.read_text()) if cfg.is_file() else {}
         except (ValueError, OSError) as e:
             raise ModelError(f"{str(path)!r}: {part}/{name} is not readable JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ModelError(f"{str(path)!r}: {part}/{name} must hold a JSON object, got {type(value).__name__}")
-    part = "scheduler"
-    try:
-        sched_cfg = json.loads(sched_file.read_text())
-        schedule = DiscreteSchedule.from_config(**{k: sched_cfg[k] for k in SD1_SCHEDULER if k in sched_cfg})
-        part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
-        part = "vae"
-        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
-        part = "text_encoder"
-        text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-        part = "tokenizer"
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated safetensors, refused pickles, bad configs: all one message
-        raise ModelError(f"{str(path)!r}: could not load {part}/: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        if not isinstance(configs[part], dict):
+            raise ModelError(f"{str(path)!r}: {part}/{name} must hold a JSON object, got "
+                             f"{type(configs[part]).__name__}")
+    loaders = {
+        "scheduler": lambda: DiscreteSchedule.from_config(
+            **{k: configs["scheduler"][k] for k in SD1_SCHEDULER if k in configs["scheduler"]}),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", local_files_only=True),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+    }
+    loaded = {}
+    for part, load in loaders.items():
+        try:
+            loaded[part] = load()
+        except Exception as e:  # noqa: BLE001 - truncated safetensors, refused pickles, bad configs: one message
+            raise ModelError(f"{str(path)!r}: could not load {part}/: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    schedule, unet, vae, text, tokenizer = (loaded[k] for k in loaders)
     if "CrossAttn" not in "".join(unet.config.down_block_types):
         raise ModelError(f"{str(path)!r}: the UNet has no cross-attention blocks; "
                          "it is not a text-to-image Stable Diffusion UNet")
