@@ -24,6 +24,12 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
 
 
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``t``'s memory: itself, or the base of a view (SDXL's text part of a
+    context, or the view a layer passes on)."""
+    return t if t._base is None else t._base
+
+
 class CachedKVProcessor:
     """diffusers attention processor (the SDPA one) with precomputed keys and values for
     cross-attention. Layers with normalisations or masks it does not handle use ``fallback``."""
@@ -49,11 +55,12 @@ class CachedKVProcessor:
     def store(self, attn, context: torch.Tensor) -> None:
         k, v = self.project(attn, context)
         old = self.table.get(_key(context))
-        if old is not None and old[2]() is context and old[0].shape == k.shape:   # same buffers: graph-safe
+        owner = _owner(context)
+        if old is not None and old[2]() is owner and old[0].shape == k.shape:   # same buffers: graph-safe
             old[0].copy_(k)
             old[1].copy_(v)
         else:
-            self.table[_key(context)] = (k.contiguous(), v.contiguous(), weakref.ref(context))
+            self.table[_key(context)] = (k.contiguous(), v.contiguous(), weakref.ref(owner))
 
     @staticmethod
     def _kernel_fits(k: torch.Tensor, d: int) -> bool:
@@ -65,7 +72,7 @@ class CachedKVProcessor:
         kv = None
         if encoder_hidden_states is not None and attention_mask is None:
             kv = self.table.get(_key(encoder_hidden_states))
-            if kv is not None and kv[2]() is not encoder_hidden_states:   # same address, another tensor
+            if kv is not None and kv[2]() is not _owner(encoder_hidden_states):   # same address, another tensor
                 kv = None
         if kv is None or hidden_states.ndim != 3:
             self.misses += encoder_hidden_states is not None
@@ -89,9 +96,11 @@ class CachedKVProcessor:
 class CrossAttentionKV:
     """Installs ``CachedKVProcessor`` on a diffusers UNet's cross-attention layers."""
 
-    def __init__(self, unet: torch.nn.Module, custom_kernel: bool = False):
+    def __init__(self, unet: torch.nn.Module, custom_kernel: bool = False, view=None):
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0
         self.layers, self.custom_kernel = [], custom_kernel
+        # what the layers receive of a planned context (SDXL's contexts end with a pooled-text row)
+        self.view = view or (lambda ctx: ctx)
         for module in unet.modules():
             if isinstance(module, Attention) and module.is_cross_attention and CachedKVProcessor.plain(module):
                 proc = CachedKVProcessor(AttnProcessor2_0(), custom_kernel)
@@ -110,17 +119,17 @@ class CrossAttentionKV:
         """Project every context once in every cross-attention layer (rows (N, L, C) each)."""
         for attn, proc in self.layers:
             for ctx in contexts:
-                proc.store(attn, ctx)
+                proc.store(attn, self.view(ctx))
 
     def discard(self, contexts) -> None:
         """Forget the keys and values of ``contexts`` (before their storage can be reused)."""
         for _, proc in self.layers:
             for ctx in contexts:
-                proc.table.pop(_key(ctx), None)
+                proc.table.pop(_key(self.view(ctx)), None)
 
     def entries(self, contexts) -> list[torch.Tensor]:
         """The key and value buffers of ``contexts`` (a captured graph keeps them alive)."""
-        return [t for _, proc in self.layers for ctx in contexts for t in proc.table.get(_key(ctx), ())[:2]]
+        return [t for _, proc in self.layers for ctx in contexts for t in proc.table.get(_key(self.view(ctx)), ())[:2]]
 
     @property
     def hits(self) -> int:

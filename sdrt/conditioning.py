@@ -84,8 +84,11 @@ def empty_window(tokenizer):
     return token_ids(tokenizer).window([]), [1.0] * (CHUNK + 2)
 
 
-def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Original") -> dict[str, torch.Tensor]:
-    """Encode each distinct text once: {text: (77k, C)}, all with the same k."""
+def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Original",
+                 encoder: int = 0, pooled: bool = False) -> dict:
+    """Encode each distinct text once: {text: (77k, C)}, all with the same k. ``encoder``: which
+    of the backend's text encoders (SDXL has two); ``pooled``: also its pooled projection of the
+    first window, {text: ((77k, C), (P,))} (the web UI's ``zs[0].pooled``)."""
     if emphasis not in EMPHASIS:
         raise ValueError(f"emphasis {emphasis!r} is unknown; valid: {', '.join(EMPHASIS)}")
     distinct = list(dict.fromkeys(texts))
@@ -98,14 +101,66 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
         mults.append([m for w in windows for m in w[1]])
     out = {}
     per_call = max(1, ENCODE_WINDOWS // k)      # bounded activations: at most ENCODE_WINDOWS sequences per call
+    kwargs = dict(encoder=encoder, pooled=True) if pooled else (dict(encoder=encoder) if encoder else {})
     for start in range(0, len(distinct), per_call):
         end = start + per_call
-        hidden = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip)   # (t, 77k, C)
+        got = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip, **kwargs)
+        hidden, pool = got if pooled else (got, None)          # (t, 77k, C), (t, P)
         if emphasis != "Ignore":
             weights = torch.tensor(mults[start:end], dtype=hidden.dtype, device=hidden.device)
             hidden = apply_emphasis(hidden, weights, emphasis)
-        out.update({t: hidden[i] for i, t in enumerate(distinct[start:end])})
+        out.update({t: (hidden[i], pool[i]) if pooled else hidden[i] for i, t in enumerate(distinct[start:end])})
     return out
+
+
+# ---------------------------------------------------------------------------- SDXL
+
+TIME_IDS = 6       # SDXL's size conditioning: original (h, w), crop (top, left), target (h, w)
+
+
+def encode_texts_sdxl(backend, tokenizers, texts, emphasis: str = "Original") -> dict:
+    """SDXL, as the web UI's conditioner builds it: each encoder tokenizes the text itself (CLIP
+    pads with its end token, OpenCLIP with 0), runs its penultimate layer and applies the
+    emphasis to its own output; the two are concatenated per token, and the second encoder's
+    pooled projection of the first window is the pooled text. CLIP skip does not apply (the web
+    UI's default: ``sdxl_clip_l_skip`` off). Returns {text: ((77k, C1 + C2), (P,))}."""
+    first = encode_texts(backend, tokenizers[0], texts, 1, emphasis, encoder=0)
+    second = encode_texts(backend, tokenizers[1], texts, 1, emphasis, encoder=1, pooled=True)
+    return {t: (torch.cat([first[t], second[t][0]], dim=-1), second[t][1]) for t in first}
+
+
+def sdxl_time_ids(height: int, width: int, crop_top: int = 0, crop_left: int = 0) -> list[float]:
+    """The web UI's size conditioning for txt2img: original and target size are the image size,
+    the crop its ``sdxl_crop_top`` / ``sdxl_crop_left`` options (0)."""
+    return [float(height), float(width), float(crop_top), float(crop_left), float(height), float(width)]
+
+
+def pack_added(hidden: torch.Tensor, pooled: torch.Tensor, time_ids) -> torch.Tensor:
+    """One SDXL model call's conditioning as one tensor, so that everything that moves contexts
+    (prompt editing schedules, the batcher, the static loop's buffers) moves it unchanged:
+    the (77k, C) text hidden states, then one row holding the pooled text (P) and the six size
+    values. ``unpack_added`` splits it again inside a backend."""
+    c = hidden.shape[-1]
+    p = pooled.shape[-1]
+    if p + TIME_IDS > c:
+        raise ValueError(f"pooled text ({p}) and size conditioning ({TIME_IDS}) do not fit a context row of {c}")
+    row = torch.zeros((1, c), dtype=hidden.dtype, device=hidden.device)
+    row[0, :p] = pooled.to(hidden.dtype)
+    row[0, p:p + TIME_IDS] = torch.as_tensor(time_ids, dtype=hidden.dtype)
+    return torch.cat([hidden, row])
+
+
+def unpack_added(context: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 77k + 1, C) -> text hidden states (B, 77k, C) (a view), pooled text (B, P), size values (B, 6)."""
+    row = context[:, -1]
+    return context[:, :-1], row[:, :pooled_dim], row[:, pooled_dim:pooled_dim + TIME_IDS]
+
+
+def added_pooled_dim(unet_config) -> int | None:
+    """The pooled text width of an SDXL UNet (None for a UNet without size conditioning)."""
+    if getattr(unet_config, "addition_embed_type", None) != "text_time":
+        return None
+    return int(unet_config.projection_class_embeddings_input_dim) - TIME_IDS * int(unet_config.addition_time_embed_dim)
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:

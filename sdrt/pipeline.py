@@ -26,7 +26,7 @@ from PIL import Image
 from . import infotext, prompts
 from ._version import __version__
 from .backends import check_target, create_backend, sync
-from .conditioning import Conditioning, encode_texts, tokenize_weighted
+from .conditioning import Conditioning, encode_texts, encode_texts_sdxl, pack_added, sdxl_time_ids, tokenize_weighted
 from .denoiser import CFGDenoiser, plan_contexts
 from .models import Components, load_model
 from .params import GenerationParams, Job, validate
@@ -145,6 +145,10 @@ class Pipeline:
         if self.closed:
             raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
+        if c.inpainting:
+            raise ValueError(f"model {c.name!r} is an inpainting model (its UNet takes a mask and a masked image: 9 "
+                             "input channels); sdrt runs it only in the inpainting workflow, which is not in this "
+                             "release. Use a text-to-image checkpoint of the same family for txt2img")
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
         check = getattr(self.backend, "check_request", None)
         if check is not None:
@@ -185,13 +189,33 @@ class Pipeline:
         started = time.perf_counter()
         pos, neg, parts = self._prompt_schedules(job)
         texts = [t for sched in pos + neg for _, t in sched]
-        emb = encode_texts(self.backend, self.components.tokenizer, texts, job.params.clip_skip,
-                           job.params.emphasis)
+        c = self.components
+        zero = None              # SDXL: the context of an empty negative prompt
+        if c.is_sdxl:
+            emb, zero = self._encode_sdxl(job, texts)
+        else:
+            emb = encode_texts(self.backend, c.tokenizer, texts, job.params.clip_skip, job.params.emphasis)
         it = iter(pos)
         conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
-        uncond = [[(end, emb[t]) for end, t in sched] for sched in neg]
+        uncond = [[(end, zero if t == "" and zero is not None else emb[t]) for end, t in sched] for sched in neg]
         sync(self.backend.device)
         return Conditioning(conds, uncond, seconds=time.perf_counter() - started, started=started)
+
+    def _encode_sdxl(self, job: Job, texts) -> tuple[dict, torch.Tensor | None]:
+        """SDXL's contexts (``conditioning.pack_added``): both encoders' hidden states, the pooled
+        text and the image size. An empty negative prompt gives zeros for the text and the pooled
+        text (the web UI's ``force_zero_negative_prompt``; diffusers does it only when no negative
+        prompt is passed at all). The web UI decides that per batch, sdrt per image, so that
+        batching requests together never changes an image."""
+        c, p = self.components, job.params
+        emb = encode_texts_sdxl(self.backend, [c.tokenizer, c.tokenizer_2], texts, p.emphasis)
+        sizes = sdxl_time_ids(p.height, p.width)
+        out = {t: pack_added(hidden, pooled, sizes) for t, (hidden, pooled) in emb.items()}
+        zero = None
+        if "" in emb:
+            hidden, pooled = emb[""]
+            zero = pack_added(torch.zeros_like(hidden), torch.zeros_like(pooled), sizes)
+        return out, zero
 
     def sample(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         """Stages 3 and 4: the denoising loop and the VAE. Images that hold NaN or Inf are

@@ -59,14 +59,19 @@ def clip_vocab_and_merges(path: str | Path | None = None) -> tuple[dict[str, int
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+OPENCLIP_PAD = "!"       # OpenCLIP (SD 2.x, SDXL's second encoder) pads with id 0, the byte token "!"
+
+
 @functools.lru_cache(maxsize=None)
-def clip_tokenizer():
-    """A ``transformers.CLIPTokenizer`` over the real CLIP vocabulary (pads with EOS, 77 tokens)."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A ``transformers.CLIPTokenizer`` over the real CLIP vocabulary, 77 tokens. It pads with
+    EOS (CLIP ViT-L: SD 1.x, SDXL's first encoder); ``pad_token=OPENCLIP_PAD`` gives OpenCLIP's
+    tokenizer (SD 2.x, SDXL's second encoder), the same ids padded with 0."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=MAX_LENGTH,
-                         pad_token="<|endoftext|>")
+                         pad_token=pad_token)
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,16 @@ def test_kv_processor_falls_back_for_unknown_contexts(pipe):
         with be.kv.scope([ctx]):
             cached = be.unet(x, t, ctx)
             hits = be.kv.hits
-            other = ctx.view(ctx.shape)          # same address, shape and dtype, another tensor
+            other = ctx.clone()                  # same values, another tensor
             other_out = be.unet(x, t, other)
             assert be.kv.hits == hits            # never served keys and values it was not given
+            be.unet(x, t, ctx.view(ctx.shape))   # a view of the same memory: served
+            assert be.kv.hits == hits + len(be.kv.layers)
+            key = next(iter(be.kv.layers[0][1].table))
+            k, v, _ = be.kv.layers[0][1].table[key]
+            be.kv.layers[0][1].table[key] = (k, v, lambda: None)     # its tensor died: the address may be reused
+            be.unet(x, t, ctx)
+            assert be.kv.hits == hits + 2 * len(be.kv.layers) - 1
         assert torch.allclose(uncached, cached, atol=1e-6) and torch.allclose(uncached, other_out, atol=1e-6)
     finally:
         be.enable_kv_cache(False)

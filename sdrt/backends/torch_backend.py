@@ -6,6 +6,7 @@ import weakref
 
 import torch
 
+from ..conditioning import added_pooled_dim, unpack_added
 from ..tokenizer import MAX_LENGTH
 from . import check_text_input
 
@@ -44,6 +45,9 @@ class TorchBackend:
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.text_encoder = _place(components.text_encoder, device, dtype)
+        self.text_encoder_2 = (_place(components.text_encoder_2, device, dtype)
+                               if components.text_encoder_2 is not None else None)
+        self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
         self._eager_unet = _place(components.unet, device, dtype)
         self._compile_mode = None
         self.vae = _place(components.vae, device, dtype)
@@ -141,31 +145,52 @@ class TorchBackend:
             raise ValueError("the cross-attention K/V cache does not work under torch.compile (dynamo cannot "
                              "trace its lookups): tune(compile=False) first")
         if enabled and (self.kv is None or not self.kv.installed() or self.kv.custom_kernel != custom_kernel):
-            self.kv = CrossAttentionKV(self._eager_unet, custom_kernel)
+            self.kv = CrossAttentionKV(self._eager_unet, custom_kernel, view=self.text_view)
         elif not enabled:
             self._reset_attention()
             self.kv = None
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False):
         """input_ids: (B, 77k) -> hidden states (B, 77k, C); each 77-token window is encoded
         on its own. clip_skip n > 1 takes the hidden state n layers from the end, then the
-        final layer norm."""
+        final layer norm. SDXL (``encoder`` 0 or 1): the penultimate layer without the final
+        norm, whatever clip_skip says (the web UI's default); ``pooled=True`` also returns the
+        encoder's pooled projection of each row's first window, (B, P)."""
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         ids = input_ids.reshape(b * windows, MAX_LENGTH).to(self.device)
-        out = self.text_encoder(ids, output_hidden_states=clip_skip > 1)
-        if clip_skip > 1:
-            hidden = self.final_layer_norm(out.hidden_states[-clip_skip])
+        module = self.text_encoder if encoder == 0 else self.text_encoder_2
+        if module is None or encoder not in (0, 1):
+            raise ValueError(f"text encoder {encoder} does not exist in this model")
+        if self.pooled_dim is not None:
+            out = module(ids, output_hidden_states=True)
+            hidden = out.hidden_states[-2]
         else:
-            hidden = out.last_hidden_state
-        return hidden.reshape(b, n, hidden.shape[-1])
+            out = module(ids, output_hidden_states=clip_skip > 1)
+            hidden = self.final_layer_norm(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
+        hidden = hidden.reshape(b, n, hidden.shape[-1])
+        if not pooled:
+            return hidden
+        if not hasattr(out, "text_embeds"):
+            raise ValueError(f"text encoder {encoder} has no pooled projection")
+        return hidden, out.text_embeds.reshape(b, windows, -1)[:, 0]
+
+    def text_view(self, context: torch.Tensor) -> torch.Tensor:
+        """The part of a (rows, L, C) context the cross-attention layers read (SDXL's contexts end
+        with the pooled-text row, ``sdrt.conditioning.pack_added``)."""
+        return context if self.pooled_dim is None else context[:, :-1]
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        context = context.to(self.dtype)
+        kwargs = {}
+        if self.pooled_dim is not None:
+            context, pooled, time_ids = unpack_added(context, self.pooled_dim)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         with self._attention_order():
-            return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype),
-                                    return_dict=False)[0]
+            return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
+                                    **kwargs)[0]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""SDXL: two text encoders, the pooled text and the size conditioning, against diffusers'
+StableDiffusionXLPipeline on the same weights and noise (float32), and the web UI's rules where
+they differ from diffusers (an empty negative prompt, long prompts, emphasis on each encoder)."""
+import numpy as np
+import pytest
+import torch
+
+import sdrt
+from sdrt.conditioning import pack_added, sdxl_time_ids, unpack_added
+
+SEED, STEPS, SIZE = 3, 8, 64
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return sdrt.Pipeline.from_pretrained("random:sdxl-tiny")
+
+
+def diffusers_xl(pipe, prompt, negative, cfg=6.0, size=SIZE, **kwargs):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    c = pipe.components
+    ref = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                    tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                    scheduler=EulerDiscreteScheduler(**BETAS, use_karras_sigmas=True,
+                                                                     timestep_spacing="linspace"),
+                                    force_zeros_for_empty_prompt=True)
+    ref.set_progress_bar_config(disable=True)
+    f = c.latent_factor
+    noise = torch.randn((1, 4, size // f, size // f), generator=torch.Generator().manual_seed(SEED))
+    return ref(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=cfg, height=size,
+               width=size, latents=noise, output_type="np", **kwargs).images
+
+
+def ours(pipe, prompt, negative, cfg=6.0, size=SIZE, **kwargs):
+    return pipe(prompt, negative_prompt=negative, steps=STEPS, cfg_scale=cfg, seed=SEED, width=size, height=size,
+                rng="cpu", sampler="Euler", schedule="Karras", **kwargs).pixels
+
+
+@pytest.mark.parametrize("negative", ["blurry, low quality", None])
+def test_equals_diffusers(xl, negative):
+    """A non-empty negative prompt is encoded by both; none at all (diffusers) is the web UI's
+    empty negative prompt: zero text and pooled embeddings."""
+    ref = diffusers_xl(xl, "a photo of an astronaut riding a horse", negative)
+    got = ours(xl, "a photo of an astronaut riding a horse", negative or "")
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4
+    assert ref.std() > 0.01
+
+
+def test_size_conditioning_reaches_the_unet(xl):
+    """Another size gives other size values in the added embedding (not only other noise): the
+    same latents with the size values of 96x96 give another image."""
+    c = xl.components
+    hidden = torch.randn(2, 77, 64)
+    pooled = torch.randn(2, 32)
+    a = torch.stack([pack_added(h, p, sdxl_time_ids(64, 64)) for h, p in zip(hidden, pooled)])
+    b = torch.stack([pack_added(h, p, sdxl_time_ids(96, 96)) for h, p in zip(hidden, pooled)])
+    h, p, t = unpack_added(a, 32)
+    assert torch.equal(h, hidden) and torch.equal(p, pooled) and t[0].tolist() == [64, 64, 0, 0, 64, 64]
+    x = torch.randn(2, 4, 8, 8)
+    ts = torch.full((2,), 500.0)
+    assert not torch.allclose(xl.backend.unet(x, ts, a), xl.backend.unet(x, ts, b))
+    ref = c.unet(x, ts, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": t},
+                 return_dict=False)[0]
+    assert torch.allclose(xl.backend.unet(x, ts, a), ref, atol=1e-6)
+
+
+def test_empty_negative_is_zero_per_image(xl):
+    """The web UI zeroes an empty negative prompt's embeddings; sdrt decides per image, so an image
+    whose negative prompt is empty is the same alone or beside one that has a negative prompt."""
+    alone = xl("a cat", negative_prompt="", steps=3, seed=5, width=SIZE, height=SIZE).pixels[0]
+    mixed = xl(["a cat", "a cat"], negative_prompt=["", "ugly"], steps=3, seed=[5, 6], width=SIZE,
+               height=SIZE).pixels
+    assert np.abs(mixed[0] - alone).max() <= 1e-5
+    encoded = xl("a cat", negative_prompt="", steps=3, seed=5, width=SIZE, height=SIZE, cfg_scale=7.0)
+    job = xl.validate(sdrt.GenerationParams("a cat", negative_prompt="", steps=3, seed=5, width=SIZE, height=SIZE))
+    cond = xl.encode(job)
+    ctx = cond.uncond[0][0][1]
+    assert float(ctx[:-1].abs().max()) == 0.0 and float(ctx[-1, :32].abs().max()) == 0.0
+    assert ctx[-1, 32:38].tolist() == [64, 64, 0, 0, 64, 64]
+    assert encoded.images[0].size == (SIZE, SIZE)
+
+
+def test_long_prompt_and_emphasis_per_encoder(xl):
+    """Windows of 75 tokens on both encoders (the pooled text from the first window), and the
+    emphasis rescaled on each encoder's own output as the web UI's two embedders do."""
+    from sdrt.conditioning import apply_emphasis, encode_texts_sdxl, tokenize_weighted
+    c = xl.components
+    long = ", ".join(["a (red:1.4) apple on a wooden table"] * 12)
+    emb = encode_texts_sdxl(xl.backend, [c.tokenizer, c.tokenizer_2], [long])
+    hidden, pooled = emb[long]
+    windows = [tokenize_weighted(t, long) for t in (c.tokenizer, c.tokenizer_2)]
+    assert len(windows[0]) == len(windows[1]) >= 2 and hidden.shape == (77 * len(windows[0]), 64)
+    for i, width in enumerate((32, 32)):
+        ids = torch.tensor([[x for w in windows[i] for x in w[0]]])
+        weights = torch.tensor([[x for w in windows[i] for x in w[1]]])
+        raw = xl.backend.encode_text(ids, 1, encoder=i)
+        want = apply_emphasis(raw, weights)[0]
+        assert torch.allclose(hidden[:, 32 * i:32 * i + width], want, atol=1e-6)
+    first = torch.tensor([windows[1][0][0]])
+    assert torch.allclose(pooled, c.text_encoder_2(first).text_embeds[0], atol=1e-6)
+    assert windows[1][0][0][-1] == 0 and windows[0][0][0][-1] == 49407     # OpenCLIP pads with 0, CLIP with EOS
+
+
+def test_fast_path_equals_eager(xl):
+    """The static loop moves SDXL's contexts (with their pooled row) like any other."""
+    eager = xl("a cat", steps=5, seed=2, width=SIZE, height=SIZE, sampler="DPM++ 2M").pixels
+    xl.set_fast_path(use_kernel=False)
+    try:
+        fast = xl("a cat", steps=5, seed=2, width=SIZE, height=SIZE, sampler="DPM++ 2M").pixels
+    finally:
+        xl.set_fast_path(False)
+    assert np.abs(fast - eager).max() <= 1e-5
+
+
+def test_kv_cache_reads_the_text_part(xl):
+    """The cross-attention K/V cache projects the text rows only (not the pooled row) and hits."""
+    ref = xl("a cat", steps=3, seed=4, width=SIZE, height=SIZE).pixels
+    xl.backend.enable_kv_cache(True)
+    try:
+        got = xl("a cat", steps=3, seed=4, width=SIZE, height=SIZE).pixels
+        assert xl.backend.kv.hits > 0
+    finally:
+        xl.backend.enable_kv_cache(False)
+    assert np.abs(got - ref).max() <= 1e-5
