@@ -215,13 +215,6 @@ class SingleFile:
 
 def load_single_file(path: str | Path) -> SingleFile:
     """The networks of a single-file SD 1.x / 2.x / SDXL checkpoint."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-    )
 
     from .schedules import DiscreteSchedule
 
@@ -236,47 +229,7 @@ def load_single_file(path: str | Path) -> SingleFile:
         except ValueError as e:
             raise CheckpointError(f"{name}: its {CONFIG_KEY} metadata is not JSON: {e}") from None
     cfg = stored or family_config(family, inpainting)
-
-    def build(part: str, make, converted: dict, expected_prefix: str):
-        try:
-            with meta_parameters():
-                module = make()
-            missing, unexpected = _compare(module, converted)
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"{name}: the {part} does not match the {FAMILY_NAMES[family]} architecture: "
-                    + "; ".join(s for s in (f"{len(missing)} weights missing (e.g. {expected_prefix}... {missing[0]})"
-                                            if missing else "",
-                                            f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "")
-                                if s))
-            module.load_state_dict(converted, strict=True, assign=True)
-        except CheckpointError:
-            raise
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{name}: the {part} could not be built: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        return module.eval().requires_grad_(False)
-
-    unet_cfg = dict(cfg["unet"])
-    unet = build("UNet", lambda: UNet2DConditionModel(**unet_cfg),
-                 convert_ldm_unet_checkpoint(sd, unet_cfg), UNET)
-    vae = build("VAE", lambda: AutoencoderKL(**cfg["vae"]), _vae_weights(sd, cfg["vae"], convert_ldm_vae_checkpoint), VAE)
-    if family == "sd1":
-        text = build("text encoder", lambda: text_model(cfg["text"], family),
-                     _strip(convert_ldm_clip_checkpoint(sd), "text_model."), CLIP_SD1)
-        text_2 = None
-    elif family == "sd2":
-        text = build("text encoder", lambda: text_model(cfg["text"], family), _openclip(sd, cfg["text"], OPENCLIP_SD2,
-                                                                                      convert_open_clip_checkpoint), OPENCLIP_SD2)
-        text_2 = None
-    else:
-        text = build("first text encoder (CLIP ViT-L)", lambda: text_model(cfg["text"], family),
-                     _strip(convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_XL)}),
-                            "text_model."), CLIP_XL)
-        text_2 = build("second text encoder (OpenCLIP ViT-bigG)",
-                       lambda: text_model(cfg["text_2"], family, projection=True),
-                       _openclip(sd, cfg["text_2"], OPENCLIP_XL, convert_open_clip_checkpoint, projection=True),
-                       OPENCLIP_XL)
+    unet, vae, text, text_2 = networks(sd, family, cfg, name)
     prediction = cfg.get("scheduler", {}).get("prediction_type") if stored else None
     if prediction is None:
         said = _yaml_says_v(path) if family == "sd2" else None
@@ -291,10 +244,69 @@ def load_single_file(path: str | Path) -> SingleFile:
                       vae=vae, text_encoder=text, text_encoder_2=text_2, noise_schedule=schedule)
 
 
-def _compare(module: torch.nn.Module, converted: dict) -> tuple[list[str], list[str]]:
-    expected = {k for k in module.state_dict() if not k.endswith("position_ids")}
-    given = set(converted)
-    return sorted(expected - given), sorted(given - expected)
+def networks(sd: dict, family: str, cfg: dict, name: str = "checkpoint") -> tuple:
+    """(unet, vae, text encoder, second text encoder or None) of a state dict in the single-file
+    layout, built to ``cfg`` (``family_config`` or a file's own) with diffusers' converters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    def build(part: str, make, converted: dict):
+        try:
+            with meta_parameters():
+                module = make()
+            problem = _compare(module, converted)
+            if problem:
+                raise CheckpointError(f"{name}: the {part} does not match the {FAMILY_NAMES[family]} architecture "
+                                      f"sdrt builds for it: {problem}")
+            module.load_state_dict(converted, strict=True, assign=True)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{name}: the {part} could not be built: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        return module.eval().requires_grad_(False)
+
+    unet_cfg = dict(cfg["unet"])
+    unet = build("UNet", lambda: UNet2DConditionModel(**unet_cfg), convert_ldm_unet_checkpoint(sd, unet_cfg))
+    vae = build("VAE", lambda: AutoencoderKL(**cfg["vae"]), _vae_weights(sd, cfg["vae"], convert_ldm_vae_checkpoint))
+    text_2 = None
+    if family == "sd1":
+        text = build("text encoder", lambda: text_model(cfg["text"], family),
+                     _strip(convert_ldm_clip_checkpoint(sd), "text_model."))
+    elif family == "sd2":
+        text = build("text encoder", lambda: text_model(cfg["text"], family),
+                     _openclip(sd, cfg["text"], OPENCLIP_SD2, convert_open_clip_checkpoint))
+    else:
+        text = build("first text encoder (CLIP ViT-L)", lambda: text_model(cfg["text"], family),
+                     _strip(convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_XL)}),
+                            "text_model."))
+        text_2 = build("second text encoder (OpenCLIP ViT-bigG)",
+                       lambda: text_model(cfg["text_2"], family, projection=True),
+                       _openclip(sd, cfg["text_2"], OPENCLIP_XL, convert_open_clip_checkpoint, projection=True))
+    return unet, vae, text, text_2
+
+
+def _compare(module: torch.nn.Module, converted: dict) -> str:
+    """What keeps ``converted`` from loading into ``module`` ("" when nothing)."""
+    expected = {k: v.shape for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+    missing = sorted(set(expected) - set(converted))
+    unknown = sorted(set(converted) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(converted) if tuple(converted[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unknown:
+        problems.append(f"{len(unknown)} weights it does not have (e.g. {unknown[0]})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} weights of another shape (e.g. {k}: {tuple(converted[k].shape)} in the "
+                        f"file, {tuple(expected[k])} expected)")
+    return "; ".join(problems)
 
 
 def _strip(sd: dict, prefix: str) -> dict:
