@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .onnx_export import OPSET, export_onnx, files_of, save_onnx, smallest_inputs, to_float16
-from .specs import DEFAULT_NETWORKS, NETWORKS, PRECISIONS, Profile, model_dims, spec_fingerprint
+from .specs import FLOAT32_NETWORKS, PRECISIONS, Profile, default_networks, model_dims, network_specs, spec_fingerprint
 from .winograd import describe as winograd_describe
 from .winograd import rewrite_file
 
@@ -114,9 +114,9 @@ def folder_lock(engine_dir: Path):
 
 
 def artifact_key(model_hash: str, network: str, backend: str, precision: str, optimization: str,
-                 target: str, opset: int = OPSET) -> dict:
+                 target: str, opset: int = OPSET, sdxl: bool = False) -> dict:
     """Everything that makes an artifact, as recorded in the manifest."""
-    return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(NETWORKS[network]),
+    return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(network_specs(sdxl)[network]),
             "backend": backend, "precision": precision, "target": target, "opset": opset,
             "optimization": optimization, "versions": package_versions(), "format": FORMAT}
 
@@ -282,7 +282,7 @@ logger = logging.getLogger("sdrt.export")
 
 
 def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
-                      networks=DEFAULT_NETWORKS, force: bool = False, log: Log | None = None, target: str = "cpu",
+                      networks=None, force: bool = False, log: Log | None = None, target: str = "cpu",
                       on_stage: Callable[[str, str], None] | None = None, winograd: bool = True) -> dict:
     """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
     artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
@@ -297,9 +297,11 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         raise ValueError(f"target {target!r} is unknown; valid: {', '.join(TARGETS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
-    unknown = [n for n in networks if n not in NETWORKS]
+    specs = network_specs(components.is_sdxl)
+    networks = networks or default_networks(components.is_sdxl)
+    unknown = [n for n in networks if n not in specs]
     if unknown:
-        raise ValueError(f"network(s) {', '.join(unknown)} unknown; valid: {', '.join(NETWORKS)}")
+        raise ValueError(f"network(s) {', '.join(unknown)} unknown for this model; valid: {', '.join(specs)}")
     engine_dir = Path(engine_dir)
     with open_folder(engine_dir, log) as manifest:
         wanted = profile                       # None: any recorded profile will do
@@ -315,8 +317,13 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         for name in networks:
             # the text encoder has no convolution: its key (and artifact) does not depend on the rewrite
             rewrite = winograd and target == "cpu" and precision == "float32" and name in CONVOLUTIONAL
+            # SDXL's VAE overflows float16 (NaN images): its decoder stays float32, as the web UI
+            # falls back to a float32 VAE
+            half = precision == "float16" and not (components.is_sdxl and name in FLOAT32_NETWORKS)
             key = artifact_key(components.model_hash, name, "onnxruntime", precision,
-                               optimization + (f"+{winograd_describe()}" if rewrite else ""), target)
+                               optimization + (f"+{winograd_describe()}" if rewrite else "")
+                               + ("" if half or precision == "float32" else "+vae-float32"), target,
+                               sdxl=components.is_sdxl)
             entry = manifest["networks"].get(name)
             check = check_artifact(engine_dir, entry, key)
             if check.ok and not force and (wanted is None or Profile.from_json(entry["profile"]) == wanted):
@@ -344,7 +351,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
                             log(f"{name}: diffusion fusions failed ({type(e).__name__}: {e}); keeping the unfused "
                                 "graph")
                             fused = {"failed": str(e)}
-                    if precision == "float16":
+                    if half:
                         to_float16(path, name)
                 with stage("save"):
                     for p in files_of(path):

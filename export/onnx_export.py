@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .specs import NETWORKS, NetworkSpec
+from .specs import NetworkSpec, model_dims, network_specs
 
 OPSET = 18
 
@@ -32,6 +32,21 @@ class TextEncoderGraph(torch.nn.Module):
         return torch.stack([self.norm(h) for h in hidden])
 
 
+class PenultimateGraph(torch.nn.Module):
+    """SDXL's text encoders: input_ids (N, 77) -> the penultimate layer's hidden state (N, 77, C),
+    without the final norm; with ``pooled``, also the pooled projection (N, P)."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.te, self.pooled = text_encoder, pooled
+
+    def forward(self, input_ids):
+        out = self.te(input_ids, output_hidden_states=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
 class UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -39,6 +54,18 @@ class UNetGraph(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetXLGraph(torch.nn.Module):
+    """SDXL's UNet: the pooled text and the size values as inputs of their own."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
 class VAEDecoderGraph(torch.nn.Module):
@@ -60,27 +87,33 @@ class VAEEncoderGraph(torch.nn.Module):
 
 
 def graph_module(components, name: str) -> torch.nn.Module:
+    sdxl = components.is_sdxl
     if name == "text_encoder":
-        return TextEncoderGraph(components.text_encoder)
+        return PenultimateGraph(components.text_encoder, False) if sdxl else TextEncoderGraph(components.text_encoder)
+    if name == "text_encoder_2" and sdxl:
+        return PenultimateGraph(components.text_encoder_2, True)
     if name == "unet":
-        return UNetGraph(components.unet)
+        return UNetXLGraph(components.unet) if sdxl else UNetGraph(components.unet)
     if name == "vae_decoder":
         return VAEDecoderGraph(components.vae)
     if name == "vae_encoder":
         return VAEEncoderGraph(components.vae)
-    raise ValueError(f"network {name!r} is unknown; valid: {', '.join(NETWORKS)}")
+    raise ValueError(f"network {name!r} is unknown; valid: {', '.join(network_specs(sdxl))}")
 
 
 def sample_inputs(components, spec: NetworkSpec) -> tuple:
     """Small example inputs to trace with (shapes are dynamic in the graph)."""
-    f, hidden = components.latent_factor, components.text_encoder.config.hidden_size
+    f, dims = components.latent_factor, model_dims(components)
     g = torch.Generator().manual_seed(0)
-    if spec.name == "text_encoder":
+    if spec.name.startswith("text_encoder"):
         vocab = int(components.text_encoder.config.vocab_size)
         return (torch.randint(0, vocab, (2, 77), generator=g),)
     if spec.name == "unet":
-        return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
-                torch.randn(2, 77, hidden, generator=g))
+        args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
+                torch.randn(2, 77, dims.hidden, generator=g))
+        if dims.sdxl:
+            args += (torch.randn(2, dims.pooled, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+        return args
     if spec.name == "vae_decoder":
         return (torch.randn(1, 4, 8, 8, generator=g),)
     return (torch.randn(1, 3, 8 * f, 8 * f, generator=g),)
@@ -94,7 +127,7 @@ def smallest_inputs(dims, name: str, profile) -> dict:
     from .specs import profile_shapes
 
     rng = np.random.default_rng(0)
-    dtypes = {t.name: t.dtype for t in NETWORKS[name].inputs}
+    dtypes = {t.name: t.dtype for t in network_specs(dims.sdxl)[name].inputs}
     return {k: (np.zeros(lo, np.int64) if dtypes[k] == "int64" else rng.standard_normal(lo).astype(np.float32))
             for k, (lo, _, _) in profile_shapes(name, profile, dims).items()}
 
@@ -103,7 +136,7 @@ def export_onnx(components, name: str, path: Path, opset: int = OPSET) -> Path:
     """Export network ``name`` of ``components`` (float32 CPU modules) to ``path``."""
     import onnx
 
-    spec = NETWORKS[name]
+    spec = network_specs(components.is_sdxl)[name]
     module = graph_module(components, name).eval()
     args = sample_inputs(components, spec)
     path = Path(path)

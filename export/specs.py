@@ -63,6 +63,42 @@ VAE_ENCODER = NetworkSpec(
 NETWORKS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
 DEFAULT_NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
+# SDXL: both text encoders give their penultimate layer without the final norm (CLIP skip does not
+# apply), the second also its pooled projection ("P"); the UNet takes the pooled text and the six
+# size values beside the context (C = C1 + C2 = 2048 at full size)
+TEXT_ENCODER_XL = NetworkSpec(
+    "text_encoder",
+    inputs=(TensorSpec("input_ids", ("N", 77), "int64"),),
+    outputs=(TensorSpec("hidden_states", ("N", 77, "C1")),),
+)
+TEXT_ENCODER_2 = NetworkSpec(
+    "text_encoder_2",
+    inputs=(TensorSpec("input_ids", ("N", 77), "int64"),),
+    outputs=(TensorSpec("hidden_states", ("N", 77, "C2")), TensorSpec("text_embeds", ("N", "P"))),
+)
+UNET_XL = NetworkSpec(
+    "unet",
+    inputs=UNET.inputs + (TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", 6))),
+    outputs=UNET.outputs,
+)
+SDXL_NETWORKS = {s.name: s for s in (TEXT_ENCODER_XL, TEXT_ENCODER_2, UNET_XL, VAE_DECODER, VAE_ENCODER)}
+SDXL_DEFAULT_NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+# networks an SDXL float16 build keeps in float32: SDXL's VAE decoder overflows float16 (the
+# "NaN VAE"); the fp16-fix VAE would not, but a checkpoint's own VAE may be either
+FLOAT32_NETWORKS = ("vae_decoder", "vae_encoder")
+
+
+def network_specs(sdxl: bool) -> dict[str, NetworkSpec]:
+    """The export specs of a model family: SD 1.x/2.x, or SDXL (``Components.is_sdxl``)."""
+    return SDXL_NETWORKS if sdxl else NETWORKS
+
+
+def default_networks(sdxl: bool) -> tuple[str, ...]:
+    """What a backend runs: the text encoder(s), the UNet and the VAE decoder."""
+    return SDXL_DEFAULT_NETWORKS if sdxl else DEFAULT_NETWORKS
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -141,15 +177,19 @@ class ModelDims:
 
     latent_factor: int        # pixels per latent cell
     latent_channels: int = 4
-    hidden: int = 768         # text hidden size C
+    hidden: int = 768         # text hidden size C (SDXL: both encoders together, C1 + C2)
     layers: int = 12          # text encoder layers L
+    sdxl: bool = False
+    hidden_1: int = 0         # SDXL: the first encoder's width C1 (the second's is hidden - hidden_1)
+    pooled: int = 0           # SDXL: the pooled text width P
 
 
 def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str, tuple[tuple, tuple, tuple]]:
     """{input name: (min, opt, max) shape} for one network. UNet rows are 2 per image (CFG:
     cond + uncond); text rows are 77-token windows of up to 2 texts per image."""
-    if network not in NETWORKS:
-        raise ValueError(f"network {network!r} is unknown; valid: {', '.join(NETWORKS)}")
+    specs = network_specs(dims.sdxl)
+    if network not in specs:
+        raise ValueError(f"network {network!r} is unknown; valid: {', '.join(specs)}")
     f = dims.latent_factor
     b = profile.batch
     h = tuple(v // f for v in profile.height)
@@ -159,10 +199,10 @@ def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str,
     for i in range(3):
         values = {"B": b[i], "H": h[i], "W": w[i], "IH": profile.height[i], "IW": profile.width[i]}
         if network == "unet":
-            values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden)
-        if network == "text_encoder":
+            values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden, P=dims.pooled)
+        if network.startswith("text_encoder"):
             values.update(N=(1 if i == 0 else 2 * b[i] * k[i]))
-        for t in NETWORKS[network].inputs:
+        for t in specs[network].inputs:
             shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
                           for d in t.dims)
             out.setdefault(t.name, [None, None, None])[i] = shape
@@ -171,5 +211,10 @@ def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str,
 
 def model_dims(components) -> ModelDims:
     tcfg = components.text_encoder.config
-    return ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
-                     int(tcfg.num_hidden_layers))
+    if not components.is_sdxl:
+        return ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
+                         int(tcfg.num_hidden_layers))
+    t2 = components.text_encoder_2.config
+    return ModelDims(components.latent_factor, components.latent_channels,
+                     int(tcfg.hidden_size) + int(t2.hidden_size), int(tcfg.num_hidden_layers), sdxl=True,
+                     hidden_1=int(tcfg.hidden_size), pooled=int(t2.projection_dim))

@@ -242,7 +242,7 @@ def native_arch() -> str | None:
 
 
 def build_tensorrt(components, engine_dir, profile: Profile | None = None, options: BuildOptions | None = None,
-                   networks=("text_encoder", "unet", "vae_decoder"), target: str = "native", force: bool = False,
+                   networks=None, target: str = "native", force: bool = False,
                    trt=None, arch: str | None = None, log: Callable[[str], None] | None = None,
                    on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export each network to ONNX (``engine_dir/onnx/``) and build ``NAME.plan`` for this GPU,
@@ -251,8 +251,13 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     log = log or logging.getLogger("sdrt.export").info
     from .build import artifact_key, check_artifact, file_record, key_digest, open_folder, write_manifest
     from .onnx_export import export_onnx, to_float16
-    from .specs import default_profile
+    from .specs import FLOAT32_NETWORKS, default_networks, default_profile, network_specs
 
+    networks = networks or default_networks(components.is_sdxl)
+    specs = network_specs(components.is_sdxl)
+    unknown = [n for n in networks if n not in specs]
+    if unknown:
+        raise ValueError(f"network(s) {', '.join(unknown)} unknown for this model; valid: {', '.join(specs)}")
     trt = trt or require_tensorrt()
     options = options or BuildOptions()
     check_precision(trt, options.precision)             # before any export
@@ -267,8 +272,11 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
         manifest.update(model=components.name, model_hash=components.model_hash, backend="tensorrt",
                         precision=options.precision.value, target=where)
         for name in networks:
-            key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value, optimization,
-                               f"{arch}/trt-{where['tensorrt']}")
+            # SDXL's VAE overflows float16 (NaN images): it is built float32 in an fp16 folder
+            half = options.precision is Precision.FP16 and not (components.is_sdxl and name in FLOAT32_NETWORKS)
+            key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value,
+                               optimization + ("-vae-fp32" if options.precision is Precision.FP16 and not half else ""),
+                               f"{arch}/trt-{where['tensorrt']}", sdxl=components.is_sdxl)
             entry = manifest["networks"].get(name)
             check = check_artifact(engine_dir, entry, key)
             if check.ok and not force and Profile.from_json(entry["profile"]) == profile:
@@ -279,7 +287,7 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
             onnx_path = engine_dir / "onnx" / f"{name}.onnx"
             t0 = time.perf_counter()
             export_onnx(components, name, onnx_path)
-            if options.precision is Precision.FP16:      # strong typing: the graph carries the precision
+            if half:      # strong typing: the graph carries the precision
                 to_float16(onnx_path, name)
             t1 = time.perf_counter()
             shapes = profile_shapes(name, profile, dims)

@@ -44,8 +44,8 @@ def _generate(args) -> int:
 def _build(args) -> int:
     import time
 
-    from .export import NETWORKS, Profile, build_onnxruntime
-    from .export.specs import default_profile
+    from .export import Profile, build_onnxruntime
+    from .export.specs import default_networks, default_profile, network_specs
     from .models import load_model
 
     if args.backend == "tensorrt":
@@ -53,9 +53,14 @@ def _build(args) -> int:
         require_tensorrt()         # before loading weights: a clear message naming the package
     elif args.backend != "onnxruntime":
         raise ValueError(f"backend {args.backend!r} cannot be built; valid: onnxruntime, tensorrt")
-    networks = tuple(NETWORKS) if args.networks == "all" else tuple(n.strip() for n in args.networks.split(","))
     print(f"loading {args.model} ...", flush=True)
     components = load_model(args.model)
+    if args.networks == "all":
+        networks = tuple(network_specs(components.is_sdxl))
+    elif args.networks is None:
+        networks = default_networks(components.is_sdxl)
+    else:
+        networks = tuple(n.strip() for n in args.networks.split(","))
     base = default_profile(components.latent_factor, components.native_size)
     windows = (1, 1, args.max_windows) if args.max_windows else None
     profile = Profile.parse(args.min, args.opt, args.max, windows=windows, default=base)
@@ -188,7 +193,8 @@ def _add_build(sub) -> None:
     b.add_argument("--opt", default=None, help="the request to tune for, BxHxW")
     b.add_argument("--max", default=None, help="largest request, BxHxW")
     b.add_argument("--max-windows", type=int, default=None, help="longest prompt, in 75-token windows")
-    b.add_argument("--networks", default="text_encoder,unet,vae_decoder", help="comma list, or 'all'")
+    b.add_argument("--networks", default=None, help="comma list, or 'all' (default: what generation runs: the "
+                   "text encoder(s), unet, vae_decoder)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.add_argument("--no-winograd", dest="winograd", action="store_false",
                    help="onnxruntime, cpu, float32: keep every convolution direct (by default the 3x3 ones that run "

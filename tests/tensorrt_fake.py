@@ -104,6 +104,7 @@ class OnnxParser(_Recorded):
         graph = onnx.load(str(path), load_external_data=False).graph
         inits = {i.name for i in graph.initializer}
         self._network._inputs = [_Tensor(i.name) for i in graph.input if i.name not in inits]
+        self._network._outputs = [o.name for o in graph.output]
         # the weights' element types: a strongly typed network computes in these
         types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
         self._network._weight_types = {types.get(i.data_type, str(i.data_type)) for i in graph.initializer
@@ -209,7 +210,8 @@ class Builder(_Recorded):
                 _call("build cancelled by the progress monitor")
                 return None
         flags = ",".join(sorted(config.flags))
-        return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}".encode())
+        outputs = getattr(network, "_outputs", [])
+        return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}|{outputs}".encode())
 
 
 # ---------------------------------------------------------------- runtime
@@ -244,6 +246,8 @@ def compute_with(components, backend) -> None:
     import torch
     layers, f = backend.num_text_layers, components.latent_factor
     hidden = int(components.text_encoder.config.hidden_size)
+    if components.is_sdxl:
+        return _compute_sdxl(components, backend)
 
     def text(input_ids):
         ids = input_ids.reshape(1, -1)
@@ -256,7 +260,35 @@ def compute_with(components, backend) -> None:
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
     })
-SCRATCH = {"text_encoder": 3 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
+def _compute_sdxl(components, backend) -> None:
+    import torch
+    f, pooled = components.latent_factor, backend.pooled_dim
+    widths = [int(m.config.hidden_size) for m in (components.text_encoder, components.text_encoder_2)]
+
+    def text(encoder):
+        def run(input_ids):
+            if encoder == 0:
+                return {"hidden_states": backend.encode_text(input_ids, 1, encoder=0)}
+            hidden, pool = backend.encode_text(input_ids, 1, encoder=1, pooled=True)
+            return {"hidden_states": hidden, "text_embeds": pool}
+        return run
+
+    def unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        row = torch.zeros(sample.shape[0], 1, encoder_hidden_states.shape[-1])
+        row[:, 0, :pooled], row[:, 0, pooled:pooled + 6] = text_embeds, time_ids
+        return {"out_sample": backend.unet(sample, timestep, torch.cat([encoder_hidden_states, row], dim=1))}
+
+    EXECUTORS.update({
+        "text_encoder": (text(0), lambda s: {"hidden_states": (s["input_ids"][0], 77, widths[0])}),
+        "text_encoder_2": (text(1), lambda s: {"hidden_states": (s["input_ids"][0], 77, widths[1]),
+                                               "text_embeds": (s["input_ids"][0], pooled)}),
+        "unet": (unet, lambda s: {"out_sample": s["sample"]}),
+        "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
+                        lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+    })
+
+
+SCRATCH = {"text_encoder": 3 << 20, "text_encoder_2": 4 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
 ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
 CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture
 STREAMS: list = []               # non-empty while a test runs the backend with a (fake) CUDA stream API
@@ -277,13 +309,11 @@ def _view(address: int, shape, dtype: str):
 
 
 class ICudaEngine(_Recorded):
-    def __init__(self, network: str, profile: dict):
-        from sdrt.export.specs import NETWORKS
-        spec = NETWORKS[network]
-        self._network, self._profile = network, profile
-        self._tensors = [(t.name, TensorIOMode.INPUT, DataType.INT64 if t.dtype == "int64" else DataType.FLOAT)
-                         for t in spec.inputs]
-        self._tensors += [(t.name, TensorIOMode.OUTPUT, DataType.FLOAT) for t in spec.outputs]
+    def __init__(self, network: str, profile: dict, outputs: list):
+        self._network, self._profile = network, profile        # the plan's inputs and outputs: the ONNX graph's
+        self._tensors = [(name, TensorIOMode.INPUT, DataType.INT64 if name == "input_ids" else DataType.FLOAT)
+                         for name in profile]
+        self._tensors += [(name, TensorIOMode.OUTPUT, DataType.FLOAT) for name in outputs]
 
     @property
     def num_io_tensors(self):
@@ -396,10 +426,13 @@ class Runtime(_Recorded):
         text = bytes(serialized_engine).decode(errors="replace")
         if not text.startswith("fake-plan|"):
             return None                                       # the real runtime logs and returns None
-        shapes = dict(ast.literal_eval(text.split("|", 2)[2]))
+        _, _, shapes, outputs = text.split("|", 3)
+        shapes, outputs = dict(ast.literal_eval(shapes)), ast.literal_eval(outputs)
         network = {"input_ids": "text_encoder", "sample": "unet", "latent": "vae_decoder"}[
             next(n for n in ("input_ids", "sample", "latent") if n in shapes)]
-        return ICudaEngine(network, shapes)
+        if network == "text_encoder" and "text_embeds" in outputs:
+            network = "text_encoder_2"          # SDXL's second encoder: the one with a pooled output
+        return ICudaEngine(network, shapes, outputs)
 
 
 class ICudaEngine100(ICudaEngine):

@@ -1,6 +1,8 @@
 """SDXL: two text encoders, the pooled text and the size conditioning, against diffusers'
 StableDiffusionXLPipeline on the same weights and noise (float32), and the web UI's rules where
 they differ from diffusers (an empty negative prompt, long prompts, emphasis on each encoder)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,51 @@ def test_kv_cache_reads_the_text_part(xl):
     finally:
         xl.backend.enable_kv_cache(False)
     assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_onnxruntime_equals_torch(xl, tmp_path):
+    """The SDXL graphs (two text encoders, the UNet with its pooled-text and size inputs) on ONNX
+    Runtime give the torch backend's image."""
+    ort = sdrt.Pipeline.from_pretrained("random:sdxl-tiny", backend="onnxruntime", engine_dir=tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["networks"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    args = dict(steps=4, seed=3, width=SIZE, height=SIZE, negative_prompt="")
+    for prompt in ("a (cat:1.2) on a mat", "a [cat:dog:2] photo, " + "very long " * 40):
+        assert np.abs(ort(prompt, **args).pixels - xl(prompt, **args).pixels).max() <= 1e-4
+
+
+def test_tensorrt_fake_equals_torch(xl, tmp_path):
+    """The TensorRT engines of SDXL (built and run against the fake API; nothing here runs real
+    TensorRT): the second text encoder's engine, the UNet's extra inputs bound like the others."""
+    import tensorrt_fake as fake
+
+    from sdrt.backends.tensorrt_backend import TensorRTBackend
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+    build_tensorrt(xl.components, tmp_path, profile=fake.PROFILE, options=BuildOptions(precision="fp32"),
+                   trt=fake.module(), arch="sm_90", log=lambda m: None)
+    fake.compute_with(xl.components, xl.backend)
+    be = TensorRTBackend(xl.components, torch.device("cpu"), torch.float32, tmp_path, trt=fake.module(),
+                         arch="sm_90", log=lambda m: None)
+    trt = sdrt.Pipeline(xl.components, be)
+    assert set(be.engines) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert set(be.engines["unet"].inputs) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+    args = dict(steps=4, seed=3, width=SIZE, height=SIZE, sampler="DPM++ 2M")
+    assert np.abs(trt("a cat", **args).pixels - xl("a cat", **args).pixels).max() <= 1e-5
+    trt.set_fast_path(use_kernel=False)
+    assert np.abs(trt("a cat", **args).pixels - xl("a cat", **args).pixels).max() <= 1e-5
+
+
+def test_float16_builds_keep_the_vae_float32(tmp_path):
+    """SDXL's VAE overflows float16 (black or NaN images): an fp16 TensorRT folder builds it float32."""
+    import tensorrt_fake as fake
+
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+    from sdrt.models import build_random
+    c = build_random("sdxl-tiny")
+    manifest = build_tensorrt(c, tmp_path, profile=fake.PROFILE, options=BuildOptions(precision="fp16"),
+                              trt=fake.module(), arch="sm_90", log=lambda m: None)
+    import onnx
+    for name, want in (("unet", onnx.TensorProto.FLOAT16), ("vae_decoder", onnx.TensorProto.FLOAT)):
+        graph = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx"), load_external_data=False).graph
+        assert {i.data_type for i in graph.initializer if len(i.dims) > 1} == {want}
+    assert "vae-fp32" in manifest["networks"]["vae_decoder"]["key"]["optimization"]

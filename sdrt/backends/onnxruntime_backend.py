@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..conditioning import added_pooled_dim, unpack_added
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
 from . import build_log, check_profile_request, check_profile_windows, check_text_input
@@ -37,7 +38,8 @@ class OnnxRuntimeBackend:
     def __init__(self, components, device: torch.device, dtype: torch.dtype, engine_dir=None, log=None):
         import onnxruntime as ort
 
-        from sdrt.export import DEFAULT_NETWORKS, Profile, build_onnxruntime
+        from sdrt.export import Profile, build_onnxruntime
+        from sdrt.export.specs import default_networks
 
         self.device, self.dtype = device, dtype
         self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(
@@ -45,7 +47,8 @@ class OnnxRuntimeBackend:
         log = log or build_log
         precision = str(dtype).replace("torch.", "")
         providers = _providers(device)          # fail before a possibly long build
-        manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=DEFAULT_NETWORKS,
+        networks = default_networks(components.is_sdxl)
+        manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=networks,
                                      log=log, target=device.type)
         self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
         self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
@@ -53,21 +56,35 @@ class OnnxRuntimeBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions = {name: ort.InferenceSession(str(self.engine_dir / manifest["networks"][name]["file"]),
                                                     opts, providers=providers)
-                         for name in DEFAULT_NETWORKS}
+                         for name in networks}
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
+        self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
         self._bindings: dict[tuple, tuple] = {}
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""
         check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
 
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False):
+        """As ``TorchBackend.encode_text`` (SDXL: the penultimate layers, ``pooled`` from the second)."""
         b, n = input_ids.shape
-        check_profile_windows(self.profile, self.engine_dir, check_text_input(input_ids, clip_skip, self.num_text_layers))
+        windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
+        check_profile_windows(self.profile, self.engine_dir, windows)
         ids = input_ids.reshape(-1, MAX_LENGTH).cpu().numpy().astype(np.int64)
-        hidden = self.sessions["text_encoder"].run(None, {"input_ids": ids})[0]     # (L, N, 77, C)
-        out = torch.from_numpy(np.ascontiguousarray(hidden[hidden.shape[0] - clip_skip]))
-        return out.reshape(b, n, out.shape[-1]).to(self.device)
+        name = "text_encoder" if encoder == 0 else "text_encoder_2"
+        if name not in self.sessions:
+            raise ValueError(f"text encoder {encoder} does not exist in this model")
+        outputs = self.sessions[name].run(None, {"input_ids": ids})
+        if self.pooled_dim is None:
+            hidden = outputs[0][outputs[0].shape[0] - clip_skip]            # (L, N, 77, C): CLIP skip picks a layer
+        else:
+            hidden = outputs[0]                                              # (N, 77, C): the penultimate layer
+        out = torch.from_numpy(np.ascontiguousarray(hidden)).reshape(b, n, -1).to(self.device)
+        if not pooled:
+            return out
+        if len(outputs) < 2:
+            raise ValueError(f"text encoder {encoder} has no pooled projection")
+        return out, torch.from_numpy(outputs[1]).reshape(b, windows, -1)[:, 0].to(self.device)
 
     def _bind(self, io, name, t: torch.Tensor):
         io.bind_input(name, self.device.type, self.device.index or 0, _NP[t.dtype], tuple(t.shape), t.data_ptr())
@@ -76,6 +93,10 @@ class OnnxRuntimeBackend:
         """One UNet call on bound memory; the output buffer is reused for every call of a shape."""
         sample = sample.to(torch.float32).contiguous()
         t = t.to(torch.float32).contiguous()
+        added = {}
+        if self.pooled_dim is not None:
+            context, pooled, time_ids = unpack_added(context, self.pooled_dim)
+            added = {"text_embeds": pooled.to(torch.float32).contiguous(), "time_ids": time_ids.to(torch.float32).contiguous()}
         context = context.to(torch.float32).contiguous()
         shape = tuple(sample.shape)
         key = (shape, tuple(context.shape))
@@ -89,6 +110,8 @@ class OnnxRuntimeBackend:
         self._bind(io, "sample", sample)
         self._bind(io, "timestep", t)
         self._bind(io, "encoder_hidden_states", context)
+        for name, value in added.items():
+            self._bind(io, name, value)
         self.sessions["unet"].run_with_iobinding(io)
         return out
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from ..conditioning import added_pooled_dim, unpack_added
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
 from . import ALIGNMENT, aligned_empty, build_log, check_profile_request, check_profile_windows, check_text_input
 
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
+NETWORKS = ("text_encoder", "unet", "vae_decoder")      # SD 1.x/2.x; SDXL adds text_encoder_2
 LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
 MIN_VERSION = (10, 1)           # device_memory_size_v2 and set_device_memory(ptr, size) came in 10.1
 
@@ -72,7 +73,7 @@ def torch_dtype(trt, data_type) -> torch.dtype:
 class _Engine:
     """One deserialized engine, its execution context and its bound buffers."""
 
-    def __init__(self, trt, runtime, name: str, path: Path, device: torch.device):
+    def __init__(self, trt, runtime, name: str, path: Path, device: torch.device, sdxl: bool = False):
         self.name, self.device = name, device
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -84,8 +85,8 @@ class _Engine:
             is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(tensor)
             self.dtypes[tensor] = torch_dtype(trt, self.engine.get_tensor_dtype(tensor))
-        from sdrt.export.specs import NETWORKS as SPECS
-        spec = SPECS[name]
+        from sdrt.export.specs import network_specs
+        spec = network_specs(sdxl)[name]
         want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
         if (sorted(self.inputs), sorted(self.outputs)) != (sorted(want[0]), sorted(want[1])):
             raise ValueError(f"{path}: engine tensors {self.inputs} -> {self.outputs} do not match the "
@@ -199,24 +200,27 @@ class TensorRTBackend:
             raise ValueError(f"the engines in {self.engine_dir} are {manifest.get('precision')}, dtype "
                              f"{str(dtype).replace('torch.', '')} asks for {precision}: build another folder "
                              f"(`sdrt build MODEL --backend tensorrt --dtype ... --out DIR`)")
-        missing = [n for n in NETWORKS if not check_artifact(
+        from sdrt.export.specs import default_networks
+        networks = default_networks(components.is_sdxl)
+        missing = [n for n in networks if not check_artifact(
             self.engine_dir, manifest.get("networks", {}).get(n),
             manifest.get("networks", {}).get(n, {}).get("key", {})).ok]
         if missing:
             log(f"building TensorRT engines for {', '.join(missing)} in {self.engine_dir}")
             with on_device(device):
                 manifest = build_tensorrt(components, self.engine_dir, options=BuildOptions(precision=precision),
-                                          networks=NETWORKS, target=arch, trt=trt, arch=arch, log=log)
+                                          networks=networks, target=arch, trt=trt, arch=arch, log=log)
         unet_entry = manifest["networks"]["unet"]
         self.profile = Profile.from_json(unet_entry["profile"])
         self.size_multiple = int(unet_entry.get("size_multiple", components.size_multiple))
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
+        self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         with on_device(device):            # engines and contexts live on the device they were loaded on
             self.engines = {n: _Engine(trt, self.runtime, n, self.engine_dir / manifest["networks"][n]["file"],
-                                       device) for n in NETWORKS}
+                                       device, components.is_sdxl) for n in networks}
         # one scratch buffer for the UNet and the VAE, sized for the larger: they run one after the
         # other in the denoising stage. The text encoder gets its own: sdrt.Engine encodes the next
         # batch's text on another thread (and stream) while this one denoises.
@@ -224,9 +228,11 @@ class TensorRTBackend:
         self.scratch = aligned_empty((max(1, self.scratch_bytes),), torch.uint8, device)
         for n in LOOP_NETWORKS:
             self.engines[n].set_scratch(self.scratch)
-        text = self.engines["text_encoder"]
-        self.text_scratch = aligned_empty((max(1, text.scratch_bytes),), torch.uint8, device)
-        text.set_scratch(self.text_scratch)
+        # SDXL's two text encoders run one after the other: they share theirs
+        text = [e for n, e in self.engines.items() if n.startswith("text_encoder")]
+        self.text_scratch = aligned_empty((max(1, *(e.scratch_bytes for e in text)),), torch.uint8, device)
+        for e in text:
+            e.set_scratch(self.text_scratch)
         self.dtype = self.engines["unet"].dtypes["sample"]       # the loop's buffers match the engine's I/O
         # per token-id shape: pinned host buffer, device buffer, CUDA event after its last copy
         self._ids: dict[tuple, tuple] = {}
@@ -267,14 +273,19 @@ class TensorRTBackend:
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
 
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False):
+        """As ``TorchBackend.encode_text`` (SDXL: the penultimate layers, ``pooled`` from the second)."""
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         check_profile_windows(self.profile, self.engine_dir, windows)
-        engine = self.engines["text_encoder"]
+        engine = self.engines.get("text_encoder" if encoder == 0 else "text_encoder_2")
+        if engine is None:
+            raise ValueError(f"text encoder {encoder} does not exist in this model")
+        if pooled and "text_embeds" not in engine.outputs:
+            raise ValueError(f"text encoder {encoder} has no pooled projection")
         ids = input_ids.reshape(b * windows, MAX_LENGTH)
         rows = engine.max_shapes["input_ids"][0]           # the profile's most windows per call
-        parts = []
+        parts, pools = [], []
         for start in range(0, ids.shape[0], rows):
             chunk = ids[start:start + rows]
             shape, dt = tuple(chunk.shape), engine.dtypes["input_ids"]
@@ -290,15 +301,27 @@ class TensorRTBackend:
             dev.copy_(host, non_blocking=True)             # pinned -> device, asynchronous
             if copied is not None:
                 copied.record()
-            hidden = self._enqueue(engine, "text", input_ids=dev)["hidden_states"]    # (L, rows, 77, C)
-            parts.append(hidden[hidden.shape[0] - clip_skip].clone())
+            result = self._enqueue(engine, "text", input_ids=dev)
+            hidden = result["hidden_states"]
+            if self.pooled_dim is None:       # (L, rows, 77, C): CLIP skip picks a layer
+                parts.append(hidden[hidden.shape[0] - clip_skip].clone())
+            else:                             # SDXL: (rows, 77, C), the penultimate layer
+                parts.append(hidden.clone())
+            if pooled:
+                pools.append(result["text_embeds"].clone())
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return out.reshape(b, n, out.shape[-1])
+        out = out.reshape(b, n, out.shape[-1])
+        if not pooled:
+            return out
+        return out, torch.cat(pools).reshape(b, windows, -1)[:, 0]
 
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """One UNet call on bound memory; the output buffer is reused for every call of a shape."""
         e = self.engines["unet"]
         args = {"sample": sample, "timestep": t, "encoder_hidden_states": context}
+        if self.pooled_dim is not None:
+            context, pooled, time_ids = unpack_added(context, self.pooled_dim)
+            args.update(encoder_hidden_states=context, text_embeds=pooled, time_ids=time_ids)
         args = {k: v.to(e.dtypes[k]).contiguous() for k, v in args.items()}
         return self._enqueue(e, "loop", **args)["out_sample"]
 
