@@ -175,3 +175,16 @@ def test_float16_builds_keep_the_vae_float32(tmp_path):
         graph = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx"), load_external_data=False).graph
         assert {i.data_type for i in graph.initializer if len(i.dims) > 1} == {want}
     assert "vae-fp32" in manifest["networks"]["vae_decoder"]["key"]["optimization"]
+
+
+def test_torch_float16_decodes_sdxl_in_float32():
+    """At float16 the SDXL UNet and text encoders are float16 and the VAE float32 (it overflows
+    float16); constructed directly, as check_target keeps float16 to CUDA devices."""
+    from sdrt.backends.torch_backend import TorchBackend
+    from sdrt.models import build_random
+    c = build_random("sdxl-tiny")
+    be = TorchBackend(c, torch.device("cpu"), torch.float16)
+    assert be.vae_dtype == torch.float32 and next(c.vae.parameters()).dtype == torch.float32
+    assert next(c.unet.parameters()).dtype == torch.float16
+    out = be.decode(torch.randn(1, 4, 8, 8, dtype=torch.float16) * 50)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())

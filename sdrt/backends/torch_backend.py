@@ -50,7 +50,10 @@ class TorchBackend:
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
         self._eager_unet = _place(components.unet, device, dtype)
         self._compile_mode = None
-        self.vae = _place(components.vae, device, dtype)
+        # SDXL's VAE overflows float16 (NaN, black images): it decodes in float32, as diffusers'
+        # force_upcast does and the web UI falls back to after a NaN; the other families' VAEs do not
+        self.vae_dtype = torch.float32 if components.is_sdxl else dtype
+        self.vae = _place(components.vae, device, self.vae_dtype)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.num_text_layers = int(self.text_encoder.config.num_hidden_layers)
         # transformers 5 flattens CLIPTextModel; 4.x keeps the layers under .text_model
@@ -195,5 +198,5 @@ class TorchBackend:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._attention_order():
-            out = self.vae.decode(latents.to(self.dtype) / self.scaling_factor, return_dict=False)[0]
+            out = self.vae.decode(latents.to(self.vae_dtype) / self.scaling_factor, return_dict=False)[0]
         return out.float()

@@ -42,6 +42,7 @@ from ..samplers import SAMPLERS, resolve_sampler
 from ..schedules import SCHEDULES, normalize_schedule
 from .config import ServerConfig
 from .guard import Guard, parse_auth
+from .models import ModelPool
 
 logger = logging.getLogger("sdrt.serving")
 
@@ -135,23 +136,63 @@ class ServerState:
     def __init__(self, config: ServerConfig, pipe: Pipeline | None = None):
         parse_auth(config.api_auth)                # a malformed credential list fails before the model loads
         self.config = config
-        self.pipe = pipe or Pipeline.from_pretrained(
-            config.model, backend=config.backend, device=config.device, dtype=config.dtype,
-            engine_dir=config.engine_dir, fast_path=config.fast_path,
-            tune=dict(channels_last=config.channels_last, compile=config.compile))
-        self.batcher = Batcher(self.pipe, max_batch_size=config.max_batch_size, max_wait=config.max_wait,
-                             max_queue=config.max_queue, timeout=config.timeout, threads=config.threads)
-        c = self.pipe.components
-        self.model_title = f"{c.name} [{c.model_hash}]"
-        self.options = {"sd_model_checkpoint": self.model_title,
+        pipe = pipe or self._pipeline(config.model)
+        self.pool = ModelPool(config.model, config.models_dir, config.max_models, load=self._load,
+                              loaded=(pipe, self._batcher(pipe)))
+        self.first = self.pool.first
+        self.options = {"sd_model_checkpoint": self.first.title,
                         **{k: _option_value(f.name, f.default) for k, f in OPTION_FIELDS.items()}}
         self.http = {}            # (path, status) -> count
         self.started = time.time()
+
+    def _pipeline(self, model: str) -> Pipeline:
+        cfg = self.config
+        return Pipeline.from_pretrained(model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
+                                        engine_dir=cfg.engine_dir if model == cfg.model else None,
+                                        fast_path=cfg.fast_path, tune=dict(channels_last=cfg.channels_last,
+                                                                           compile=cfg.compile))
+
+    def _batcher(self, pipe: Pipeline) -> Batcher:
+        cfg = self.config
+        return Batcher(pipe, max_batch_size=cfg.max_batch_size, max_wait=cfg.max_wait, max_queue=cfg.max_queue,
+                       timeout=cfg.timeout, threads=cfg.threads)
+
+    def _load(self, model: str):
+        pipe = self._pipeline(model)
+        return pipe, self._batcher(pipe)
+
+    def _current(self):
+        """The loaded entry of the server's own model (sd_model_checkpoint), or its first."""
+        try:
+            key = self.pool.resolve(self.options["sd_model_checkpoint"]).key
+        except ValueError:
+            key = self.first.key
+        return self.pool.loaded.get(key) or self.pool.loaded.get(self.first.key) or next(iter(self.pool.loaded.values()))
+
+    @property
+    def pipe(self) -> Pipeline:
+        """The pipeline of the server's current model (``sd_model_checkpoint``)."""
+        return self._current().pipe
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._current().batcher
+
+    @property
+    def model_title(self) -> str:
+        return self.pool.resolve(self.options["sd_model_checkpoint"]).title
 
     @property
     def engine(self) -> Batcher:
         """Deprecated name of ``batcher`` (kept for one release)."""
         return self.batcher
+
+    def checkpoint(self, opts: dict):
+        """The model ``opts`` (a request's settings) name; 422 when the server does not offer it."""
+        try:
+            return self.pool.resolve(opts["sd_model_checkpoint"])
+        except ValueError as e:
+            raise APIError(422, "UnknownModel", str(e)) from None
 
     def settings(self, overrides: dict | None) -> dict:
         """Options for one request: the server's, then the request's override_settings."""
@@ -161,16 +202,14 @@ class ServerState:
                 raise APIError(422, "UnsupportedOption", f"override_settings key {k!r} is not supported by sdrt; "
                                                          f"supported: {', '.join(OPTION_KEYS)}")
             opts[k] = v
-        if opts["sd_model_checkpoint"] not in (self.model_title, self.pipe.components.name):
-            raise APIError(422, "UnknownModel", f"this server serves {self.model_title!r}, not "
-                                                f"{opts['sd_model_checkpoint']!r}")
+        self.checkpoint(opts)
         if opts["randn_source"] not in RNG_SOURCES:
             raise APIError(422, "InvalidOption", f"randn_source must be one of {', '.join(RNG_SOURCES)}, "
                                                  f"got {opts['randn_source']!r}")
         if opts["emphasis"] not in EMPHASIS:
             raise APIError(422, "InvalidOption", f"emphasis must be one of {', '.join(EMPHASIS)}, "
                                                  f"got {opts['emphasis']!r}")
-        layers = self.pipe.components.text_encoder.config.num_hidden_layers
+        layers = max(c.pipe.components.text_encoder.config.num_hidden_layers for c in self.pool.loaded.values())
         skip, ensd = opts["CLIP_stop_at_last_layers"], opts["eta_noise_seed_delta"]
         if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= layers:
             raise APIError(422, "InvalidOption", f"CLIP_stop_at_last_layers must be an integer in 1..{layers}, "
@@ -180,9 +219,11 @@ class ServerState:
                                                  f"got {ensd!r}")
         return opts
 
-    def requests_for(self, body: Txt2Img) -> tuple[list[Request], dict]:
-        """One batcher request per image, with the web UI's seed rule; raises APIError (422)."""
+    def requests_for(self, body: Txt2Img, pipe: Pipeline | None = None) -> tuple[list[Request], dict]:
+        """One batcher request per image, with the web UI's seed rule; raises APIError (422).
+        ``pipe``: the model's the request runs on (checked against its sizes and text encoder)."""
         cfg = self.config
+        pipe = pipe or self.pipe
         for name, allowed in UNSUPPORTED.items():
             value = getattr(body, name)
             if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
@@ -217,15 +258,16 @@ class ServerState:
         common.update(rng=RNG_SOURCES[opts["randn_source"]], sampler=spec.name, schedule=schedule,
                       seed_resize_from=resize)
         reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
-        self.check_budget(reqs[0], n)
+        self.check_budget(reqs[0], n, pipe)
         return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
 
-    def check_budget(self, request: Request, images: int) -> None:
+    def check_budget(self, request: Request, images: int, pipe: Pipeline | None = None) -> None:
         """Refuse (422, naming the limit) a request whose text or work exceeds this server's bounds."""
         cfg = self.config
+        pipe = pipe or self.pipe
         try:
-            job = self.pipe.validate(request)
-            cost = self.pipe.cost(job, max_texts=cfg.max_text_windows)     # tokenizes nothing past the bound
+            job = pipe.validate(request)
+            cost = pipe.cost(job, max_texts=cfg.max_text_windows)     # tokenizes nothing past the bound
         except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
         if any(abs(v) > cfg.max_cfg_scale for v in job.cfg_scales):
@@ -251,10 +293,26 @@ class ServerState:
     async def txt2img(self, body: Txt2Img, disconnected=None) -> dict:
         """``disconnected``: an awaitable that completes when the client goes away; its requests
         are then cancelled (their batch-mates are not affected)."""
-        def check_and_submit():       # tokenizes the texts (checks, submit's validation): off the event loop
-            reqs, meta = self.requests_for(body)
-            return [self.batcher.submit(r) for r in reqs], meta
-        futures, meta = await asyncio.to_thread(check_and_submit)
+        def check_and_submit():       # loads the model if need be, tokenizes the texts: off the event loop
+            checkpoint = self.checkpoint(self.settings(body.override_settings))
+            using = self.pool.use(checkpoint)          # held (never unloaded) until the request is answered
+            try:
+                entry = using.__enter__()
+            except ValueError as e:                    # a checkpoint that does not load: the request's error
+                raise APIError(422, "ModelError", str(e)) from None
+            try:
+                reqs, meta = self.requests_for(body, entry.pipe)
+                return [entry.batcher.submit(r) for r in reqs], meta, entry, using
+            except BaseException:
+                using.__exit__(None, None, None)
+                raise
+        futures, meta, entry, using = await asyncio.to_thread(check_and_submit)
+        try:
+            return await self._answer(body, futures, meta, entry.pipe, disconnected)
+        finally:
+            using.__exit__(None, None, None)
+
+    async def _answer(self, body: Txt2Img, futures, meta, pipe: Pipeline, disconnected) -> dict:
         gathered = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
         watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
         try:
@@ -273,7 +331,7 @@ class ServerState:
                 watcher.cancel()
         images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
         infotexts = [r.infotexts[0] for r in results]
-        c = self.pipe.components
+        c = pipe.components
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(futures),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(futures),
@@ -437,9 +495,12 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
-        c = state.pipe.components
-        return [{"title": state.model_title, "model_name": c.name, "hash": c.model_hash, "sha256": None,
-                 "filename": state.config.model, "config": None}]
+        return [c.to_json() for c in state.pool.checkpoints]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():
+        await asyncio.to_thread(state.pool.refresh)
+        return None
 
     @app.get("/sdapi/v1/options")
     async def get_options():
@@ -451,6 +512,17 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
             raise APIError(403, "Frozen", "this server's options are frozen (freeze_settings); per-request "
                                           "override_settings still apply")
         state.settings(body)                       # validates every key and value first
+        if "sd_model_checkpoint" in body:          # the web UI loads the model before answering
+            checkpoint = state.checkpoint(body)
+
+            def load():
+                with state.pool.use(checkpoint):
+                    pass
+            try:
+                await asyncio.to_thread(load)
+            except ValueError as e:
+                raise APIError(422, "ModelError", str(e)) from None
+            body = dict(body, sd_model_checkpoint=checkpoint.title)
         state.options.update(body)
         return None
 

@@ -12,7 +12,12 @@ from ..options import option
 class ServerConfig:
     """What a server (each replica) loads and the limits it enforces (``sdrt serve``'s flags)."""
 
-    model: str = option("random:tiny", "diffusers folder, random:tiny or random:sd15")
+    model: str = option("random:tiny", "the model served first: a checkpoint file (.safetensors/.ckpt), a diffusers "
+                                       "folder, or random:tiny, random:sd15, random:sdxl, ...")
+    models_dir: str | None = option(None, "a folder of checkpoints (the web UI's --ckpt-dir): /sdapi/v1/sd-models "
+                                          "lists them, sd_model_checkpoint picks one per request or for the server")
+    max_models: int = option(2, "models kept loaded at once (least recently used unloaded first; the web UI's "
+                                "sd_checkpoints_limit)")
     backend: str = option("torch", "torch, onnxruntime or tensorrt")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     dtype: str = option("float32", "float32 or float16")
