@@ -84,7 +84,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a checkpoint file, every tensor as float32 on the CPU."""
+    """(tensors, metadata) of a checkpoint file, on the CPU in the file's types (each network is
+    made float32 as it is built: an SDXL file in float16 is never whole in float32)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r}: no such file")
@@ -121,7 +122,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         for old, new in _REPLACEMENTS.items():
             if k.startswith(old):
                 k = new + k[len(old):]
-        out[k] = v.float() if v.is_floating_point() else v
+        out[k] = v
     return out, metadata
 
 
@@ -167,7 +168,7 @@ def _yaml_says_v(path: Path) -> bool | None:
     return bool(m and m.group(1) == "v") if m else False
 
 
-def uses_v_prediction(unet_sd: dict, unet: torch.nn.Module) -> bool:
+def uses_v_prediction(unet: torch.nn.Module) -> bool:
     """The web UI's test for SD 2.x (``is_using_v_parameterization_for_sd2``): with x = 0.5
     everywhere, t = 999 and a context of 0.5, a v-prediction UNet gives mean(out - x) < -1."""
     ctx = torch.full((1, 2, int(unet.config.cross_attention_dim)), 0.5)
@@ -233,7 +234,7 @@ def load_single_file(path: str | Path) -> SingleFile:
     prediction = cfg.get("scheduler", {}).get("prediction_type") if stored else None
     if prediction is None:
         said = _yaml_says_v(path) if family == "sd2" else None
-        v = said if said is not None else (family == "sd2" and not inpainting and uses_v_prediction(sd, unet))
+        v = said if said is not None else (family == "sd2" and not inpainting and uses_v_prediction(unet))
         prediction = "v_prediction" if v else "epsilon"
         if v and not stored:             # the 768-px SD 2.x v models
             unet.register_to_config(sample_size=family_config(family, inpainting, True)["unet"]["sample_size"])
@@ -255,8 +256,9 @@ def networks(sd: dict, family: str, cfg: dict, name: str = "checkpoint") -> tupl
         convert_open_clip_checkpoint,
     )
 
-    def build(part: str, make, converted: dict):
+    def build(part: str, make, convert):
         try:
+            converted = {k: v.float() if v.is_floating_point() else v for k, v in convert().items()}
             with meta_parameters():
                 module = make()
             problem = _compare(module, converted)
@@ -272,22 +274,23 @@ def networks(sd: dict, family: str, cfg: dict, name: str = "checkpoint") -> tupl
         return module.eval().requires_grad_(False)
 
     unet_cfg = dict(cfg["unet"])
-    unet = build("UNet", lambda: UNet2DConditionModel(**unet_cfg), convert_ldm_unet_checkpoint(sd, unet_cfg))
-    vae = build("VAE", lambda: AutoencoderKL(**cfg["vae"]), _vae_weights(sd, cfg["vae"], convert_ldm_vae_checkpoint))
+    unet = build("UNet", lambda: UNet2DConditionModel(**unet_cfg), lambda: convert_ldm_unet_checkpoint(sd, unet_cfg))
+    vae = build("VAE", lambda: AutoencoderKL(**cfg["vae"]),
+                lambda: _vae_weights(sd, cfg["vae"], convert_ldm_vae_checkpoint))
     text_2 = None
     if family == "sd1":
         text = build("text encoder", lambda: text_model(cfg["text"], family),
-                     _strip(convert_ldm_clip_checkpoint(sd), "text_model."))
+                     lambda: _strip(convert_ldm_clip_checkpoint(sd), "text_model."))
     elif family == "sd2":
         text = build("text encoder", lambda: text_model(cfg["text"], family),
-                     _openclip(sd, cfg["text"], OPENCLIP_SD2, convert_open_clip_checkpoint))
+                     lambda: _openclip(sd, cfg["text"], OPENCLIP_SD2, convert_open_clip_checkpoint))
     else:
         text = build("first text encoder (CLIP ViT-L)", lambda: text_model(cfg["text"], family),
-                     _strip(convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_XL)}),
-                            "text_model."))
+                     lambda: _strip(convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_XL)}),
+                                    "text_model."))
         text_2 = build("second text encoder (OpenCLIP ViT-bigG)",
                        lambda: text_model(cfg["text_2"], family, projection=True),
-                       _openclip(sd, cfg["text_2"], OPENCLIP_XL, convert_open_clip_checkpoint, projection=True))
+                       lambda: _openclip(sd, cfg["text_2"], OPENCLIP_XL, convert_open_clip_checkpoint, projection=True))
     return unet, vae, text, text_2
 
 
@@ -317,8 +320,8 @@ def _strip(sd: dict, prefix: str) -> dict:
 def _vae_weights(sd: dict, vae_cfg: dict, convert) -> dict:
     vae_sd = {k: v for k, v in sd.items() if k.startswith(VAE)}
     if not vae_sd:
-        raise CheckpointError("no VAE in the checkpoint (no first_stage_model.* weights); "
-                              "a checkpoint without its VAE needs a separate VAE file (not supported yet)")
+        raise ValueError("the checkpoint holds no VAE (no first_stage_model.* weights); a checkpoint without "
+                         "its VAE needs a separate VAE file (not supported yet)")
     return convert(vae_sd, vae_cfg)
 
 

@@ -192,7 +192,7 @@ class Pipeline:
         c = self.components
         zero = None              # SDXL: the context of an empty negative prompt
         if c.is_sdxl:
-            emb, zero = self._encode_sdxl(job, texts)
+            emb, zero = self._encode_sdxl(job, texts, {t for sched in pos for _, t in sched})
         else:
             emb = encode_texts(self.backend, c.tokenizer, texts, job.params.clip_skip, job.params.emphasis)
         it = iter(pos)
@@ -201,20 +201,20 @@ class Pipeline:
         sync(self.backend.device)
         return Conditioning(conds, uncond, seconds=time.perf_counter() - started, started=started)
 
-    def _encode_sdxl(self, job: Job, texts) -> tuple[dict, torch.Tensor | None]:
+    def _encode_sdxl(self, job: Job, texts, positive: set) -> tuple[dict, torch.Tensor | None]:
         """SDXL's contexts (``conditioning.pack_added``): both encoders' hidden states, the pooled
         text and the image size. An empty negative prompt gives zeros for the text and the pooled
         text (the web UI's ``force_zero_negative_prompt``; diffusers does it only when no negative
         prompt is passed at all). The web UI decides that per batch, sdrt per image, so that
-        batching requests together never changes an image."""
+        batching requests together never changes an image. An empty text that only a negative
+        prompt uses is not encoded at all."""
         c, p = self.components, job.params
-        emb = encode_texts_sdxl(self.backend, [c.tokenizer, c.tokenizer_2], texts, p.emphasis)
+        wanted = [t for t in texts if t or t in positive] or texts
+        emb = encode_texts_sdxl(self.backend, [c.tokenizer, c.tokenizer_2], wanted, p.emphasis)
         sizes = sdxl_time_ids(p.height, p.width)
         out = {t: pack_added(hidden, pooled, sizes) for t, (hidden, pooled) in emb.items()}
-        zero = None
-        if "" in emb:
-            hidden, pooled = emb[""]
-            zero = pack_added(torch.zeros_like(hidden), torch.zeros_like(pooled), sizes)
+        hidden, pooled = next(iter(emb.values()))       # every text has the same windows: any gives the shapes
+        zero = pack_added(torch.zeros_like(hidden), torch.zeros_like(pooled), sizes)
         return out, zero
 
     def sample(self, job: Job, cond: Conditioning, callback=None) -> Decoded:

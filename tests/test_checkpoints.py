@@ -166,12 +166,12 @@ def test_v_prediction_detection(tmp_path):
     ``.yaml`` beside the file that says ``parameterization: "v"`` decides instead."""
     c = build_random("sd2-tiny")
     unet = c.unet
-    assert not checkpoints.uses_v_prediction({}, unet)
+    assert not checkpoints.uses_v_prediction(unet)
     with torch.no_grad():
         bias = unet.conv_out.bias.clone()
         unet.conv_out.bias.fill_(-5.0)
         try:
-            assert checkpoints.uses_v_prediction({}, unet)
+            assert checkpoints.uses_v_prediction(unet)
         finally:
             unet.conv_out.bias.copy_(bias)
     path = save_single_file(c, tmp_path / "sd2.safetensors", dtype=torch.float32, record_config=True)
@@ -216,3 +216,15 @@ def test_cli_generates_from_a_checkpoint(files, tmp_path):
     from PIL import Image
     assert "Model: sdxl-tiny" in Image.open(out).text["parameters"]
     assert main(["generate", "x", "--model", str(tmp_path / "missing.safetensors"), "-o", str(out), "-q"]) == 2
+
+
+def test_a_checkpoint_without_its_vae(files, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(files["tiny"][0]), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("first_stage_model.")}
+        metadata = f.metadata()
+    path = tmp_path / "novae.safetensors"
+    save_file(sd, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="novae.safetensors.*holds no VAE"):
+        load_model(path)

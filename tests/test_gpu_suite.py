@@ -51,7 +51,7 @@ def test_suite_sections_and_summary(fake_cuda, tmp_path, capsys):
     import run
     rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--steps", "3", "--batches", "1",
                    "--variants", "static-ops+kv", "--out", str(tmp_path),
-                   "--only", "unet_levers", "decode_text", "end_to_end", "unet_graph"])
+                   "--only", "unet_levers", "decode_text", "end_to_end", "unet_graph", "sdxl"])
     out = capsys.readouterr().out
     files = list(tmp_path.glob("gpu-fake-gpu-*.json"))
     assert len(files) == 1
@@ -60,6 +60,10 @@ def test_suite_sections_and_summary(fake_cuda, tmp_path, capsys):
     s = record["sections"]
     assert set(s) >= {"unet_levers_batch1", "decode_text_batch1", "end_to_end_batch1", "unet_graph_batch1"}
     assert set(s["end_to_end_batch1"]["rows"]) == {"eager", "static-ops+kv", "diffusers"}
+    sdxl = s["sdxl_end_to_end_batch1"]         # SDXL beside diffusers' SDXL pipeline (tiny here)
+    assert sdxl["model"] == "random:sdxl-tiny" and set(sdxl["rows"]) == {"eager", "static-ops+kv", "diffusers"}
+    assert sdxl["rows"]["static-ops+kv"]["max_abs_diff_vs_eager"] < 1e-4
+    assert "SDXL random:sdxl-tiny" in out
     assert s["decode_text_batch1"]["vae_decode_s"] > 0 and s["unet_graph_batch1"] > 0
     if s["unet_levers_batch1"]["rows"][s["unet_levers_batch1"]["best"]]["speedup"] > 1.02:
         assert s["end_to_end_tuned_batch1"]["tune"] == s["unet_levers_batch1"]["best_tune"]

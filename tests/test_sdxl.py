@@ -188,3 +188,12 @@ def test_torch_float16_decodes_sdxl_in_float32():
     assert next(c.unet.parameters()).dtype == torch.float16
     out = be.decode(torch.randn(1, 4, 8, 8, dtype=torch.float16) * 50)
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+def test_sdrt_build_compiles_sdxl_for_onnxruntime(tmp_path, capsys):
+    from sdrt.cli import main
+    assert main(["build", "random:sdxl-tiny", "--backend", "onnxruntime", "--out", str(tmp_path),
+                 "--max", "1x96x96"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["networks"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    assert manifest["networks"]["unet"]["profile"]["height"][2] == 96

@@ -18,7 +18,10 @@
    (channels_last, no K/V cache), and end to end with the compiled UNet;
 7. with --inductor KEY=VALUE ... (and --compile), last: the UNet alone at the largest batch
    compiled again with those torch._inductor.config settings (e.g. conv_1x1_as_mm=True
-   coordinate_descent_tuning=True), against eager.
+   coordinate_descent_tuning=True), against eager;
+8. SDXL (random:sdxl, the real 2.6B-parameter UNet) at 1024x1024, 50 steps, batch 1, float16:
+   diffusers' StableDiffusionXLPipeline, sdrt's eager loop and the static loop with the fused
+   kernel (and K/V once per conditioning) side by side (``--sdxl-size``, ``--no-sdxl``).
 
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
@@ -64,14 +67,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
                     help="run only the sections whose names start with one of these (e.g. kernel unet_graph)")
+    ap.add_argument("--sdxl-size", type=int, default=1024, help="SDXL's end-to-end section: image size")
+    ap.add_argument("--sdxl-steps", type=int, default=None, help="SDXL's steps (default: --steps)")
+    ap.add_argument("--no-sdxl", dest="sdxl", action="store_false", help="leave out the SDXL section")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks/gpu/run.py: refusing to run: no CUDA GPU is visible on this machine "
               "(torch.cuda.is_available() is False); use benchmarks/fastpath.py on a CPU", file=sys.stderr)
         return 2
+    sdxl_model = "random:sdxl"
     if args.quick:
         args.model, args.size, args.steps, args.repeat = "random:tiny", 64, 8, 1
+        sdxl_model, args.sdxl_size = "random:sdxl-tiny", 64
     import fastpath
 
     from sdrt import kernels
@@ -144,6 +152,11 @@ def main(argv=None) -> int:
             section(f"end_to_end_tuned_batch{b}", lambda b=b: fastpath.end_to_end(
                 batch=b, variants=variants, tune=levers["best_tune"], **e2e))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(batch=b, **common))
+    if args.sdxl:                  # SDXL at its own size, batch 1: the peers' headline configuration
+        section("sdxl_end_to_end_batch1", lambda: fastpath.end_to_end(
+            model=sdxl_model, size=args.sdxl_size, steps=args.sdxl_steps or args.steps, batch=1,
+            variants=[v for v in variants if v in ("eager", "static-ops+kv", "static-kernel", "static-kernel+kv")],
+            device=args.device, dtype=args.dtype, repeat=args.repeat, log=log))
     if args.compile:               # last: compilation takes minutes (once per batch size)
         for b in args.batches:
             section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(batch=b, mode=args.compile, log=log,
@@ -171,11 +184,16 @@ def main(argv=None) -> int:
                 lines.append(f"  batch {b} UNet alone, torch.compile({c['mode']}) {c['inductor'] or ''}: "
                              f"{1e3 * c['compiled_s']:.2f} ms vs eager {1e3 * c['eager_s']:.2f} ms, "
                              f"x{c['speedup']:.3f}")
-        for key in (f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}", f"end_to_end_compiled_batch{b}"):
+        keys = [f"end_to_end_batch{b}", f"end_to_end_tuned_batch{b}", f"end_to_end_compiled_batch{b}"]
+        if b == 1:
+            keys.append("sdxl_end_to_end_batch1")
+        for key in keys:
             e2e = record["sections"].get(key)
             if not e2e:
                 continue
             tag = f"tuned {e2e['tune']}" if e2e.get("tune") else "default options"
+            if key.startswith("sdxl"):
+                tag = f"SDXL {e2e['model']} {e2e['size']}px {e2e['steps']} steps"
             lines.append(f"  batch {b}, {tag}:")
             for name, row in e2e["rows"].items():
                 lines.append(f"    {name:22s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "

@@ -197,6 +197,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae.post_quant_conv.weight.dtype != self.vae_dtype:    # a shared module another pipeline cast
+            self.vae.to(self.vae_dtype)
         with self._attention_order():
             out = self.vae.decode(latents.to(self.vae_dtype) / self.scaling_factor, return_dict=False)[0]
         return out.float()

@@ -114,10 +114,17 @@ def _sdrt_runner(s: Settings, backend: str, components):
 
 
 def diffusers_pipeline(components, scheduler, device, dtype: torch.dtype):
-    """diffusers' StableDiffusionPipeline over the same modules (no safety checker, no progress
-    bar): the reference sdrt is timed and compared against."""
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL, which zeroes an
+    absent negative prompt as the web UI zeroes an empty one) over the same modules (no safety
+    checker, no progress bar): the reference sdrt is timed and compared against."""
     import diffusers
     c = components
+    if c.is_sdxl:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device, dtype)
     pipe = diffusers.StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
                                              unet=c.unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
@@ -139,6 +146,8 @@ def _diffusers_runner(s: Settings, components):
     f = components.latent_factor
     targets = [("text_encoder", pipe.text_encoder, "forward"), ("unet_all", pipe.unet, "forward"),
                ("vae", pipe.vae, "decode")]
+    if components.is_sdxl:
+        targets.append(("text_encoder_2", pipe.text_encoder_2, "forward"))
 
     def run(steps: int, batch: int, height: int, width: int):
         # the modules are shared with sdrt's backends: time them only during this run
@@ -160,6 +169,7 @@ def _diffusers_runner(s: Settings, components):
             for _, module, attr in targets:
                 delattr(module, attr)           # back to the class's method
         m = {k: h.total for k, h in hooks.items()}
+        m["text_encoder"] += m.pop("text_encoder_2", 0.0)
         m["unet_calls"] = hooks["unet_all"].calls
         m["loop_overhead"] = total - m["text_encoder"] - m["unet_all"] - m["vae"]
         m["total"] = total
