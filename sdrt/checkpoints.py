@@ -353,9 +353,15 @@ def _openclip(sd: dict, text_cfg: dict, prefix: str, convert, projection: bool =
 def _unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """diffusers UNet weights -> ``model.diffusion_model.*`` (the inverse of
     ``convert_ldm_unet_checkpoint``)."""
+    sd = unet.state_dict()
+    return {UNET + ldm: sd[key] for key, ldm in unet_ldm_names(unet.config, sd).items()}
+
+
+def unet_ldm_names(cfg, keys) -> dict[str, str]:
+    """{diffusers UNet key: its name in the original (LDM) UNet} for a UNet config and its keys
+    (parameters or modules: a module name maps like its ``.weight``)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    cfg, sd = unet.config, unet.state_dict()
     names = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
     if getattr(cfg, "addition_embed_type", None) == "text_time":
         names.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
@@ -384,9 +390,9 @@ def _unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
                                  False))
             idx += 1
     out = {}
-    for key, value in sd.items():
+    for key in keys:
         if key in names:
-            out[UNET + names[key]] = value
+            out[key] = names[key]
             continue
         for old, new, is_resnet in prefixes:
             if key.startswith(old):
@@ -396,7 +402,7 @@ def _unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
                         if rest.startswith(a + "."):
                             rest = b + rest[len(a):]
                             break
-                out[UNET + new + rest] = value
+                out[key] = new + rest
                 break
         else:
             raise CheckpointError(f"UNet weight {key!r} has no place in the LDM layout")

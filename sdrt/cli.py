@@ -15,7 +15,8 @@ def _generate(args) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, fast_path=args.fast_path,
-                                    tune=dict(channels_last=args.channels_last, compile=args.compile))
+                                    tune=dict(channels_last=args.channels_last, compile=args.compile),
+                                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     native = pipe.components.native_size
     params = from_arguments(args, width=native, height=native)    # the model's own size by default
     bar = tqdm(total=params.steps, unit="step", desc="sampling", disable=args.quiet)
@@ -158,7 +159,10 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     """Which model runs where, for generate (serve takes them from ServerConfig)."""
-    p.add_argument("--model", default="random:tiny", help="diffusers folder, random:tiny or random:sd15")
+    p.add_argument("--model", default="random:tiny", help="a checkpoint (.safetensors/.ckpt), a diffusers folder, "
+                   "or random:tiny, random:sd15, random:sdxl, ...")
+    p.add_argument("--lora-dir", default=None, help="the folder of the LoRAs prompts name (<lora:NAME:0.8>)")
+    p.add_argument("--embeddings-dir", default=None, help="the folder of the textual-inversion embeddings prompts name")
     p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 or float16")
@@ -181,7 +185,7 @@ def _add_generate(sub) -> None:
 
 def _add_build(sub) -> None:
     b = sub.add_parser("build", help="export and compile a model's networks into an engine folder")
-    b.add_argument("model", help="diffusers folder, random:tiny or random:sd15")
+    b.add_argument("model", help="a checkpoint (.safetensors/.ckpt), a diffusers folder, or random:tiny, ...")
     b.add_argument("--backend", default="onnxruntime")
     b.add_argument("--out", required=True, help="the engine folder")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

@@ -20,63 +20,91 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import parse_attention
-from .tokenizer import CHUNK, token_ids
+from .tokenizer import CHUNK, MAX_LENGTH, token_ids
 
 EMPHASIS = ("Original", "No norm", "Ignore")
 ENCODE_WINDOWS = 64        # 77-token sequences per text-encoder call (alternation can give a text per step)
 COMMA_BACKTRACK = 20
 
 
-def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK):
+def tokenize_weighted(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None):
     """``text`` -> list of windows, each (ids[77], weights[77]). A request's texts are tokenized
     several times on their way (the server's bounds, the batcher's window count, the encoder),
     so the result is cached per tokenizer and text (the lists returned are fresh copies)."""
-    windows = _tokenize_cached(tokenizer, text, comma_backtrack)
-    return [(list(ids), list(weights)) for ids, weights in windows]
+    return tokenize_with_embeddings(tokenizer, text, comma_backtrack, embeddings)[0]
+
+
+def tokenize_with_embeddings(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None):
+    """(windows, fixes): the windows of ``tokenize_weighted`` and where textual-inversion
+    embeddings (``sdrt.embeddings.EmbeddingLibrary``) stand: ``[(window, offset, name)]``, the
+    offset counting the window's start token."""
+    version = embeddings.version if embeddings is not None else 0
+    windows, fixes = _tokenize_cached(tokenizer, text, comma_backtrack, embeddings, version)
+    return [(list(ids), list(weights)) for ids, weights in windows], list(fixes)
 
 
 @functools.lru_cache(maxsize=512)
-def _tokenize_cached(tokenizer, text: str, comma_backtrack: int) -> tuple:
-    return tuple((tuple(ids), tuple(w)) for ids, w in _tokenize(tokenizer, text, comma_backtrack))
+def _tokenize_cached(tokenizer, text: str, comma_backtrack: int, embeddings, version: int) -> tuple:
+    windows, fixes = _tokenize(tokenizer, text, comma_backtrack, embeddings)
+    return tuple((tuple(ids), tuple(w)) for ids, w in windows), tuple(fixes)
 
 
-def _tokenize(tokenizer, text: str, comma_backtrack: int):
+def _tokenize(tokenizer, text: str, comma_backtrack: int, embeddings=None):
     pieces = parse_attention(text)
     token_lists = tokenizer([p for p, _ in pieces], add_special_tokens=False, truncation=False).input_ids
     special = token_ids(tokenizer)
     comma = special.comma
     windows: list[tuple[list[int], list[float]]] = []
+    fixes: list[tuple[int, int, str]] = []          # (window, offset in it counting the start token, name)
     ids: list[int] = []
     mults: list[float] = []
+    pending: list[tuple[int, str]] = []             # this window's embeddings: (index in ids, name)
     last_comma = -1
 
     def close():
-        nonlocal ids, mults, last_comma
+        nonlocal ids, mults, last_comma, pending
         pad = CHUNK - len(ids)
+        fixes.extend((len(windows), at + 1, name) for at, name in pending)
         windows.append((special.window(ids), [1.0] + mults + [1.0] * pad + [1.0]))
-        ids, mults, last_comma = [], [], -1
+        ids, mults, last_comma, pending = [], [], -1, []
 
     for tokens, (piece, weight) in zip(token_lists, pieces):
         if piece == "BREAK" and weight == -1.0:
             close()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if comma is not None and token == comma:
                 last_comma = len(ids)
             elif (comma_backtrack and len(ids) == CHUNK and last_comma != -1
                   and len(ids) - last_comma <= comma_backtrack):
                 cut = last_comma + 1
                 moved_ids, moved_mults = ids[cut:], mults[cut:]
+                # embeddings after the cut move with their placeholders (the web UI leaves them
+                # behind, pointing at the old window's padding)
+                moved = [(at - cut, name) for at, name in pending if at >= cut]
+                pending = [(at, name) for at, name in pending if at < cut]
                 ids, mults = ids[:cut], mults[:cut]
                 close()
-                ids, mults = moved_ids, moved_mults
+                ids, mults, pending = moved_ids, moved_mults, moved
             if len(ids) == CHUNK:
                 close()
-            ids.append(token)
-            mults.append(weight)
+            emb, n_tokens = embeddings.find(tokens, position) if embeddings is not None else (None, None)
+            if emb is None:
+                ids.append(token)
+                mults.append(weight)
+                position += 1
+                continue
+            if len(ids) + emb.count > CHUNK:
+                close()
+            pending.append((len(ids), emb.name))
+            ids.extend([0] * emb.count)                  # placeholders; the encoder reads the vectors there
+            mults.extend([weight] * emb.count)
+            position += n_tokens
     if ids or not windows:
         close()
-    return windows
+    return windows, fixes
 
 
 def empty_window(tokenizer):
@@ -85,25 +113,34 @@ def empty_window(tokenizer):
 
 
 def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Original",
-                 encoder: int = 0, pooled: bool = False) -> dict:
+                 encoder: int = 0, pooled: bool = False, embeddings=None, used: set | None = None) -> dict:
     """Encode each distinct text once: {text: (77k, C)}, all with the same k. ``encoder``: which
     of the backend's text encoders (SDXL has two); ``pooled``: also its pooled projection of the
-    first window, {text: ((77k, C), (P,))} (the web UI's ``zs[0].pooled``)."""
+    first window, {text: ((77k, C), (P,))} (the web UI's ``zs[0].pooled``). ``embeddings``: the
+    textual-inversion embeddings the texts may name (their names are added to ``used``)."""
     if emphasis not in EMPHASIS:
         raise ValueError(f"emphasis {emphasis!r} is unknown; valid: {', '.join(EMPHASIS)}")
     distinct = list(dict.fromkeys(texts))
-    tokenized = [tokenize_weighted(tokenizer, t) for t in distinct]
-    k = max(len(w) for w in tokenized)
-    ids, mults = [], []
-    for windows in tokenized:
+    tokenized = [tokenize_with_embeddings(tokenizer, t, embeddings=embeddings) for t in distinct]
+    k = max(len(w) for w, _ in tokenized)
+    ids, mults, fixes = [], [], []
+    for windows, text_fixes in tokenized:
         windows = windows + [empty_window(tokenizer)] * (k - len(windows))
         ids.append([i for w in windows for i in w[0]])
         mults.append([m for w in windows for m in w[1]])
+        fixes.append([(w * MAX_LENGTH + offset, embeddings.loaded[name].vectors[encoder])
+                      for w, offset, name in text_fixes])
+        if used is not None:
+            used.update(name for _, _, name in text_fixes)
     out = {}
     per_call = max(1, ENCODE_WINDOWS // k)      # bounded activations: at most ENCODE_WINDOWS sequences per call
     kwargs = dict(encoder=encoder, pooled=True) if pooled else (dict(encoder=encoder) if encoder else {})
     for start in range(0, len(distinct), per_call):
         end = start + per_call
+        if any(fixes[start:end]):
+            kwargs["fixes"] = fixes[start:end]
+        else:
+            kwargs.pop("fixes", None)
         got = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip, **kwargs)
         hidden, pool = got if pooled else (got, None)          # (t, 77k, C), (t, P)
         if emphasis != "Ignore":
@@ -118,14 +155,15 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
 TIME_IDS = 6       # SDXL's size conditioning: original (h, w), crop (top, left), target (h, w)
 
 
-def encode_texts_sdxl(backend, tokenizers, texts, emphasis: str = "Original") -> dict:
+def encode_texts_sdxl(backend, tokenizers, texts, emphasis: str = "Original", embeddings=None,
+                      used: set | None = None) -> dict:
     """SDXL, as the web UI's conditioner builds it: each encoder tokenizes the text itself (CLIP
     pads with its end token, OpenCLIP with 0), runs its penultimate layer and applies the
     emphasis to its own output; the two are concatenated per token, and the second encoder's
     pooled projection of the first window is the pooled text. CLIP skip does not apply (the web
     UI's default: ``sdxl_clip_l_skip`` off). Returns {text: ((77k, C1 + C2), (P,))}."""
-    first = encode_texts(backend, tokenizers[0], texts, 1, emphasis, encoder=0)
-    second = encode_texts(backend, tokenizers[1], texts, 1, emphasis, encoder=1, pooled=True)
+    first = encode_texts(backend, tokenizers[0], texts, 1, emphasis, encoder=0, embeddings=embeddings, used=used)
+    second = encode_texts(backend, tokenizers[1], texts, 1, emphasis, encoder=1, pooled=True, embeddings=embeddings)
     return {t: (torch.cat([first[t], second[t][0]], dim=-1), second[t][1]) for t in first}
 
 

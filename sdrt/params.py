@@ -92,6 +92,8 @@ class GenerationParams:
     eta: float | None = param(None, "the ancestral samplers' eta (None: the sampler's default)", webui="eta")
     emphasis: str = param("Original", "how token weights apply: " + ", ".join(EMPHASIS), choices=EMPHASIS,
                           webui_option="emphasis")
+    vae: str = param("Automatic", "the VAE: Automatic (the model's own), or a VAE file (a path, or a name in the "
+                     "VAE folder)", webui_option="sd_vae", metavar="FILE")
     sigmas: Sequence[float] | None = param(None, "explicit decreasing sigmas (overrides schedule and steps)",
                                            cli=False)
 
@@ -176,6 +178,11 @@ class Job:
     cfg_scales: list[float]
     eta: float | None            # what the sampler uses (its default when the request gave none)
     sigmas: np.ndarray | None = None
+    # the prompts without their <lora:...> tags (what is tokenized; None: the prompts themselves),
+    # and the LoRAs of the batch (the first prompt's, as in the web UI): sdrt.lora.LoraUse
+    text_prompts: list[str] | None = None
+    loras: tuple = ()
+    embeddings_used: set = dataclasses.field(default_factory=set)   # filled by Pipeline.encode (TI hashes)
 
     @property
     def batch_size(self) -> int:
@@ -197,7 +204,7 @@ class Job:
         shared = [f.name for f in GenerationParams.fields() if not f.metadata["per_image"]
                   and f.name not in ("batch_size", "sigmas")]
         return tuple(getattr(self.params, n) for n in shared) + (
-            None if self.sigmas is None else self.sigmas.tobytes(),)
+            None if self.sigmas is None else self.sigmas.tobytes(), self.loras)
 
     @classmethod
     def merge(cls, jobs: list["Job"]) -> "Job":
@@ -205,6 +212,7 @@ class Job:
         first = jobs[0]
         lists = {k: [v for j in jobs for v in getattr(j, k)]
                  for k in ("prompts", "negative_prompts", "seeds", "subseeds", "cfg_scales")}
+        lists["text_prompts"] = [v for j in jobs for v in (j.text_prompts or j.prompts)]
         return dataclasses.replace(first, params=first.params.replace(batch_size=len(jobs)), **lists)
 
 
@@ -221,6 +229,8 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
     schedule = normalize_schedule(schedule)
     if p.emphasis not in EMPHASIS:
         raise ValueError(f"emphasis {p.emphasis!r} is unknown; valid: {', '.join(EMPHASIS)}")
+    if not isinstance(p.vae, str):
+        raise ValueError(f"vae must be a string (Automatic, None, or a VAE file), got {type(p.vae).__name__}")
     if p.rng not in SOURCES:
         raise ValueError(f"rng {p.rng!r} is unknown; valid: {', '.join(SOURCES)}")
     ensd = int_arg("eta_noise_seed_delta", p.eta_noise_seed_delta, 0, 2 ** 32 - 1)

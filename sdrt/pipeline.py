@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,15 +70,27 @@ class Pipeline:
         self.loops = None                      # its cache of built loops (sdrt.fastpath.LoopCache)
         self._batcher = None
         self.closed = False
+        self.loras = None                      # the LoRA folder (sdrt.lora.LoraLibrary; set_lora_dir)
+        self.embeddings = None                 # textual inversion (sdrt.embeddings; set_embeddings_dir)
+        self.vaes = None                       # the VAE folder (sdrt.vae.VaeLibrary; set_vae_dir)
+        self._vae_state = None                 # which VAE's weights the model's VAE holds
+        self._lora_state = None                # which LoRAs are merged into the weights
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
-                        engine_dir=None, fast_path: bool = False, tune: dict | None = None) -> "Pipeline":
-        """Load ``model`` (a diffusers folder, "random:tiny" or "random:sd15") onto a backend.
+                        engine_dir=None, fast_path: bool = False, tune: dict | None = None,
+                        lora_dir=None, embeddings_dir=None, vae_dir=None) -> "Pipeline":
+        """Load ``model`` (a checkpoint file, a diffusers folder, "random:tiny", ...) onto a backend.
         ``fast_path=True`` runs supported samplers on the static loop (``set_fast_path``);
         ``tune``: the torch backend's speed options (``tune``), refused for any other backend
-        before the weights load. Options that are None or False are left out."""
+        before the weights load. Options that are None or False are left out. ``lora_dir``: the
+        folder of the LoRAs that prompts name (``<lora:NAME:0.8>``; ``set_lora_dir``);
+        ``embeddings_dir``: the textual-inversion embeddings prompts name (``set_embeddings_dir``);
+        ``vae_dir``: the VAE files the ``vae`` argument names (``set_vae_dir``)."""
         check_target(backend, device, dtype)     # fail before loading weights
+        for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir), ("vae_dir", vae_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"{name} {str(folder)!r} is not a folder")
         tune = {k: v for k, v in (tune or {}).items() if v not in (None, False)}
         if tune and backend != "torch":
             raise ValueError(f"{', '.join(tune)}: speed options of backend 'torch', not {backend!r}")
@@ -87,7 +100,36 @@ class Pipeline:
             pipe.set_fast_path()
         if tune:
             pipe.tune(**tune)
+        if lora_dir is not None:
+            pipe.set_lora_dir(lora_dir)
+        if embeddings_dir is not None:
+            pipe.set_embeddings_dir(embeddings_dir)
+        if vae_dir is not None:
+            pipe.set_vae_dir(vae_dir)
         return pipe
+
+    def set_vae_dir(self, folder) -> None:
+        """Use the VAE files under ``folder`` for the ``vae`` argument (``self.vaes.refresh()``
+        reads it again); a path to a VAE file works without a folder."""
+        from .vae import VaeLibrary
+        self.vaes = VaeLibrary(folder)
+        if self._vae_state is not None:
+            self._vae_state.library = self.vaes
+
+    def set_embeddings_dir(self, folder) -> None:
+        """Use the textual-inversion embeddings under ``folder`` that fit this model (the others are
+        listed in ``self.embeddings.skipped``; ``self.embeddings.refresh()`` reads the folder again)."""
+        from .embeddings import EmbeddingLibrary
+        c = self.components
+        widths = [int(m.config.hidden_size) for m, _ in c.text_encoders]
+        self.embeddings = EmbeddingLibrary(folder, widths, c.tokenizer)
+
+    def set_lora_dir(self, folder) -> None:
+        """Use the LoRA files under ``folder`` (searched again by ``self.loras.refresh()``)."""
+        from .lora import LoraLibrary
+        self.loras = LoraLibrary(folder)
+        if self._lora_state is not None:
+            self._lora_state.library = self.loras
 
     def __call__(self, prompt: str | list[str] | GenerationParams = "", *args, callback=None,
                  **kwargs) -> GenerationResult:
@@ -150,6 +192,8 @@ class Pipeline:
                              "input channels); sdrt runs it only in the inpainting workflow, which is not in this "
                              "release. Use a text-to-image checkpoint of the same family for txt2img")
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
+        self._extra_networks(job)
+        self._check_vae(job)
         check = getattr(self.backend, "check_request", None)
         if check is not None:
             check(job.batch_size, job.params.height, job.params.width)
@@ -159,9 +203,42 @@ class Pipeline:
                                     discard_penultimate=spec.discard_penultimate)
         return job
 
+    def _extra_networks(self, job: Job) -> None:
+        """The prompts' ``<lora:...>`` tags: removed from the text, the first prompt's set kept for
+        the batch (the web UI's rule), each LoRA read and matched to the model now, so a missing or
+        unfitting file is a ValueError before anything runs or changes."""
+        from .lora import LoraLibrary, LoraState, split_extra_networks
+        split = [split_extra_networks(p) for p in job.prompts]
+        job.text_prompts = [text for text, _ in split]
+        job.loras = split[0][1]
+        if not job.loras:
+            return
+        if not getattr(self.backend, "supports_lora", False):
+            raise ValueError(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)}); in this release "
+                             f"LoRA runs on backend 'torch', not on the {type(self.backend).__name__}")
+        if self._lora_state is None:
+            self._lora_state = LoraState(self.components, self.loras or LoraLibrary(None))
+        self._lora_state.resolve(job.loras)
+
+    def _check_vae(self, job: Job) -> None:
+        """A VAE other than the model's own: found, read and checked against the model now."""
+        from .vae import OWN, VaeLibrary, VaeState
+        if job.params.vae in OWN:
+            return
+        if not getattr(self.backend, "supports_lora", False):
+            raise ValueError(f"vae={job.params.vae!r}: in this release another VAE runs on backend 'torch', not on "
+                             f"the {type(self.backend).__name__} (its VAE decoder is compiled with the model's own)")
+        if self._vae_state is None:
+            self._vae_state = VaeState(self.components, self.vaes or VaeLibrary(None))
+        self._vae_state.weights(job.params.vae)
+
+    def _apply_loras(self, part: str, job: Job) -> None:
+        if self._lora_state is not None:        # also with none: the previous job's are taken out
+            self._lora_state.apply(part, job.loras)
+
     def _prompt_schedules(self, job: Job):
         calls = job.model_calls
-        parts = [prompts.split_and(p) for p in job.prompts]
+        parts = [prompts.split_and(p) for p in (job.text_prompts or job.prompts)]
         pos = prompts.schedules([t for ps in parts for t, _ in ps], calls)
         neg = prompts.schedules(job.negative_prompts, calls)
         return pos, neg, parts
@@ -180,21 +257,24 @@ class Pipeline:
         and_parts = max(len(ps) for ps in parts)
         if max_texts is not None and len(texts) > max_texts:
             return TextCost(texts=len(texts), windows=0, and_parts=and_parts)
-        tokenized = [tokenize_weighted(self.components.tokenizer, t) for t in texts]
+        tokenized = [tokenize_weighted(self.components.tokenizer, t, embeddings=self.embeddings) for t in texts]
         weight = max(abs(w) for windows in tokenized for _, ws in windows for w in ws)
         return TextCost(texts=len(texts), windows=max(map(len, tokenized)), and_parts=and_parts, max_weight=weight)
 
     def encode(self, job: Job) -> Conditioning:
         """Stage 2: the conditioning of every model call, each distinct text encoded once."""
         started = time.perf_counter()
+        self._apply_loras("text", job)
         pos, neg, parts = self._prompt_schedules(job)
         texts = [t for sched in pos + neg for _, t in sched]
         c = self.components
         zero = None              # SDXL: the context of an empty negative prompt
+        job.embeddings_used = set()
         if c.is_sdxl:
             emb, zero = self._encode_sdxl(job, texts, {t for sched in pos for _, t in sched})
         else:
-            emb = encode_texts(self.backend, c.tokenizer, texts, job.params.clip_skip, job.params.emphasis)
+            emb = encode_texts(self.backend, c.tokenizer, texts, job.params.clip_skip, job.params.emphasis,
+                               embeddings=self.embeddings, used=job.embeddings_used)
         it = iter(pos)
         conds = [[(w, [(end, emb[t]) for end, t in next(it)]) for _, w in ps] for ps in parts]
         uncond = [[(end, zero if t == "" and zero is not None else emb[t]) for end, t in sched] for sched in neg]
@@ -210,7 +290,8 @@ class Pipeline:
         prompt uses is not encoded at all."""
         c, p = self.components, job.params
         wanted = [t for t in texts if t or t in positive] or texts
-        emb = encode_texts_sdxl(self.backend, [c.tokenizer, c.tokenizer_2], wanted, p.emphasis)
+        emb = encode_texts_sdxl(self.backend, [c.tokenizer, c.tokenizer_2], wanted, p.emphasis,
+                                embeddings=self.embeddings, used=job.embeddings_used)
         sizes = sdxl_time_ids(p.height, p.width)
         out = {t: pack_added(hidden, pooled, sizes) for t, (hidden, pooled) in emb.items()}
         hidden, pooled = next(iter(emb.values()))       # every text has the same windows: any gives the shapes
@@ -220,6 +301,9 @@ class Pipeline:
     def sample(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         """Stages 3 and 4: the denoising loop and the VAE. Images that hold NaN or Inf are
         flagged in ``Decoded.finite`` (the caller decides whether that fails them)."""
+        self._apply_loras("unet", job)
+        if self._vae_state is not None:          # also for the model's own: the previous job's goes
+            self._vae_state.apply(job.params.vae)
         if self.fast_path is not None:
             from .fastpath import unsupported_reason
             if unsupported_reason(job, cond) is None:
@@ -237,6 +321,7 @@ class Pipeline:
 
     def denoise(self, job: Job, cond: Conditioning, callback=None) -> torch.Tensor:
         """Stage 3 on the eager loop: the final latents (B, C, h, w) float32."""
+        self._apply_loras("unet", job)
         be, spec, sig = self.backend, job.sampler, job.sigmas
         n_steps = len(sig) - 1
         latent_shape, gen = self._noise(job)
@@ -354,6 +439,7 @@ class Pipeline:
             "Steps": p.steps, "Sampler": spec.name, "Schedule type": p.schedule,
             "CFG scale": job.cfg_scales[i], "Seed": job.seeds[i], "Size": f"{p.width}x{p.height}",
             "Model hash": self.components.model_hash, "Model": self.components.name,
+            **(self._vae_state.infotext(p.vae) if self._vae_state is not None else {}),
             "Variation seed": job.subseeds[i] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,
@@ -361,6 +447,9 @@ class Pipeline:
             "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[p.rng],
             "Emphasis": p.emphasis if p.emphasis != "Original" else None,
+            "Lora hashes": self._lora_state.hashes(job.loras) if job.loras else None,
+            "TI hashes": self.embeddings.hashes(sorted(job.embeddings_used))
+            if self.embeddings is not None and job.embeddings_used else None,
             ("Eta DDIM" if spec.name == "DDIM" else "Eta"):
                 p.eta if spec.eta_default is not None and p.eta is not None
                 and p.eta != spec.eta_default else None,       # only samplers that use eta record it

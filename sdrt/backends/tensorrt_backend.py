@@ -273,8 +273,12 @@ class TensorRTBackend:
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
 
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False):
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False,
+                    fixes=None):
         """As ``TorchBackend.encode_text`` (SDXL: the penultimate layers, ``pooled`` from the second)."""
+        if fixes and any(fixes):
+            raise ValueError("textual-inversion embeddings run on backend 'torch' in this release (the compiled "
+                             "text encoders take token ids only)")
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         check_profile_windows(self.profile, self.engine_dir, windows)

@@ -30,6 +30,31 @@ def _compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     return per_mode[mode]
 
 
+@contextlib.contextmanager
+def _token_fixes(text_encoder: torch.nn.Module, fixes, windows: int):
+    """While inside, ``text_encoder``'s token embeddings are replaced at the ``fixes`` (per input
+    row: [(position in its 77k tokens, vectors (n, C))]) for the windows of those rows."""
+    if not fixes or not any(fixes):
+        yield
+        return
+    flat = [(r * windows + pos // MAX_LENGTH, pos % MAX_LENGTH, vec)
+            for r, row in enumerate(fixes) for pos, vec in row]
+
+    def hook(module, args, output):
+        out = output.clone()
+        for row, offset, vec in flat:
+            k = min(int(vec.shape[0]), MAX_LENGTH - offset)
+            out[row, offset:offset + k] = vec[:k].to(out.device, out.dtype)
+        return out
+
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    handle = inner.embeddings.token_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # TorchBackend.tune's settings when nothing is tuned: tune(**UNTUNED) undoes every option
 UNTUNED = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
 
@@ -41,6 +66,7 @@ class TorchBackend:
     """Runs the model's own modules; the reference every compiled backend is compared with."""
 
     graph_safe = True        # its CUDA work can be captured into a CUDA graph
+    supports_lora = True     # LoRA merges into these modules' weights (sdrt.lora)
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -154,24 +180,28 @@ class TorchBackend:
             self.kv = None
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False):
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False,
+                    fixes=None):
         """input_ids: (B, 77k) -> hidden states (B, 77k, C); each 77-token window is encoded
         on its own. clip_skip n > 1 takes the hidden state n layers from the end, then the
         final layer norm. SDXL (``encoder`` 0 or 1): the penultimate layer without the final
         norm, whatever clip_skip says (the web UI's default); ``pooled=True`` also returns the
-        encoder's pooled projection of each row's first window, (B, P)."""
+        encoder's pooled projection of each row's first window, (B, P). ``fixes``: per row,
+        ``[(position, vectors (n, C))]``: textual-inversion vectors read in place of the token
+        embeddings from that position on (the web UI's EmbeddingsWithFixes)."""
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         ids = input_ids.reshape(b * windows, MAX_LENGTH).to(self.device)
         module = self.text_encoder if encoder == 0 else self.text_encoder_2
         if module is None or encoder not in (0, 1):
             raise ValueError(f"text encoder {encoder} does not exist in this model")
-        if self.pooled_dim is not None:
-            out = module(ids, output_hidden_states=True)
-            hidden = out.hidden_states[-2]
-        else:
-            out = module(ids, output_hidden_states=clip_skip > 1)
-            hidden = self.final_layer_norm(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
+        with _token_fixes(module, fixes, windows):
+            if self.pooled_dim is not None:
+                out = module(ids, output_hidden_states=True)
+                hidden = out.hidden_states[-2]
+            else:
+                out = module(ids, output_hidden_states=clip_skip > 1)
+                hidden = self.final_layer_norm(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
         hidden = hidden.reshape(b, n, hidden.shape[-1])
         if not pooled:
             return hidden

@@ -137,6 +137,12 @@ class ServerState:
         parse_auth(config.api_auth)                # a malformed credential list fails before the model loads
         self.config = config
         pipe = pipe or self._pipeline(config.model)
+        if config.lora_dir and pipe.loras is None:
+            pipe.set_lora_dir(config.lora_dir)
+        if config.embeddings_dir and pipe.embeddings is None:
+            pipe.set_embeddings_dir(config.embeddings_dir)
+        if config.vae_dir and pipe.vaes is None:
+            pipe.set_vae_dir(config.vae_dir)
         self.pool = ModelPool(config.model, config.models_dir, config.max_models, load=self._load,
                               loaded=(pipe, self._batcher(pipe)))
         self.first = self.pool.first
@@ -150,7 +156,9 @@ class ServerState:
         return Pipeline.from_pretrained(model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
                                         engine_dir=cfg.engine_dir if model == cfg.model else None,
                                         fast_path=cfg.fast_path, tune=dict(channels_last=cfg.channels_last,
-                                                                           compile=cfg.compile))
+                                                                           compile=cfg.compile),
+                                        lora_dir=cfg.lora_dir, embeddings_dir=cfg.embeddings_dir,
+                                        vae_dir=cfg.vae_dir)
 
     def _batcher(self, pipe: Pipeline) -> Batcher:
         cfg = self.config
@@ -332,6 +340,7 @@ class ServerState:
         images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
         infotexts = [r.infotexts[0] for r in results]
         c = pipe.components
+        vae_info = pipe._vae_state.infotext(meta["opts"]["sd_vae"]) if pipe._vae_state is not None else {}
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(futures),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(futures),
@@ -340,7 +349,7 @@ class ServerState:
             "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
             "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": c.name,
-            "sd_model_hash": c.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "sd_model_hash": c.model_hash, "sd_vae_name": vae_info.get("VAE"), "sd_vae_hash": vae_info.get("VAE hash"),
             "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
             "denoising_strength": None, "extra_generation_params": {"Schedule type": meta["schedule"]},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
@@ -512,6 +521,11 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
             raise APIError(403, "Frozen", "this server's options are frozen (freeze_settings); per-request "
                                           "override_settings still apply")
         state.settings(body)                       # validates every key and value first
+        if body.get("sd_vae") not in (None, "Automatic", "None"):
+            try:                                   # the file is found and fits the model
+                await asyncio.to_thread(state.pipe.validate, GenerationParams(vae=body["sd_vae"]))
+            except ValueError as e:
+                raise APIError(422, "InvalidOption", f"sd_vae: {e}") from None
         if "sd_model_checkpoint" in body:          # the web UI loads the model before answering
             checkpoint = state.checkpoint(body)
 
@@ -537,9 +551,33 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     # what this server has of the web UI's other resources: the routes answer in the web UI's
     # shapes, so clients that list them on start work; sdrt has none of these yet
     empty_lists = ("latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models",
-                   "prompt-styles", "sd-vae", "loras")
+                   "prompt-styles")
     for name in empty_lists:
         app.add_api_route(f"/sdapi/v1/{name}", _empty_list, methods=["GET"], name=name)
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        library = state.pipe.loras
+        return library.listing() if library is not None else []
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        for entry in list(state.pool.loaded.values()):
+            if entry.pipe.loras is not None:
+                await asyncio.to_thread(entry.pipe.loras.refresh)
+        return None
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():
+        library = state.pipe.vaes
+        return library.listing() if library is not None else []
+
+    @app.post("/sdapi/v1/refresh-vae")
+    async def refresh_vae():
+        for entry in list(state.pool.loaded.values()):
+            if entry.pipe.vaes is not None:
+                await asyncio.to_thread(entry.pipe.vaes.refresh)
+        return None
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
@@ -547,7 +585,15 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        library = state.pipe.embeddings
+        return library.listing() if library is not None else {"loaded": {}, "skipped": {}}
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_embeddings():
+        for entry in list(state.pool.loaded.values()):
+            if entry.pipe.embeddings is not None:
+                await asyncio.to_thread(entry.pipe.embeddings.refresh)
+        return None
 
     @app.get("/sdapi/v1/cmd-flags")
     async def cmd_flags():

@@ -18,6 +18,12 @@ class ServerConfig:
                                           "lists them, sd_model_checkpoint picks one per request or for the server")
     max_models: int = option(2, "models kept loaded at once (least recently used unloaded first; the web UI's "
                                 "sd_checkpoints_limit)")
+    lora_dir: str | None = option(None, "the folder of the LoRAs prompts name (<lora:NAME:0.8>; the web UI's "
+                                        "--lora-dir): /sdapi/v1/loras lists them")
+    embeddings_dir: str | None = option(None, "the folder of the textual-inversion embeddings prompts name (the web "
+                                              "UI's --embeddings-dir): /sdapi/v1/embeddings lists them")
+    vae_dir: str | None = option(None, "the folder of the VAE files the sd_vae option names (the web UI's "
+                                       "--vae-dir): /sdapi/v1/sd-vae lists them")
     backend: str = option("torch", "torch, onnxruntime or tensorrt")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     dtype: str = option("float32", "float32 or float16")
