@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import files_under, folder_arg
+
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -71,17 +73,14 @@ class EmbeddingLibrary:
     """The embeddings of a folder that fit a model (``widths``: each text encoder's width)."""
 
     def __init__(self, folder: str | Path | None, widths: list[int], tokenizer):
-        self.folder = Path(folder) if folder else None
-        if self.folder is not None and not self.folder.is_dir():
-            raise ValueError(f"embeddings_dir {str(folder)!r} is not a folder")
+        self.folder = folder_arg("embeddings_dir", folder)
         self.widths, self.tokenizer = list(widths), tokenizer
         self._lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
         loaded, skipped = {}, {}
-        files = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix in SUFFIXES) if self.folder else []
-        for path in files:
+        for path in files_under(self.folder, SUFFIXES):
             name = path.stem
             if name in loaded:
                 continue

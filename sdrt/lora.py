@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import files_under, folder_arg
+
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -251,9 +253,7 @@ class LoraLibrary:
     under the folder without the extension. Parsed files are kept (``cache_size`` most recent)."""
 
     def __init__(self, folder: str | Path | None, cache_size: int = 8):
-        self.folder = Path(folder) if folder else None
-        if self.folder is not None and not self.folder.is_dir():
-            raise ValueError(f"lora_dir {str(folder)!r} is not a folder")
+        self.folder = folder_arg("lora_dir", folder)
         self.cache_size = cache_size
         self._parsed: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
@@ -262,12 +262,9 @@ class LoraLibrary:
 
     def refresh(self) -> None:
         files: dict[str, Path] = {}
-        if self.folder is not None:
-            for p in sorted(self.folder.rglob("*")):
-                if p.is_file() and p.suffix in SUFFIXES:
-                    rel = p.relative_to(self.folder).with_suffix("").as_posix()
-                    files.setdefault(rel, p)
-                    files.setdefault(p.stem, p)
+        for p in files_under(self.folder, SUFFIXES):
+            files.setdefault(p.relative_to(self.folder).with_suffix("").as_posix(), p)
+            files.setdefault(p.stem, p)
         with self._lock:
             self.files = files
             self._parsed.clear()

@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from .conditioning import Conditioning, encode_texts, encode_texts_sdxl, pack_ad
 from .denoiser import CFGDenoiser, plan_contexts
 from .models import Components, load_model
 from .params import GenerationParams, Job, validate
+from .paths import folder_arg
 from .result import Decoded, GenerationResult, nan_error, save_png  # noqa: F401 - save_png: old home
 from .rng import BrownianNoise, ImageRNG
 from .schedules import get_sigmas
@@ -89,8 +89,7 @@ class Pipeline:
         ``vae_dir``: the VAE files the ``vae`` argument names (``set_vae_dir``)."""
         check_target(backend, device, dtype)     # fail before loading weights
         for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir), ("vae_dir", vae_dir)):
-            if folder is not None and not Path(folder).is_dir():
-                raise ValueError(f"{name} {str(folder)!r} is not a folder")
+            folder_arg(name, folder)
         tune = {k: v for k, v in (tune or {}).items() if v not in (None, False)}
         if tune and backend != "torch":
             raise ValueError(f"{', '.join(tune)}: speed options of backend 'torch', not {backend!r}")
@@ -213,9 +212,7 @@ class Pipeline:
         job.loras = split[0][1]
         if not job.loras:
             return
-        if not getattr(self.backend, "supports_lora", False):
-            raise ValueError(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)}); in this release "
-                             f"LoRA runs on backend 'torch', not on the {type(self.backend).__name__}")
+        self._require_weight_changes(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)})")
         if self._lora_state is None:
             self._lora_state = LoraState(self.components, self.loras or LoraLibrary(None))
         self._lora_state.resolve(job.loras)
@@ -225,12 +222,17 @@ class Pipeline:
         from .vae import OWN, VaeLibrary, VaeState
         if job.params.vae in OWN:
             return
-        if not getattr(self.backend, "supports_lora", False):
-            raise ValueError(f"vae={job.params.vae!r}: in this release another VAE runs on backend 'torch', not on "
-                             f"the {type(self.backend).__name__} (its VAE decoder is compiled with the model's own)")
+        self._require_weight_changes(f"vae={job.params.vae!r} asks for another VAE")
         if self._vae_state is None:
             self._vae_state = VaeState(self.components, self.vaes or VaeLibrary(None))
         self._vae_state.weights(job.params.vae)
+
+    def _require_weight_changes(self, what: str) -> None:
+        """LoRA and VAE files change the networks' weights: the torch backend's modules can, a
+        compiled backend's engines (built with the model's own weights) cannot yet."""
+        if not getattr(self.backend, "supports_weight_changes", False):
+            raise ValueError(f"{what}; in this release that runs on backend 'torch', not on the "
+                             f"{type(self.backend).__name__} (its engines hold the model's own weights)")
 
     def _apply_loras(self, part: str, job: Job) -> None:
         if self._lora_state is not None:        # also with none: the previous job's are taken out

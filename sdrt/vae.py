@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import files_under, folder_arg
+
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 OWN = ("Automatic", "None", "", None)
 
@@ -54,18 +56,14 @@ class VaeLibrary:
     or path under the folder; a path to a file anywhere is accepted too."""
 
     def __init__(self, folder: str | Path | None):
-        self.folder = Path(folder) if folder else None
-        if self.folder is not None and not self.folder.is_dir():
-            raise ValueError(f"vae_dir {str(folder)!r} is not a folder")
+        self.folder = folder_arg("vae_dir", folder)
         self.refresh()
 
     def refresh(self) -> None:
         files: dict[str, Path] = {}
-        if self.folder is not None:
-            for p in sorted(self.folder.rglob("*")):
-                if p.is_file() and p.suffix in SUFFIXES:
-                    for key in (p.name, p.stem, p.relative_to(self.folder).as_posix()):
-                        files.setdefault(key, p)
+        for p in files_under(self.folder, SUFFIXES):
+            for key in (p.name, p.stem, p.relative_to(self.folder).as_posix()):
+                files.setdefault(key, p)
         self.files = files
 
     def listing(self) -> list[dict]:

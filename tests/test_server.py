@@ -109,7 +109,7 @@ def test_options_post_sets_the_replicas_defaults(client):
     ('{"prompt": "x", "cfg_scale": "NaN"}', 422, "cfg_scale must be a finite number"),
     ('{"prompt": "x", "enable_hr": true}', 422, "enable_hr=True is not supported"),
     ('{"prompt": "x", "alwayson_scripts": {"controlnet": {}}}', 422, "alwayson_scripts"),
-    ('{"prompt": "x", "override_settings": {"sd_vae": "x.pt"}}', 422, "sd_vae"),
+    ('{"prompt": "x", "override_settings": {"sd_vae": "x.pt"}}', 422, "VAE 'x.pt' was not found"),
     ('{"prompt": "x", "override_settings": {"sd_model_checkpoint": "other.safetensors"}}', 422, "not one this server offers"),
 ])
 def test_bad_requests_get_a_clear_4xx(client, body, status, message):

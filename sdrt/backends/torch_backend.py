@@ -66,7 +66,7 @@ class TorchBackend:
     """Runs the model's own modules; the reference every compiled backend is compared with."""
 
     graph_safe = True        # its CUDA work can be captured into a CUDA graph
-    supports_lora = True     # LoRA merges into these modules' weights (sdrt.lora)
+    supports_weight_changes = True     # LoRA and VAE files change these modules' weights (sdrt.lora, sdrt.vae)
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype

@@ -555,45 +555,30 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     for name in empty_lists:
         app.add_api_route(f"/sdapi/v1/{name}", _empty_list, methods=["GET"], name=name)
 
-    @app.get("/sdapi/v1/loras")
-    async def loras():
-        library = state.pipe.loras
-        return library.listing() if library is not None else []
+    def library_routes(kind: str, attr: str, empty) -> None:
+        """GET /sdapi/v1/<kind> lists the current model's files (its Pipeline.<attr> library) in the
+        web UI's shape; POST /sdapi/v1/refresh-<kind> reads every loaded model's folder again."""
+        async def listing():
+            library = getattr(state.pipe, attr)
+            return library.listing() if library is not None else json.loads(empty)
 
-    @app.post("/sdapi/v1/refresh-loras")
-    async def refresh_loras():
-        for entry in list(state.pool.loaded.values()):
-            if entry.pipe.loras is not None:
-                await asyncio.to_thread(entry.pipe.loras.refresh)
-        return None
+        async def refresh():
+            for entry in list(state.pool.loaded.values()):
+                library = getattr(entry.pipe, attr)
+                if library is not None:
+                    await asyncio.to_thread(library.refresh)
+            return None
+        app.add_api_route(f"/sdapi/v1/{kind}", listing, methods=["GET"], name=kind)
+        refresh_name = {"sd-vae": "vae"}.get(kind, kind)
+        app.add_api_route(f"/sdapi/v1/refresh-{refresh_name}", refresh, methods=["POST"], name=f"refresh-{kind}")
 
-    @app.get("/sdapi/v1/sd-vae")
-    async def sd_vae():
-        library = state.pipe.vaes
-        return library.listing() if library is not None else []
-
-    @app.post("/sdapi/v1/refresh-vae")
-    async def refresh_vae():
-        for entry in list(state.pool.loaded.values()):
-            if entry.pipe.vaes is not None:
-                await asyncio.to_thread(entry.pipe.vaes.refresh)
-        return None
+    library_routes("loras", "loras", "[]")
+    library_routes("sd-vae", "vaes", "[]")
+    library_routes("embeddings", "embeddings", '{"loaded": {}, "skipped": {}}')
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
         return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
-
-    @app.get("/sdapi/v1/embeddings")
-    async def embeddings():
-        library = state.pipe.embeddings
-        return library.listing() if library is not None else {"loaded": {}, "skipped": {}}
-
-    @app.post("/sdapi/v1/refresh-embeddings")
-    async def refresh_embeddings():
-        for entry in list(state.pool.loaded.values()):
-            if entry.pipe.embeddings is not None:
-                await asyncio.to_thread(entry.pipe.embeddings.refresh)
-        return None
 
     @app.get("/sdapi/v1/cmd-flags")
     async def cmd_flags():

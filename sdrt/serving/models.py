@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints import SUFFIXES
-from ..paths import cache_root
+from ..paths import cache_root, files_under
 
 logger = logging.getLogger("sdrt.serving")
 LISTED = tuple(s for s in SUFFIXES if s in (".safetensors", ".ckpt"))
@@ -111,8 +111,7 @@ class ModelPool:
         """The first model, then every checkpoint file under models_dir (sorted by path)."""
         found = [self.first]
         if self.models_dir is not None:
-            files = sorted(p for p in self.models_dir.rglob("*") if p.is_file() and p.suffix in LISTED)
-            for p in files:
+            for p in files_under(self.models_dir, LISTED):
                 if self.first.key and Path(self.first.key).is_file() and p.resolve() == Path(self.first.key).resolve():
                     continue
                 found.append(self._describe(str(p)))
