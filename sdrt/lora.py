@@ -356,6 +356,18 @@ class LoraState:
             self.current[part] = want
             self.seconds[part] = time.perf_counter() - t0
 
+    def original(self, part: str, module: str) -> torch.Tensor | None:
+        """The model's own weight of a module (its kept copy while a LoRA changes it)."""
+        kept = self._backup.get((part, module))
+        if kept is not None:
+            return kept
+        m = self.names.modules[part].get(module)
+        return None if m is None else m.weight
+
+    def changed(self, part: str) -> list[str]:
+        """The modules of network ``part`` whose weights a LoRA changes now."""
+        return [m for p, m in self._backup if p == part]
+
     def _restore(self, part: str) -> None:
         with torch.no_grad():
             for (p, m), original in list(self._backup.items()):

@@ -212,7 +212,8 @@ class Pipeline:
         job.loras = split[0][1]
         if not job.loras:
             return
-        self._require_weight_changes(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)})")
+        if not getattr(self.backend, "supports_lora", False):
+            self._require_weight_changes(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)})")
         if self._lora_state is None:
             self._lora_state = LoraState(self.components, self.loras or LoraLibrary(None))
         self._lora_state.resolve(job.loras)
@@ -237,6 +238,9 @@ class Pipeline:
     def _apply_loras(self, part: str, job: Job) -> None:
         if self._lora_state is not None:        # also with none: the previous job's are taken out
             self._lora_state.apply(part, job.loras)
+            sync = getattr(self.backend, "sync_weights", None)
+            if sync is not None:                 # a compiled backend gets the merged weights too
+                sync(part, self._lora_state)
 
     def _prompt_schedules(self, job: Job):
         calls = job.model_calls

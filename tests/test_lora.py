@@ -246,3 +246,34 @@ def test_http_lists_and_uses_loras(loras):
         assert client.post("/sdapi/v1/refresh-loras").status_code == 200
         assert "late" in {x["name"] for x in client.get("/sdapi/v1/loras").json()}
     state.pool.close()
+
+
+def test_onnxruntime_takes_the_merged_weights_without_a_rebuild(loras, tmp_path):
+    """The graphs on disk stay as built: a LoRA set gets a session whose changed initializers are
+    overridden (found by value); the images equal the torch backend's, and without LoRA the
+    model's own session comes back."""
+    folder, _ = loras
+    ort = sdrt.Pipeline.from_pretrained("random:tiny", backend="onnxruntime", engine_dir=tmp_path, lora_dir=folder)
+    ref = sdrt.Pipeline.from_pretrained("random:tiny", lora_dir=folder)
+    plain = ort("a cat", **ARGS).pixels
+    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    for prompt in ("a cat <lora:detail:0.8>", "a cat <lora:style:0.5:1.5>", "a cat <lora:peft:1>"):
+        assert np.abs(ort(prompt, **ARGS).pixels - ref(prompt, **ARGS).pixels).max() <= 1e-4
+    assert np.abs(ort("a cat", **ARGS).pixels - plain).max() == 0.0
+    assert ort.backend.sessions["unet"] is ort.backend._own_sessions["unet"]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files      # nothing rebuilt
+
+
+def test_onnxruntime_refuses_a_lora_on_a_rewritten_convolution(loras, tmp_path):
+    """A Winograd-rewritten 3x3 convolution holds no weight equal to the model's: a LoCon on it
+    is refused with a clear error, and the next request runs normally."""
+    from sdrt.export import Profile, build_onnxruntime
+    folder, _ = loras
+    c = build_random("tiny")
+    manifest = build_onnxruntime(c, tmp_path, profile=Profile(height=(64, 64, 64), width=(64, 64, 64)))
+    assert manifest["networks"]["unet"]["winograd"]
+    ort = sdrt.Pipeline.from_pretrained("random:tiny", backend="onnxruntime", engine_dir=tmp_path, lora_dir=folder)
+    with pytest.raises(ValueError, match="holds no weight equal to .*conv1.*no-winograd"):
+        ort("a cat <lora:detail:1>", **ARGS)
+    assert ort("a cat <lora:style:1>", **ARGS).images            # no convolution in that one
+    assert ort("a cat", **ARGS).images

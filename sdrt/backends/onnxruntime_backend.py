@@ -32,11 +32,41 @@ def _providers(device: torch.device) -> list:
     return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
 
 
+class _InitializerIndex:
+    """A graph's initializers by shape, their values read on demand from the external data file."""
+
+    def __init__(self, path: str):
+        import onnx
+        from onnx import helper
+        self.graph = onnx.load(path, load_external_data=False).graph
+        data = Path(path + ".data")
+        self.data = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() and data.stat().st_size else None
+        self.by_shape: dict[tuple, list] = {}
+        for init in self.graph.initializer:
+            self.by_shape.setdefault(tuple(init.dims), []).append(init)
+        self._np = helper.tensor_dtype_to_np_dtype
+
+    def array(self, init) -> np.ndarray:
+        import onnx
+        from onnx import numpy_helper
+        if init.data_location != onnx.TensorProto.EXTERNAL or self.data is None:
+            return numpy_helper.to_array(init)
+        info = {e.key: e.value for e in init.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        return np.frombuffer(self.data[offset:offset + length], dtype=self._np(init.data_type)).reshape(tuple(init.dims))
+
+    def find(self, value: np.ndarray) -> tuple[str, np.dtype] | None:
+        for init in self.by_shape.get(tuple(value.shape), ()):
+            arr = self.array(init)
+            if np.array_equal(arr, value.astype(arr.dtype)):
+                return init.name, arr.dtype
+        return None
+
+
 class OnnxRuntimeBackend:
     """Runs ``engine_dir``'s graphs, building them first when missing or stale."""
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype, engine_dir=None, log=None):
-        import onnxruntime as ort
 
         from sdrt.export import Profile, build_onnxruntime
         from sdrt.export.specs import default_networks
@@ -52,14 +82,89 @@ class OnnxRuntimeBackend:
                                      log=log, target=device.type)
         self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
         self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sessions = {name: ort.InferenceSession(str(self.engine_dir / manifest["networks"][name]["file"]),
-                                                    opts, providers=providers)
-                         for name in networks}
+        self._paths = {name: str(self.engine_dir / manifest["networks"][name]["file"]) for name in networks}
+        self._providers = providers
+        self.sessions = {name: self._session(name) for name in networks}
+        self._own_sessions = dict(self.sessions)      # the model's own weights (LoRA sessions come and go)
+        self._lora_sessions: dict[tuple, object] = {}
+        self._initializers: dict[str, dict] | None = None    # module -> (initializer, transposed), per network
+        self.components = components
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
         self._bindings: dict[tuple, tuple] = {}
+
+    def _session(self, name: str, overrides: dict | None = None, conv: bool = False):
+        """An ONNX Runtime session of network ``name``; ``overrides``: {initializer: numpy array}
+        that replace the graph's own (the graph on disk is never re-exported). ``conv``: some
+        override feeds a convolution: ONNX Runtime's layout optimisations (ORT_ENABLE_ALL: NCHWc
+        on the CPU) reorder convolution weights from the graph's own initializer and ignore an
+        override (seen with onnxruntime 1.32), so such a session stops at the extended level (the
+        graph on disk was optimised to that level already)."""
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if conv
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        values = []
+        for init, array in (overrides or {}).items():
+            value = ort.OrtValue.ortvalue_from_numpy(array)       # a view of the array's memory, not a copy
+            values.append((array, value))
+            opts.add_initializer(init, value)
+        session = ort.InferenceSession(self._paths[name], opts, providers=self._providers)
+        session._sdrt_overrides = values          # the session reads them: keep arrays and values alive beside it
+        return session
+
+    # ------------------------------------------------------------------ LoRA
+
+    supports_lora = True        # sdrt.lora merges into the torch modules; sync_weights passes them on
+
+    def _initializer(self, network: str, lora_state, module: str) -> tuple[str, bool, np.dtype]:
+        """(initializer name, transposed, dtype): which initializer of ``network``'s graph holds the
+        weight of ``module``, found by value (the exporter names weights after nothing stable),
+        from the model's own weight; the graph's data is read through a memory map, not loaded."""
+        if self._initializers is None:
+            self._initializers = {}
+        table = self._initializers.setdefault(network, {})
+        if module in table:
+            return table[module]
+        index = table.setdefault("", {}) if "" in table else None
+        if index is None:
+            index = table[""] = _InitializerIndex(self._paths[network])
+        weight = lora_state.original(network, module).detach().float().cpu().numpy()
+        candidates = ((weight, False), (weight.T, True)) if weight.ndim == 2 else ((weight, False),)
+        for candidate, transposed in candidates:
+            hit = index.find(candidate)
+            if hit is not None:
+                table[module] = (hit[0], transposed, hit[1])
+                return table[module]
+        raise ValueError(f"LoRA: the {network} graph in {self.engine_dir} holds no weight equal to {module}'s "
+                         "(rewritten at build time, e.g. a Winograd convolution: use backend 'torch' for this "
+                         "LoRA, or build with --no-winograd)")
+
+    def sync_weights(self, part: str, lora_state) -> None:
+        """Give the graphs of ``part`` ("text" or "unet") the LoRA-merged weights ``lora_state``
+        holds in the torch modules: a session whose changed initializers are overridden (one per
+        LoRA set, the latest kept), or the model's own session again."""
+        networks = {"text": ("text_encoder", "text_encoder_2"), "unet": ("unet",)}[part]
+        uses = lora_state.current[part]
+        for network in networks:
+            if network not in self.sessions:
+                continue
+            if not uses:
+                self.sessions[network] = self._own_sessions[network]
+                continue
+            key = (network, uses)
+            if key not in self._lora_sessions:
+                overrides, conv = {}, False
+                for module_name in lora_state.changed(network):
+                    init, transposed, dtype = self._initializer(network, lora_state, module_name)
+                    w = lora_state.names.module(network, module_name).weight.detach().float().cpu().numpy()
+                    overrides[init] = np.ascontiguousarray((w.T if transposed else w).astype(dtype))
+                    conv = conv or w.ndim == 4
+                self._lora_sessions = {k: v for k, v in self._lora_sessions.items() if k[0] != network}
+                self._lora_sessions[key] = self._session(network, overrides, conv)
+            self.sessions[network] = self._lora_sessions[key]
+        if "unet" in networks:
+            self._bindings.clear()            # IOBindings belong to a session
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""

@@ -67,6 +67,7 @@ class TorchBackend:
 
     graph_safe = True        # its CUDA work can be captured into a CUDA graph
     supports_weight_changes = True     # LoRA and VAE files change these modules' weights (sdrt.lora, sdrt.vae)
+    supports_lora = True
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
