@@ -47,6 +47,24 @@ class PenultimateGraph(torch.nn.Module):
         return out.hidden_states[-2]
 
 
+class EmbedsInput(torch.nn.Module):
+    """A text-encoder graph that reads its token embeddings from ``inputs_embeds`` (the ids still
+    give the end token's position): the text encoder's token-embedding output is replaced by the
+    input while it is traced."""
+
+    def __init__(self, graph: torch.nn.Module, text_encoder):
+        super().__init__()
+        self.graph = graph
+        self.table = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+
+    def forward(self, input_ids, inputs_embeds):
+        handle = self.table.register_forward_hook(lambda module, args, output: inputs_embeds)
+        try:
+            return self.graph(input_ids)
+        finally:
+            handle.remove()
+
+
 class UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -88,6 +106,10 @@ class VAEEncoderGraph(torch.nn.Module):
 
 def graph_module(components, name: str) -> torch.nn.Module:
     sdxl = components.is_sdxl
+    if name.endswith("_embeds"):
+        base = name[:-len("_embeds")]
+        encoder = components.text_encoder_2 if base == "text_encoder_2" else components.text_encoder
+        return EmbedsInput(graph_module(components, base), encoder)
     if name == "text_encoder":
         return PenultimateGraph(components.text_encoder, False) if sdxl else TextEncoderGraph(components.text_encoder)
     if name == "text_encoder_2" and sdxl:
@@ -107,7 +129,11 @@ def sample_inputs(components, spec: NetworkSpec) -> tuple:
     g = torch.Generator().manual_seed(0)
     if spec.name.startswith("text_encoder"):
         vocab = int(components.text_encoder.config.vocab_size)
-        return (torch.randint(0, vocab, (2, 77), generator=g),)
+        ids = torch.randint(0, vocab, (2, 77), generator=g)
+        if spec.name.endswith("_embeds"):
+            encoder = components.text_encoder_2 if spec.name.startswith("text_encoder_2") else components.text_encoder
+            return ids, torch.randn(2, 77, int(encoder.config.hidden_size), generator=g)
+        return (ids,)
     if spec.name == "unet":
         args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
                 torch.randn(2, 77, dims.hidden, generator=g))

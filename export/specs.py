@@ -60,7 +60,15 @@ VAE_ENCODER = NetworkSpec(
     inputs=(TensorSpec("image", ("B", 3, "IH", "IW")),),
     outputs=(TensorSpec("latent", ("B", 4, "H", "W")),),        # mean of the posterior, scaled
 )
-NETWORKS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
+# the text encoders again, reading the token embeddings from an input instead of their table:
+# textual-inversion vectors go in at their positions (built when a prompt first names one); the
+# token ids stay an input for the end token's position (the pooled output)
+TEXT_ENCODER_EMBEDS = NetworkSpec(
+    "text_encoder_embeds",
+    inputs=TEXT_ENCODER.inputs + (TensorSpec("inputs_embeds", ("N", 77, "C")),),
+    outputs=TEXT_ENCODER.outputs,
+)
+NETWORKS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, TEXT_ENCODER_EMBEDS)}
 DEFAULT_NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 # SDXL: both text encoders give their penultimate layer without the final norm (CLIP skip does not
@@ -81,7 +89,14 @@ UNET_XL = NetworkSpec(
     inputs=UNET.inputs + (TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", 6))),
     outputs=UNET.outputs,
 )
-SDXL_NETWORKS = {s.name: s for s in (TEXT_ENCODER_XL, TEXT_ENCODER_2, UNET_XL, VAE_DECODER, VAE_ENCODER)}
+TEXT_ENCODER_XL_EMBEDS = NetworkSpec(
+    "text_encoder_embeds", inputs=TEXT_ENCODER_XL.inputs + (TensorSpec("inputs_embeds", ("N", 77, "C1")),),
+    outputs=TEXT_ENCODER_XL.outputs)
+TEXT_ENCODER_2_EMBEDS = NetworkSpec(
+    "text_encoder_2_embeds", inputs=TEXT_ENCODER_2.inputs + (TensorSpec("inputs_embeds", ("N", 77, "C2")),),
+    outputs=TEXT_ENCODER_2.outputs)
+SDXL_NETWORKS = {s.name: s for s in (TEXT_ENCODER_XL, TEXT_ENCODER_2, UNET_XL, VAE_DECODER, VAE_ENCODER,
+                                     TEXT_ENCODER_XL_EMBEDS, TEXT_ENCODER_2_EMBEDS)}
 SDXL_DEFAULT_NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
@@ -201,7 +216,8 @@ def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str,
         if network == "unet":
             values.update(B=2 * b[i], S=77 * k[i], C=dims.hidden, P=dims.pooled)
         if network.startswith("text_encoder"):
-            values.update(N=(1 if i == 0 else 2 * b[i] * k[i]))
+            values.update(N=(1 if i == 0 else 2 * b[i] * k[i]), C=dims.hidden, C1=dims.hidden_1 or dims.hidden,
+                          C2=dims.hidden - dims.hidden_1)
         for t in specs[network].inputs:
             shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
                           for d in t.dims)

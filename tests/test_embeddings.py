@@ -122,12 +122,18 @@ def test_a_pickle_that_runs_code_is_skipped_never_run(tmp_path):
     assert "evil" in p.embeddings.skipped and not marker.exists()
 
 
-def test_compiled_backends_refuse_clearly(folder, tmp_path):
+def test_onnxruntime_reads_the_vectors_without_a_rebuild_of_its_text_encoder(pipe, folder, tmp_path):
+    """The first prompt that names an embedding builds a second text-encoder graph that takes token
+    embeddings as an input (the model's own graph stays); the images equal the torch backend's."""
     ort = sdrt.Pipeline.from_pretrained("random:tiny", backend="onnxruntime", engine_dir=tmp_path,
                                         embeddings_dir=folder)
-    with pytest.raises(ValueError, match="textual-inversion embeddings run on backend 'torch'"):
-        ort("a myemb", **ARGS)
-    assert ort("a cat", **ARGS).images
+    own = (tmp_path / "text_encoder.onnx").stat().st_mtime_ns
+    for prompt in ("a photo of (myemb:1.2)", "two-vec " + "long " * 80 + " myemb"):
+        assert np.abs(ort(prompt, **ARGS).pixels - pipe(prompt, **ARGS).pixels).max() <= 1e-4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "text_encoder_embeds" in manifest["networks"]
+    assert (tmp_path / "text_encoder.onnx").stat().st_mtime_ns == own
+    assert np.abs(ort("a cat", **ARGS).pixels - pipe("a cat", **ARGS).pixels).max() <= 1e-4
 
 
 def test_http_lists_and_refreshes(folder, tmp_path):

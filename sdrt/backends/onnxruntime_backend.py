@@ -75,7 +75,7 @@ class OnnxRuntimeBackend:
         self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(
             components, "onnxruntime", str(dtype).replace("torch.", ""))
         log = log or build_log
-        precision = str(dtype).replace("torch.", "")
+        precision = self._precision = str(dtype).replace("torch.", "")
         providers = _providers(device)          # fail before a possibly long build
         networks = default_networks(components.is_sdxl)
         manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=networks,
@@ -112,6 +112,35 @@ class OnnxRuntimeBackend:
         session = ort.InferenceSession(self._paths[name], opts, providers=self._providers)
         session._sdrt_overrides = values          # the session reads them: keep arrays and values alive beside it
         return session
+
+    # ------------------------------------------------------------------ textual inversion
+
+    def _embeds_session(self, name: str):
+        """The text encoder that reads token embeddings from an input, built into the engine folder
+        the first time a prompt names an embedding (the model's own text-encoder graph is kept)."""
+        graph = name + "_embeds"
+        if graph not in self.sessions:
+            from sdrt.export import build_onnxruntime
+            build_log(f"building {graph} (textual-inversion embeddings) in {self.engine_dir}")
+            manifest = build_onnxruntime(self.components, self.engine_dir, precision=self._precision,
+                                         networks=(graph,), log=build_log, target=self.device.type)
+            self._paths[graph] = str(self.engine_dir / manifest["networks"][graph]["file"])
+            self.sessions[graph] = self._session(graph)
+        return self.sessions[graph]
+
+    def _embeds(self, name: str, ids: np.ndarray, fixes, n: int) -> np.ndarray:
+        """(rows, 77, C) token embeddings of ``ids`` from the model's table, with the vectors of
+        ``fixes`` (per input row: [(position in its 77k tokens, vectors)]) in place."""
+        encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight
+        out = table.detach().float().cpu()[torch.from_numpy(ids)].numpy().copy()
+        windows = n // MAX_LENGTH
+        for r, row in enumerate(fixes):
+            for pos, vec in row:
+                offset = pos % MAX_LENGTH
+                k = min(int(vec.shape[0]), MAX_LENGTH - offset)
+                out[r * windows + pos // MAX_LENGTH, offset:offset + k] = vec[:k].float().cpu().numpy()
+        return out.astype(np.float32)              # float16 graphs keep float32 inputs and outputs
 
     # ------------------------------------------------------------------ LoRA
 
@@ -173,9 +202,6 @@ class OnnxRuntimeBackend:
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False,
                     fixes=None):
         """As ``TorchBackend.encode_text`` (SDXL: the penultimate layers, ``pooled`` from the second)."""
-        if fixes and any(fixes):
-            raise ValueError("textual-inversion embeddings run on backend 'torch' in this release (the compiled "
-                             "text encoders take token ids only)")
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         check_profile_windows(self.profile, self.engine_dir, windows)
@@ -183,7 +209,11 @@ class OnnxRuntimeBackend:
         name = "text_encoder" if encoder == 0 else "text_encoder_2"
         if name not in self.sessions:
             raise ValueError(f"text encoder {encoder} does not exist in this model")
-        outputs = self.sessions[name].run(None, {"input_ids": ids})
+        if fixes and any(fixes):                 # textual inversion: the token embeddings come in as an input
+            outputs = self._embeds_session(name).run(None, {"input_ids": ids,
+                                                            "inputs_embeds": self._embeds(name, ids, fixes, n)})
+        else:
+            outputs = self.sessions[name].run(None, {"input_ids": ids})
         if self.pooled_dim is None:
             hidden = outputs[0][outputs[0].shape[0] - clip_skip]            # (L, N, 77, C): CLIP skip picks a layer
         else:
