@@ -23,6 +23,7 @@ merged into the weights for the whole generation and restored exactly afterwards
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -102,7 +103,6 @@ def lora_hash(path: Path) -> str:
         if path.suffix == ".safetensors":
             n = int.from_bytes(f.read(8), "little")
             try:
-                import json
                 meta = json.loads(f.read(n)).get("__metadata__") or {}
                 if isinstance(meta.get("sshs_model_hash"), str) and meta["sshs_model_hash"]:
                     return meta["sshs_model_hash"][:12]
@@ -123,10 +123,6 @@ class LoraFile:
     path: Path
     hash: str
     layers: dict = field(default_factory=dict)     # (part, module) -> (down, up, alpha or None)
-    families: set = field(default_factory=set)     # what it was made for, from its names (sdxl: te1/te2)
-
-    def targets(self, part: str):
-        return {m: v for (p, m), v in self.layers.items() if p == part}
 
 
 def _read(path: Path) -> dict:
