@@ -277,3 +277,18 @@ def test_onnxruntime_refuses_a_lora_on_a_rewritten_convolution(loras, tmp_path):
         ort("a cat <lora:detail:1>", **ARGS)
     assert ort("a cat <lora:style:1>", **ARGS).images            # no convolution in that one
     assert ort("a cat", **ARGS).images
+
+
+def test_make_networks_script(tmp_path):
+    """scripts/make_networks.py writes a LoRA and an embedding a fresh clone can try."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("make_networks", Path(__file__).parent.parent / "scripts" / "make_networks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["random:tiny", str(tmp_path)]) == 0
+    p = sdrt.Pipeline.from_pretrained("random:tiny", lora_dir=tmp_path / "loras", embeddings_dir=tmp_path / "embeddings")
+    r = p("a cat <lora:random-lora:0.7> random-emb", **ARGS)
+    parsed = infotext.parse(r.infotexts[0])
+    assert parsed["Lora hashes"].startswith("random-lora: ") and parsed["TI hashes"].startswith("random-emb: ")
+    assert np.abs(r.pixels - p("a cat", **ARGS).pixels).max() > 0.01
