@@ -16,7 +16,7 @@ def _generate(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, fast_path=args.fast_path,
                                     tune=dict(channels_last=args.channels_last, compile=args.compile),
-                                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae_dir=args.vae_dir)
     native = pipe.components.native_size
     params = from_arguments(args, width=native, height=native)    # the model's own size by default
     bar = tqdm(total=params.steps, unit="step", desc="sampling", disable=args.quiet)
@@ -163,6 +163,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "or random:tiny, random:sd15, random:sdxl, ...")
     p.add_argument("--lora-dir", default=None, help="the folder of the LoRAs prompts name (<lora:NAME:0.8>)")
     p.add_argument("--embeddings-dir", default=None, help="the folder of the textual-inversion embeddings prompts name")
+    p.add_argument("--vae-dir", default=None, help="the folder of the VAE files --vae may name (a path works without it)")
     p.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 or float16")

@@ -114,3 +114,16 @@ def test_http_sd_vae(folder):
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", **ARGS})
         assert json.loads(r.json()["info"])["sd_vae_name"] == "other.safetensors"
     state.pool.close()
+
+
+def test_cli_vae(folder, tmp_path):
+    from PIL import Image
+
+    from sdrt.cli import main
+    out = tmp_path / "v.png"
+    assert main(["generate", "a cat", "--steps", "2", "--vae-dir", str(folder[0]), "--vae", "other", "-o", str(out),
+                 "-q"]) == 0
+    assert "VAE: other.safetensors" in Image.open(out).text["parameters"]
+    assert main(["generate", "a cat", "--steps", "2", "--vae", str(folder[0] / "other.safetensors"), "-o", str(out),
+                 "-q"]) == 0
+    assert main(["generate", "a cat", "--steps", "2", "--vae", "nope", "-o", str(out), "-q"]) == 2
