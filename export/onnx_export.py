@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .specs import NetworkSpec, model_dims, network_specs
@@ -212,6 +213,40 @@ def to_float16(path: Path, name: str) -> None:
     keep = list(FLOAT32_OPS.get(name, ()))
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=not keep, op_block_list=keep)
     save_onnx(model, path)
+
+
+class InitializerIndex:
+    """A graph's initializers by shape, their values read on demand from the external data file
+    (memory-mapped): which initializer holds a module's weight, found by value (LoRA on a compiled
+    network whose weights the exporter named after nothing stable)."""
+
+    def __init__(self, path: str):
+        import onnx
+        from onnx import helper
+        self.graph = onnx.load(path, load_external_data=False).graph
+        data = Path(path + ".data")
+        self.data = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() and data.stat().st_size else None
+        self.by_shape: dict[tuple, list] = {}
+        self.by_name = {init.name: init for init in self.graph.initializer}
+        for init in self.graph.initializer:
+            self.by_shape.setdefault(tuple(init.dims), []).append(init)
+        self._np = helper.tensor_dtype_to_np_dtype
+
+    def array(self, init) -> np.ndarray:
+        import onnx
+        from onnx import numpy_helper
+        if init.data_location != onnx.TensorProto.EXTERNAL or self.data is None:
+            return numpy_helper.to_array(init)
+        info = {e.key: e.value for e in init.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        return np.frombuffer(self.data[offset:offset + length], dtype=self._np(init.data_type)).reshape(tuple(init.dims))
+
+    def find(self, value: np.ndarray) -> tuple[str, np.dtype] | None:
+        for init in self.by_shape.get(tuple(value.shape), ()):
+            arr = self.array(init)
+            if np.array_equal(arr, value.astype(arr.dtype)):
+                return init.name, arr.dtype
+        return None
 
 
 def files_of(path: Path) -> list[Path]:

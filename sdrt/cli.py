@@ -77,7 +77,7 @@ def _build(args) -> int:
         from .export.tensorrt import BuildOptions, build_tensorrt
         precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
         manifest = build_tensorrt(components, args.out, profile=profile, networks=networks, force=args.force,
-                                  options=BuildOptions(precision=precision,
+                                  options=BuildOptions(precision=precision, refit=args.refit,
                                                        timing_cache=str(Path(args.out) / "timing.cache")),
                                   target=args.target or "native", log=lambda m: print(f"  {m}", flush=True),
                                   on_progress=lambda phase, i, n: print(f"  {phase}: {i}/{n}", flush=True))
@@ -201,6 +201,7 @@ def _add_build(sub) -> None:
     b.add_argument("--networks", default=None, help="comma list, or 'all' (default: what generation runs: the "
                    "text encoder(s), unet, vae_decoder)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.add_argument("--refit", action="store_true", help="tensorrt: refittable engines (LoRA merged by refit)")
     b.add_argument("--no-winograd", dest="winograd", action="store_false",
                    help="onnxruntime, cpu, float32: keep every convolution direct (by default the 3x3 ones that run "
                         "at least 8x8 at --min become Winograd GEMMs: faster, larger artifact)")

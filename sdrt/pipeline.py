@@ -232,8 +232,9 @@ class Pipeline:
         """LoRA and VAE files change the networks' weights: the torch backend's modules can, a
         compiled backend's engines (built with the model's own weights) cannot yet."""
         if not getattr(self.backend, "supports_weight_changes", False):
+            hint = getattr(self.backend, "weight_changes_hint", "")
             raise ValueError(f"{what}; in this release that runs on backend 'torch', not on the "
-                             f"{type(self.backend).__name__} (its engines hold the model's own weights)")
+                             f"{type(self.backend).__name__} (its engines hold the model's own weights){hint}")
 
     def _apply_loras(self, part: str, job: Job) -> None:
         if self._lora_state is not None:        # also with none: the previous job's are taken out

@@ -105,6 +105,7 @@ class OnnxParser(_Recorded):
         inits = {i.name for i in graph.initializer}
         self._network._inputs = [_Tensor(i.name) for i in graph.input if i.name not in inits]
         self._network._outputs = [o.name for o in graph.output]
+        self._network._onnx = str(path)
         # the weights' element types: a strongly typed network computes in these
         types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
         self._network._weight_types = {types.get(i.data_type, str(i.data_type)) for i in graph.initializer
@@ -211,7 +212,8 @@ class Builder(_Recorded):
                 return None
         flags = ",".join(sorted(config.flags))
         outputs = getattr(network, "_outputs", [])
-        return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}|{outputs}".encode())
+        onnx_path = getattr(network, "_onnx", "")
+        return memoryview(f"fake-plan|{flags}|{sorted(config.profiles[0].shapes.items())}|{outputs}|{onnx_path}".encode())
 
 
 # ---------------------------------------------------------------- runtime
@@ -241,9 +243,21 @@ def _profile():
 PROFILE = _profile()               # what the tests' fake engines are built for (conftest: trt_engines)
 
 
-def compute_with(components, backend) -> None:
-    """Make the fake engines compute what a torch backend's modules compute."""
+def compute_with(components, backend, frozen: bool = False) -> None:
+    """Make the fake engines compute what a torch backend's modules compute; ``frozen``: with a
+    private copy of the modules (weights change only through Refitter)."""
+    import copy
+
     import torch
+    if frozen:
+        from sdrt.backends.torch_backend import TorchBackend
+        components = copy.deepcopy(components)
+        backend = TorchBackend(components, torch.device("cpu"), torch.float32)
+        FROZEN.clear()
+        FROZEN.update({"unet": components.unet, "text_encoder": components.text_encoder,
+                       "text_encoder_2": components.text_encoder_2})
+    else:
+        FROZEN.clear()
     layers, f = backend.num_text_layers, components.latent_factor
     hidden = int(components.text_encoder.config.hidden_size)
     if components.is_sdxl:
@@ -426,13 +440,87 @@ class Runtime(_Recorded):
         text = bytes(serialized_engine).decode(errors="replace")
         if not text.startswith("fake-plan|"):
             return None                                       # the real runtime logs and returns None
-        _, _, shapes, outputs = text.split("|", 3)
+        _, flags, shapes, outputs, onnx_path = text.split("|", 4)
         shapes, outputs = dict(ast.literal_eval(shapes)), ast.literal_eval(outputs)
         network = {"input_ids": "text_encoder", "sample": "unet", "latent": "vae_decoder"}[
             next(n for n in ("input_ids", "sample", "latent") if n in shapes)]
         if network == "text_encoder" and "text_embeds" in outputs:
             network = "text_encoder_2"          # SDXL's second encoder: the one with a pooled output
-        return ICudaEngine(network, shapes, outputs)
+        engine = ICudaEngine(network, shapes, outputs)
+        engine._refittable, engine._onnx = "REFIT" in flags.split(","), onnx_path
+        return engine
+
+
+class Weights(_Recorded):
+    """``trt.Weights(array)``: host weights (the fake keeps the numpy array)."""
+
+    def __init__(self, a=None):
+        import numpy as np
+        self._array = np.asarray(a)
+
+
+# the weights the fake engines compute with, per network: the modules of a private copy of the
+# model (compute_with(frozen=True)); Refitter writes into them, so a LoRA reaches an engine only
+# through a refit, as on a GPU
+FROZEN: dict = {}
+
+
+class Refitter(_Recorded):
+    """TensorRT's refitter over one engine: ``set_named_weights`` takes weights named after the ONNX
+    initializers (refused, as TensorRT refuses, for an unknown name or another shape or dtype),
+    ``refit_cuda_engine`` puts them into the engine (False for an engine not built with REFIT)."""
+
+    def __init__(self, engine, logger):
+        _call("Refitter", engine._network)
+        self._engine, self._weights = engine, {}
+        from sdrt.export.onnx_export import InitializerIndex
+        self._index = InitializerIndex(engine._onnx) if engine._onnx else None
+
+    def set_named_weights(self, name, weights):
+        _call("set_named_weights", self._engine._network, name)
+        init = self._index.by_name.get(name) if self._index is not None else None
+        if init is None:
+            return False
+        original = self._index.array(init)
+        if weights._array.shape != original.shape or weights._array.dtype != original.dtype:
+            return False
+        self._weights[name] = weights
+        return True
+
+    # weights the fake "fused" at build time: refitting the first asks for the second too
+    COMBINED: dict = {}
+
+    def get_missing_weights(self):
+        return [other for name in self._weights for other in [self.COMBINED.get(name)]
+                if other is not None and other not in self._weights]
+
+    def refit_cuda_engine(self):
+        import numpy as np
+        import torch
+        _call("refit_cuda_engine", self._engine._network, sorted(self._weights))
+        if not self._engine._refittable:
+            return False
+        modules = FROZEN.get(self._engine._network)
+        if modules is None:
+            raise RuntimeError("the fake engines compute with the live model: compute_with(..., frozen=True)")
+        places = self._engine.__dict__.setdefault("_places", {})    # initializer -> (the engine's weight, transposed)
+        for name, weights in self._weights.items():
+            if name not in places:     # the first refit of a name: the engine still holds the original
+                original = self._index.array(self._index.by_name[name]).astype(np.float32)
+                for param in modules.parameters():
+                    p = param.detach().numpy()
+                    if p.shape == original.shape and np.array_equal(p, original):
+                        places[name] = (param, False)
+                        break
+                    if p.ndim == 2 and p.T.shape == original.shape and np.array_equal(p.T, original):
+                        places[name] = (param, True)
+                        break
+                else:
+                    raise RuntimeError(f"fake refit: no weight of the engine equals the initializer {name}")
+            param, transposed = places[name]
+            value = weights._array.astype(np.float32)
+            param.data.copy_(torch.from_numpy(value.T.copy() if transposed else value))
+        return True
 
 
 class ICudaEngine100(ICudaEngine):
@@ -458,7 +546,7 @@ def module(version: str = "11.4.0.106", weak: bool = False):
         pass
     m = Module("tensorrt")
     for obj in (Logger, MemoryPoolType, BuilderFlag, IProgressMonitor, Builder, OnnxParser, Runtime, TensorIOMode,
-                DataType, ExecutionContextAllocationStrategy, NetworkDefinitionCreationFlag):
+                DataType, ExecutionContextAllocationStrategy, NetworkDefinitionCreationFlag, Refitter, Weights):
         setattr(m, obj.__name__, obj)
     if weak or version.startswith("10."):
         m.BuilderFlag = BuilderFlag10
@@ -471,7 +559,7 @@ def module(version: str = "11.4.0.106", weak: bool = False):
 
 FAKE_CLASSES = (Logger, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag, IProgressMonitor, INetworkDefinition, OnnxParser,
                 IOptimizationProfile, ITimingCache, IBuilderConfig, Builder, TensorIOMode, DataType,
-                ExecutionContextAllocationStrategy, ICudaEngine, IExecutionContext, Runtime)
+                ExecutionContextAllocationStrategy, ICudaEngine, IExecutionContext, Runtime, Refitter, Weights)
 # enum-like classes: their members must be enum members of the real binding, not just words in it
 FAKE_ENUMS = (Logger, MemoryPoolType, BuilderFlag, NetworkDefinitionCreationFlag, TensorIOMode, DataType,
               ExecutionContextAllocationStrategy)

@@ -15,14 +15,17 @@ WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "wheels"
 
 class _Names(set):
     """The binding's identifiers, plus any name stored as the tail of a longer string (the
-    linker merges "INPUT" into "CONDITIONAL_INPUT": enum member names hide there)."""
+    linker merges "INPUT" into "CONDITIONAL_INPUT": enum member names hide there; and
+    "set_named_weights" into "unset_named_weights", where the method's docstring constant,
+    ``RefitterDoc::set_named_weights``, still names it)."""
 
     def __init__(self, words, data: bytes):
         super().__init__(words)
         self.data = data
 
     def __contains__(self, name):
-        return set.__contains__(self, name) or f"_{name}\x00".encode() in self.data
+        return (set.__contains__(self, name) or f"_{name}\x00".encode() in self.data
+                or re.search(rb"DocL\d+" + name.encode() + rb"E", self.data) is not None)
 
     def enum_member(self, name: str) -> bool:
         """pybind11 keeps enum member names as NUL-terminated strings of their own (or as the

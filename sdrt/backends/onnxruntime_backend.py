@@ -32,37 +32,6 @@ def _providers(device: torch.device) -> list:
     return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
 
 
-class _InitializerIndex:
-    """A graph's initializers by shape, their values read on demand from the external data file."""
-
-    def __init__(self, path: str):
-        import onnx
-        from onnx import helper
-        self.graph = onnx.load(path, load_external_data=False).graph
-        data = Path(path + ".data")
-        self.data = np.memmap(data, dtype=np.uint8, mode="r") if data.is_file() and data.stat().st_size else None
-        self.by_shape: dict[tuple, list] = {}
-        for init in self.graph.initializer:
-            self.by_shape.setdefault(tuple(init.dims), []).append(init)
-        self._np = helper.tensor_dtype_to_np_dtype
-
-    def array(self, init) -> np.ndarray:
-        import onnx
-        from onnx import numpy_helper
-        if init.data_location != onnx.TensorProto.EXTERNAL or self.data is None:
-            return numpy_helper.to_array(init)
-        info = {e.key: e.value for e in init.external_data}
-        offset, length = int(info.get("offset", 0)), int(info["length"])
-        return np.frombuffer(self.data[offset:offset + length], dtype=self._np(init.data_type)).reshape(tuple(init.dims))
-
-    def find(self, value: np.ndarray) -> tuple[str, np.dtype] | None:
-        for init in self.by_shape.get(tuple(value.shape), ()):
-            arr = self.array(init)
-            if np.array_equal(arr, value.astype(arr.dtype)):
-                return init.name, arr.dtype
-        return None
-
-
 class OnnxRuntimeBackend:
     """Runs ``engine_dir``'s graphs, building them first when missing or stale."""
 
@@ -150,6 +119,7 @@ class OnnxRuntimeBackend:
         """(initializer name, transposed, dtype): which initializer of ``network``'s graph holds the
         weight of ``module``, found by value (the exporter names weights after nothing stable),
         from the model's own weight; the graph's data is read through a memory map, not loaded."""
+        from sdrt.export.onnx_export import InitializerIndex
         if self._initializers is None:
             self._initializers = {}
         table = self._initializers.setdefault(network, {})
@@ -157,7 +127,7 @@ class OnnxRuntimeBackend:
             return table[module]
         index = table.setdefault("", {}) if "" in table else None
         if index is None:
-            index = table[""] = _InitializerIndex(self._paths[network])
+            index = table[""] = InitializerIndex(self._paths[network])
         weight = lora_state.original(network, module).detach().float().cpu().numpy()
         candidates = ((weight, False), (weight.T, True)) if weight.ndim == 2 else ((weight, False),)
         for candidate, transposed in candidates:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..conditioning import added_pooled_dim, unpack_added
@@ -216,6 +217,11 @@ class TensorRTBackend:
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
 
+        # LoRA: engines built refittable (`sdrt build --backend tensorrt --refit`) take merged weights
+        self.refittable = {n: "-refit" in str(manifest["networks"][n].get("key", {}).get("optimization", ""))
+                           for n in networks}
+        self._refitted: dict[str, set] = {}              # network -> modules whose weights a LoRA changed
+        self._refit_names: dict[str, dict] = {}          # network -> {module: (weights name, transposed, dtype)}
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         with on_device(device):            # engines and contexts live on the device they were loaded on
@@ -262,6 +268,74 @@ class TensorRTBackend:
             out = engine(side.cuda_stream, **inputs)
         current.wait_stream(side)              # the outputs are ready for what follows there
         return out
+
+    # ------------------------------------------------------------------ LoRA by refit
+
+    weight_changes_hint = ("; LoRA needs refittable engines: `sdrt build MODEL --backend tensorrt --refit` (another "
+                           "VAE is not supported on TensorRT yet)")
+
+    @property
+    def supports_lora(self) -> bool:
+        return all(ok for n, ok in self.refittable.items() if n == "unet" or n.startswith("text_encoder"))
+
+    def _weights_name(self, network: str, lora_state, module: str) -> tuple[str, bool, object]:
+        """The refittable weights that hold ``module``'s weight: TensorRT names them after the ONNX
+        initializers, and the initializer is found by value in the engine folder's ONNX graph."""
+        table = self._refit_names.setdefault(network, {})
+        if module not in table:
+            from sdrt.export.onnx_export import InitializerIndex
+            index = table.get("") or table.setdefault("", InitializerIndex(str(self.engine_dir / "onnx" / f"{network}.onnx")))
+            weight = lora_state.original(network, module).detach().float().cpu().numpy()
+            for candidate, transposed in ((weight, False), (weight.T, True)) if weight.ndim == 2 else ((weight, False),):
+                hit = index.find(candidate)
+                if hit is not None:
+                    table[module] = (hit[0], transposed, hit[1])
+                    break
+            else:
+                raise ValueError(f"LoRA: the {network} engine's graph in {self.engine_dir / 'onnx'} holds no weight "
+                                 f"equal to {module}'s; rebuild with `sdrt build MODEL --backend tensorrt --refit`")
+        return table[module]
+
+    def sync_weights(self, part: str, lora_state) -> None:
+        """Refit the engines of ``part`` ("text" or "unet") with the weights ``lora_state`` holds in
+        the torch modules: the modules a LoRA changes now, and those it changed before (back to
+        the model's own). Captured CUDA graphs of a refitted engine are captured again."""
+        if not self.supports_lora:
+            raise ValueError(f"LoRA on TensorRT needs refittable engines; the engines in {self.engine_dir} are not: "
+                             "rebuild them with `sdrt build MODEL --backend tensorrt --refit`")
+        networks = {"text": ("text_encoder", "text_encoder_2"), "unet": ("unet",)}[part]
+        for network in networks:
+            if network not in self.engines:
+                continue
+            changed = set(lora_state.changed(network))
+            todo = changed | self._refitted.get(network, set())
+            if not todo:
+                continue
+            engine = self.engines[network]
+            refitter = self.trt.Refitter(engine.engine, self.logger)
+            keep = []                  # TensorRT reads the arrays until refit_cuda_engine returns
+            for module in sorted(todo):
+                name, transposed, dtype = self._weights_name(network, lora_state, module)
+                w = lora_state.names.module(network, module).weight.detach().float().cpu().numpy()
+                keep.append(np.ascontiguousarray((w.T if transposed else w).astype(dtype)))
+                if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
+                    raise RuntimeError(f"TensorRT refused the weights {name!r} of {network}.{module} "
+                                       f"(shape {keep[-1].shape}, {keep[-1].dtype})")
+            # weights TensorRT combined with the changed ones at build time (a fused bias, say): their
+            # own values, from the graph they were built from
+            index = self._refit_names[network][""]
+            for name in list(refitter.get_missing_weights()):
+                if name not in index.by_name:
+                    raise RuntimeError(f"TensorRT asks for weights {name!r} to refit {network}, which its graph "
+                                       "does not hold")
+                keep.append(np.ascontiguousarray(index.array(index.by_name[name])))
+                if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
+                    raise RuntimeError(f"TensorRT refused the graph's own weights {name!r} of {network}")
+            with on_device(self.device):
+                if not refitter.refit_cuda_engine():
+                    raise RuntimeError(f"TensorRT could not refit the {network} engine (see the log above)")
+            self._refitted[network] = changed
+            engine.version += 1        # a CUDA graph captured before must not replay
 
     def close(self) -> None:
         """Release the execution contexts and engines, then their scratch memory."""
