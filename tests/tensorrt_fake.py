@@ -261,7 +261,8 @@ def compute_with(components, backend, frozen: bool = False) -> None:
     layers, f = backend.num_text_layers, components.latent_factor
     hidden = int(components.text_encoder.config.hidden_size)
     if components.is_sdxl:
-        return _compute_sdxl(components, backend)
+        _compute_sdxl(components, backend)
+        return _add_embeds_executors(components)
 
     def text(input_ids):
         ids = input_ids.reshape(1, -1)
@@ -274,6 +275,31 @@ def compute_with(components, backend, frozen: bool = False) -> None:
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
     })
+    _add_embeds_executors(components)
+
+
+def _with_embeds(run, text_encoder):
+    """An executor of ``NAME_embeds``: the base network's, its token embeddings replaced by the input."""
+    def embeds_run(input_ids, inputs_embeds):
+        table = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+
+        def hook(module, args, output):      # the backend encodes each 77-token row as a window
+            return inputs_embeds.reshape(output.shape).to(output.dtype)
+        handle = table.register_forward_hook(hook)
+        try:
+            return run(input_ids)
+        finally:
+            handle.remove()
+    return embeds_run
+
+
+def _add_embeds_executors(components) -> None:
+    for name, encoder in (("text_encoder", components.text_encoder), ("text_encoder_2", components.text_encoder_2)):
+        if name in EXECUTORS and encoder is not None:
+            run, shapes = EXECUTORS[name]
+            EXECUTORS[name + "_embeds"] = (_with_embeds(run, encoder), shapes)
+
+
 def _compute_sdxl(components, backend) -> None:
     import torch
     f, pooled = components.latent_factor, backend.pooled_dim
@@ -302,7 +328,8 @@ def _compute_sdxl(components, backend) -> None:
     })
 
 
-SCRATCH = {"text_encoder": 3 << 20, "text_encoder_2": 4 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
+SCRATCH = {"text_encoder": 3 << 20, "text_encoder_2": 4 << 20, "text_encoder_embeds": 6 << 20,
+           "text_encoder_2_embeds": 6 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
 ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
 CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture
 STREAMS: list = []               # non-empty while a test runs the backend with a (fake) CUDA stream API
@@ -446,6 +473,8 @@ class Runtime(_Recorded):
             next(n for n in ("input_ids", "sample", "latent") if n in shapes)]
         if network == "text_encoder" and "text_embeds" in outputs:
             network = "text_encoder_2"          # SDXL's second encoder: the one with a pooled output
+        if "inputs_embeds" in shapes:
+            network += "_embeds"                # token embeddings as an input (textual inversion)
         engine = ICudaEngine(network, shapes, outputs)
         engine._refittable, engine._onnx = "REFIT" in flags.split(","), onnx_path
         return engine

@@ -153,3 +153,27 @@ def test_http_lists_and_refreshes(folder, tmp_path):
         assert client.post("/sdapi/v1/refresh-embeddings").status_code == 200
         assert sorted(client.get("/sdapi/v1/embeddings").json()["loaded"]) == ["myemb", "two-vec"]
     state.pool.close()
+
+
+@pytest.mark.parametrize("kind, prompt", [("tiny", "a photo of (myemb:1.2), two-vec"), ("sdxl-tiny", "a xlemb house")])
+def test_tensorrt_builds_an_embeds_engine_on_first_use(folder, tmp_path, kind, prompt):
+    """TensorRT (the fake; nothing here runs real TensorRT): the first prompt naming an embedding
+    builds NAME_embeds engines into the folder, which take the token embeddings as an input; the
+    images equal the torch backend's."""
+    import tensorrt_fake as fake
+
+    from sdrt.backends.tensorrt_backend import TensorRTBackend
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+    ref = sdrt.Pipeline.from_pretrained(f"random:{kind}", embeddings_dir=folder)
+    c = build_random(kind)
+    build_tensorrt(c, tmp_path, profile=fake.PROFILE, options=BuildOptions(precision="fp32"), trt=fake.module(),
+                   arch="sm_90", log=lambda m: None)
+    fake.compute_with(c, sdrt.backends.create_backend("torch", c, "cpu", "float32"))
+    be = TensorRTBackend(c, torch.device("cpu"), torch.float32, tmp_path, trt=fake.module(), arch="sm_90",
+                         log=lambda m: None)
+    trt = sdrt.Pipeline(c, be)
+    trt.set_embeddings_dir(folder)
+    assert np.abs(trt(prompt, **ARGS).pixels - ref(prompt, **ARGS).pixels).max() <= 1e-5
+    built = json.loads((tmp_path / "manifest.json").read_text())["networks"]
+    assert "text_encoder_embeds" in built and (kind == "tiny") != ("text_encoder_2_embeds" in built)
+    assert np.abs(trt("a cat", **ARGS).pixels - ref("a cat", **ARGS).pixels).max() <= 1e-5

@@ -203,6 +203,8 @@ class TensorRTBackend:
                              f"(`sdrt build MODEL --backend tensorrt --dtype ... --out DIR`)")
         from sdrt.export.specs import default_networks
         networks = default_networks(components.is_sdxl)
+        self.components = components
+        self._build = dict(precision=precision, arch=arch, log=log)       # for what is built on first use
         missing = [n for n in networks if not check_artifact(
             self.engine_dir, manifest.get("networks", {}).get(n),
             manifest.get("networks", {}).get(n, {}).get("key", {})).ok]
@@ -267,6 +269,49 @@ class TensorRTBackend:
         with self.cuda.stream(side):           # the engine's own torch work (aligned copies) goes there too
             out = engine(side.cuda_stream, **inputs)
         current.wait_stream(side)              # the outputs are ready for what follows there
+        return out
+
+    # ------------------------------------------------------------------ textual inversion
+
+    def _embeds_engine(self, name: str) -> "_Engine":
+        """The text encoder that reads token embeddings from an input (``NAME_embeds``), built into
+        the engine folder the first time a prompt names an embedding."""
+        graph = name + "_embeds"
+        if graph not in self.engines:
+            from sdrt.export.build import read_manifest
+            from sdrt.export.tensorrt import BuildOptions, build_tensorrt
+            manifest = read_manifest(self.engine_dir)
+            if graph not in manifest.get("networks", {}):
+                self._build["log"](f"building {graph} (textual-inversion embeddings) in {self.engine_dir}")
+                with on_device(self.device):
+                    manifest = build_tensorrt(self.components, self.engine_dir, profile=self.profile,
+                                              options=BuildOptions(precision=self._build["precision"]),
+                                              networks=(graph,), target=self._build["arch"], trt=self.trt,
+                                              arch=self._build["arch"], log=self._build["log"])
+            with on_device(self.device):
+                engine = _Engine(self.trt, self.runtime, graph, self.engine_dir / manifest["networks"][graph]["file"],
+                                 self.device, self.components.is_sdxl)
+            if engine.scratch_bytes > self.text_scratch.numel():     # the text encoders share one scratch buffer
+                self.text_scratch = aligned_empty((engine.scratch_bytes,), torch.uint8, self.device)
+                for n, e in self.engines.items():
+                    if n.startswith("text_encoder"):
+                        e.set_scratch(self.text_scratch)
+            engine.set_scratch(self.text_scratch)
+            self.engines[graph] = engine
+        return self.engines[graph]
+
+    def _embeds(self, name: str, input_ids: torch.Tensor, fixes, windows: int) -> torch.Tensor:
+        """(rows, 77, C) token embeddings of ``input_ids`` from the model's table, the ``fixes``'
+        vectors in place (per input row: [(position in its 77k tokens, vectors)])."""
+        encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight.detach()
+        ids = input_ids.reshape(-1, MAX_LENGTH).to(table.device)
+        out = table[ids].float()
+        for r, row in enumerate(fixes):
+            for pos, vec in row:
+                offset = pos % MAX_LENGTH
+                k = min(int(vec.shape[0]), MAX_LENGTH - offset)
+                out[r * windows + pos // MAX_LENGTH, offset:offset + k] = vec[:k].float().to(out.device)
         return out
 
     # ------------------------------------------------------------------ LoRA by refit
@@ -350,15 +395,18 @@ class TensorRTBackend:
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1, encoder: int = 0, pooled: bool = False,
                     fixes=None):
         """As ``TorchBackend.encode_text`` (SDXL: the penultimate layers, ``pooled`` from the second)."""
-        if fixes and any(fixes):
-            raise ValueError("textual-inversion embeddings run on backend 'torch' in this release (the compiled "
-                             "text encoders take token ids only)")
         b, n = input_ids.shape
         windows = check_text_input(input_ids, clip_skip, self.num_text_layers)
         check_profile_windows(self.profile, self.engine_dir, windows)
-        engine = self.engines.get("text_encoder" if encoder == 0 else "text_encoder_2")
-        if engine is None:
+        name = "text_encoder" if encoder == 0 else "text_encoder_2"
+        if name not in self.engines:
             raise ValueError(f"text encoder {encoder} does not exist in this model")
+        embeds = None
+        if fixes and any(fixes):         # textual inversion: the token embeddings come in as an input
+            engine = self._embeds_engine(name)
+            embeds = self._embeds(name, input_ids, fixes, windows).to(self.device, engine.dtypes["inputs_embeds"])
+        else:
+            engine = self.engines[name]
         if pooled and "text_embeds" not in engine.outputs:
             raise ValueError(f"text encoder {encoder} has no pooled projection")
         ids = input_ids.reshape(b * windows, MAX_LENGTH)
@@ -379,7 +427,8 @@ class TensorRTBackend:
             dev.copy_(host, non_blocking=True)             # pinned -> device, asynchronous
             if copied is not None:
                 copied.record()
-            result = self._enqueue(engine, "text", input_ids=dev)
+            extra = {} if embeds is None else {"inputs_embeds": embeds[start:start + rows].contiguous()}
+            result = self._enqueue(engine, "text", input_ids=dev, **extra)
             hidden = result["hidden_states"]
             if self.pooled_dim is None:       # (L, rows, 77, C): CLIP skip picks a layer
                 parts.append(hidden[hidden.shape[0] - clip_skip].clone())
