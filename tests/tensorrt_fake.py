@@ -492,6 +492,8 @@ class Weights(_Recorded):
 # model (compute_with(frozen=True)); Refitter writes into them, so a LoRA reaches an engine only
 # through a refit, as on a GPU
 FROZEN: dict = {}
+# weights the fake "fused" at build time: refitting the first asks for the second too
+COMBINED_WEIGHTS: dict = {}
 
 
 class Refitter(_Recorded):
@@ -516,11 +518,8 @@ class Refitter(_Recorded):
         self._weights[name] = weights
         return True
 
-    # weights the fake "fused" at build time: refitting the first asks for the second too
-    COMBINED: dict = {}
-
     def get_missing_weights(self):
-        return [other for name in self._weights for other in [self.COMBINED.get(name)]
+        return [other for name in self._weights for other in [COMBINED_WEIGHTS.get(name)]
                 if other is not None and other not in self._weights]
 
     def refit_cuda_engine(self):

@@ -324,13 +324,13 @@ def test_tensorrt_refits_the_engines(loras, tmp_path):
     assert np.abs(trt("a cat", **ARGS).pixels - plain).max() <= 1e-6          # refitted back to the model's own
     # weights TensorRT combined at build time are asked for (get_missing_weights): the graph's own go in
     first = next(name for call in refits if call[1][0] == "unet" for name in call[1][1])
-    fake.Refitter.COMBINED = {first: "unet.conv_in.weight"}
+    fake.COMBINED_WEIGHTS.update({first: "unet.conv_in.weight"})
     try:
         fake.CALLS.clear()
         assert np.abs(trt("a cat <lora:detail:0.8>", **ARGS).pixels - ref("a cat <lora:detail:0.8>", **ARGS).pixels).max() <= 1e-5
         assert ("set_named_weights", ("unet", "unet.conv_in.weight")) in fake.CALLS
     finally:
-        fake.Refitter.COMBINED = {}
+        fake.COMBINED_WEIGHTS.clear()
     trt.set_fast_path(use_kernel=False)
     fast = trt("a cat <lora:detail:0.8>", sampler="DPM++ 2M", **ARGS).pixels
     assert np.abs(fast - ref("a cat <lora:detail:0.8>", sampler="DPM++ 2M", **ARGS).pixels).max() <= 1e-5
