@@ -106,6 +106,22 @@ def check_text_input(input_ids: torch.Tensor, clip_skip: int, num_layers: int) -
     return n // MAX_LENGTH
 
 
+def token_embeddings(text_encoder, ids: torch.Tensor, fixes, windows: int) -> torch.Tensor:
+    """(rows, 77, C) float32 token embeddings of ``ids`` (rows, 77) from ``text_encoder``'s table,
+    with textual-inversion vectors in place: ``fixes`` per input row (each ``windows`` rows of
+    ``ids``), ``[(position in its 77k tokens, vectors (n, C))]``. What a compiled text encoder
+    that takes its token embeddings as an input (``*_embeds``) is given."""
+    from ..tokenizer import MAX_LENGTH
+    table = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding.weight.detach()
+    out = table[ids.to(table.device)].float()
+    for r, row in enumerate(fixes):
+        for pos, vec in row:
+            offset = pos % MAX_LENGTH
+            k = min(int(vec.shape[0]), MAX_LENGTH - offset)
+            out[r * windows + pos // MAX_LENGTH, offset:offset + k] = vec[:k].float().to(out.device)
+    return out
+
+
 def check_profile_request(profile, size_multiple: int, engine_dir, batch_size: int, height: int, width: int) -> None:
     """Raise before any network runs when a request lies outside a compiled profile."""
     problem = profile.covers(batch_size, height, width, profile.windows[0])

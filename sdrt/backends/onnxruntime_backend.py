@@ -15,7 +15,7 @@ import torch
 from ..conditioning import added_pooled_dim, unpack_added
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import build_log, check_profile_request, check_profile_windows, check_text_input
+from . import build_log, check_profile_request, check_profile_windows, check_text_input, token_embeddings
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -97,20 +97,6 @@ class OnnxRuntimeBackend:
             self.sessions[graph] = self._session(graph)
         return self.sessions[graph]
 
-    def _embeds(self, name: str, ids: np.ndarray, fixes, n: int) -> np.ndarray:
-        """(rows, 77, C) token embeddings of ``ids`` from the model's table, with the vectors of
-        ``fixes`` (per input row: [(position in its 77k tokens, vectors)]) in place."""
-        encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
-        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight
-        out = table.detach().float().cpu()[torch.from_numpy(ids)].numpy().copy()
-        windows = n // MAX_LENGTH
-        for r, row in enumerate(fixes):
-            for pos, vec in row:
-                offset = pos % MAX_LENGTH
-                k = min(int(vec.shape[0]), MAX_LENGTH - offset)
-                out[r * windows + pos // MAX_LENGTH, offset:offset + k] = vec[:k].float().cpu().numpy()
-        return out.astype(np.float32)              # float16 graphs keep float32 inputs and outputs
-
     # ------------------------------------------------------------------ LoRA
 
     supports_lora = True        # sdrt.lora merges into the torch modules; sync_weights passes them on
@@ -180,8 +166,9 @@ class OnnxRuntimeBackend:
         if name not in self.sessions:
             raise ValueError(f"text encoder {encoder} does not exist in this model")
         if fixes and any(fixes):                 # textual inversion: the token embeddings come in as an input
-            outputs = self._embeds_session(name).run(None, {"input_ids": ids,
-                                                            "inputs_embeds": self._embeds(name, ids, fixes, n)})
+            encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+            embeds = token_embeddings(encoder, torch.from_numpy(ids), fixes, windows).numpy()   # float32 inputs
+            outputs = self._embeds_session(name).run(None, {"input_ids": ids, "inputs_embeds": embeds})
         else:
             outputs = self.sessions[name].run(None, {"input_ids": ids})
         if self.pooled_dim is None:

@@ -31,7 +31,15 @@ import torch
 from ..conditioning import added_pooled_dim, unpack_added
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import ALIGNMENT, aligned_empty, build_log, check_profile_request, check_profile_windows, check_text_input
+from . import (
+    ALIGNMENT,
+    aligned_empty,
+    build_log,
+    check_profile_request,
+    check_profile_windows,
+    check_text_input,
+    token_embeddings,
+)
 
 NETWORKS = ("text_encoder", "unet", "vae_decoder")      # SD 1.x/2.x; SDXL adds text_encoder_2
 LOOP_NETWORKS = ("unet", "vae_decoder")          # run in turn by the denoising stage
@@ -300,20 +308,6 @@ class TensorRTBackend:
             self.engines[graph] = engine
         return self.engines[graph]
 
-    def _embeds(self, name: str, input_ids: torch.Tensor, fixes, windows: int) -> torch.Tensor:
-        """(rows, 77, C) token embeddings of ``input_ids`` from the model's table, the ``fixes``'
-        vectors in place (per input row: [(position in its 77k tokens, vectors)])."""
-        encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
-        table = getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight.detach()
-        ids = input_ids.reshape(-1, MAX_LENGTH).to(table.device)
-        out = table[ids].float()
-        for r, row in enumerate(fixes):
-            for pos, vec in row:
-                offset = pos % MAX_LENGTH
-                k = min(int(vec.shape[0]), MAX_LENGTH - offset)
-                out[r * windows + pos // MAX_LENGTH, offset:offset + k] = vec[:k].float().to(out.device)
-        return out
-
     # ------------------------------------------------------------------ LoRA by refit
 
     weight_changes_hint = ("; LoRA needs refittable engines: `sdrt build MODEL --backend tensorrt --refit` (another "
@@ -404,7 +398,9 @@ class TensorRTBackend:
         embeds = None
         if fixes and any(fixes):         # textual inversion: the token embeddings come in as an input
             engine = self._embeds_engine(name)
-            embeds = self._embeds(name, input_ids, fixes, windows).to(self.device, engine.dtypes["inputs_embeds"])
+            encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+            embeds = token_embeddings(encoder, input_ids.reshape(-1, MAX_LENGTH), fixes, windows).to(
+                self.device, engine.dtypes["inputs_embeds"])
         else:
             engine = self.engines[name]
         if pooled and "text_embeds" not in engine.outputs:
