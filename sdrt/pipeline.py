@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ class Pipeline:
         self.vaes = None                       # the VAE folder (sdrt.vae.VaeLibrary; set_vae_dir)
         self._vae_state = None                 # which VAE's weights the model's VAE holds
         self._lora_state = None                # which LoRAs are merged into the weights
+        self._state_lock = threading.Lock()     # the two states above are made once (requests validate concurrently)
 
     @classmethod
     def from_pretrained(cls, model, backend: str = "torch", device="cpu", dtype="float32",
@@ -214,8 +216,9 @@ class Pipeline:
             return
         if not getattr(self.backend, "supports_lora", False):
             self._require_weight_changes(f"the prompt asks for LoRA ({', '.join(u.name for u in job.loras)})")
-        if self._lora_state is None:
-            self._lora_state = LoraState(self.components, self.loras or LoraLibrary(None))
+        with self._state_lock:
+            if self._lora_state is None:
+                self._lora_state = LoraState(self.components, self.loras or LoraLibrary(None))
         self._lora_state.resolve(job.loras)
 
     def _check_vae(self, job: Job) -> None:
@@ -224,8 +227,9 @@ class Pipeline:
         if job.params.vae in OWN:
             return
         self._require_weight_changes(f"vae={job.params.vae!r} asks for another VAE")
-        if self._vae_state is None:
-            self._vae_state = VaeState(self.components, self.vaes or VaeLibrary(None))
+        with self._state_lock:
+            if self._vae_state is None:
+                self._vae_state = VaeState(self.components, self.vaes or VaeLibrary(None))
         self._vae_state.weights(job.params.vae)
 
     def _require_weight_changes(self, what: str) -> None:
