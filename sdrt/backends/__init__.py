@@ -1,12 +1,17 @@
-"""Backends run the three networks; the denoising loop never asks which one it has.
+"""Backends run the networks; the denoising loop never asks which one it has.
 
 A backend implements::
 
-    encode_text(input_ids, clip_skip) -> (B, 77k, C)   # input_ids (B, 77k) int64
+    encode_text(input_ids, clip_skip, encoder=0, pooled=False, fixes=None) -> (B, 77k, C)
+        # input_ids (B, 77k) int64; SDXL: encoder 0 or 1, pooled=True also returns (B, P);
+        # fixes: textual-inversion vectors per row, [(position, vectors)]
     unet(sample, t, context) -> model output (eps or v), same shape as sample
+        # SDXL's context ends with a row of pooled text and size values (conditioning.pack_added)
     decode(latents) -> (B, 3, 8h, 8w) float32 in [-1, 1]
 
-and exposes ``device`` (a torch.device) and ``dtype`` (the networks' torch dtype).
+and exposes ``device`` (a torch.device) and ``dtype`` (the networks' torch dtype). Optional:
+``supports_lora`` with ``sync_weights(part, lora_state)`` (a compiled backend that takes LoRA-merged
+weights), ``supports_weight_changes`` (its networks are the torch modules: LoRA and VAE files apply).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def encode_text(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor: ...
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int, encoder: int = 0, pooled: bool = False,
+                    fixes=None): ...
     def unet(self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
