@@ -94,6 +94,22 @@ def test_options_post_sets_the_replicas_defaults(client):
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def test_options_keeps_the_web_uis_other_options(client):
+    """A web UI option sdrt does not implement is kept as set and returned (clients save and restore
+    the whole options object); a request's override_settings still refuses one, since it would have
+    no effect on the image it asks for."""
+    r = client.post("/sdapi/v1/options", json={"send_seed": False, "samples_format": "png",
+                                               "CLIP_stop_at_last_layers": 1})
+    assert r.status_code == 200, r.text
+    options = client.get("/sdapi/v1/options").json()
+    assert options["send_seed"] is False and options["samples_format"] == "png"
+    assert options["CLIP_stop_at_last_layers"] == 1
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, "override_settings": {"send_seed": True}})
+    assert r.status_code == 422 and "send_seed" in r.json()["detail"]
+    bad = client.post("/sdapi/v1/options", json={"send_seed": True, "CLIP_stop_at_last_layers": 99})
+    assert bad.status_code == 422 and client.get("/sdapi/v1/options").json()["send_seed"] is False   # nothing set
+
+
 @pytest.mark.parametrize("body, status, message", [
     ('{"prompt": "x", ', 400, "not valid JSON"),
     ("[1, 2]", 422, "valid dictionary"),

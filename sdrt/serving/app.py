@@ -103,6 +103,7 @@ UNSUPPORTED = {"enable_hr": False, "restore_faces": (None, False), "tiling": (No
                "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
                "s_noise": 1.0, "save_images": False, "styles": (None, [])}
 OPTION_KEYS = ("sd_model_checkpoint", *OPTION_FIELDS)
+MAX_OTHER_OPTIONS = 2000      # web UI options kept without effect (the web UI has about 600)
 
 
 class APIError(Exception):
@@ -148,6 +149,7 @@ class ServerState:
         self.first = self.pool.first
         self.options = {"sd_model_checkpoint": self.first.title,
                         **{k: _option_value(f.name, f.default) for k, f in OPTION_FIELDS.items()}}
+        self.other_options: dict = {}          # web UI options sdrt does not implement: kept as set
         self.http = {}            # (path, status) -> count
         self.started = time.time()
 
@@ -513,13 +515,20 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.get("/sdapi/v1/options")
     async def get_options():
-        return dict(state.options)
+        return {**state.other_options, **state.options}
 
     @app.post("/sdapi/v1/options")
     async def set_options(body: dict):
         if cfg.freeze_settings:
             raise APIError(403, "Frozen", "this server's options are frozen (freeze_settings); per-request "
                                           "override_settings still apply")
+        # the web UI's options sdrt does not implement are kept as set and returned by GET (clients
+        # save and restore all of them); the ones it implements are checked and applied
+        others = {k: v for k, v in body.items() if k not in OPTION_KEYS}
+        if len(set(state.other_options) | set(others)) > MAX_OTHER_OPTIONS:
+            raise APIError(422, "TooManyOptions", f"this server keeps at most {MAX_OTHER_OPTIONS} options it does not "
+                                                  "implement")
+        body = {k: v for k, v in body.items() if k in OPTION_KEYS}
         state.settings(body)                       # validates every key and value first
         if body.get("sd_vae") not in (None, "Automatic", "None"):
             try:                                   # the file is found and fits the model
@@ -538,6 +547,7 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
                 raise APIError(422, "ModelError", str(e)) from None
             body = dict(body, sd_model_checkpoint=checkpoint.title)
         state.options.update(body)
+        state.other_options.update(others)
         return None
 
     @app.get("/sdapi/v1/progress")
