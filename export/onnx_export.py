@@ -249,5 +249,32 @@ class InitializerIndex:
         return None
 
 
+class GraphWeights:
+    """Where an ONNX graph holds each module's weight: the initializer equal to it or to its
+    transpose (the exporter names weights after nothing stable), found by value once per module;
+    and the array that takes that initializer's place (its dtype and layout). What LoRA on a
+    compiled backend needs: ONNX Runtime's overrides, TensorRT's refit."""
+
+    def __init__(self, path):
+        self.index = InitializerIndex(str(path))
+        self._places: dict[str, tuple | None] = {}
+
+    def place(self, module: str, original: torch.Tensor) -> tuple[str, bool, np.dtype] | None:
+        """(initializer, transposed, dtype) of ``module`` from its original weight; None: no
+        initializer holds it (rewritten at build time, e.g. a Winograd convolution)."""
+        if module not in self._places:
+            w = original.detach().float().cpu().numpy()
+            candidates = ((w, False), (w.T, True)) if w.ndim == 2 else ((w, False),)
+            self._places[module] = next(((hit[0], transposed, hit[1]) for candidate, transposed in candidates
+                                         if (hit := self.index.find(candidate)) is not None), None)
+        return self._places[module]
+
+    @staticmethod
+    def array(place: tuple, weight: torch.Tensor) -> np.ndarray:
+        _, transposed, dtype = place
+        w = weight.detach().float().cpu().numpy()
+        return np.ascontiguousarray((w.T if transposed else w).astype(dtype))
+
+
 def files_of(path: Path) -> list[Path]:
     return [p for p in (Path(path), Path(str(path) + ".data")) if os.path.exists(p)]

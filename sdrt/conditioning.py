@@ -134,14 +134,12 @@ def encode_texts(backend, tokenizer, texts, clip_skip: int, emphasis: str = "Ori
             used.update(name for _, _, name in text_fixes)
     out = {}
     per_call = max(1, ENCODE_WINDOWS // k)      # bounded activations: at most ENCODE_WINDOWS sequences per call
-    kwargs = dict(encoder=encoder, pooled=True) if pooled else (dict(encoder=encoder) if encoder else {})
     for start in range(0, len(distinct), per_call):
         end = start + per_call
-        if any(fixes[start:end]):
-            kwargs["fixes"] = fixes[start:end]
-        else:
-            kwargs.pop("fixes", None)
-        got = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip, **kwargs)
+        # only what differs from the defaults: a backend of the SD 1.x protocol needs no more
+        extra = {k: v for k, v in (("encoder", encoder), ("pooled", pooled),
+                                   ("fixes", fixes[start:end] if any(fixes[start:end]) else None)) if v}
+        got = backend.encode_text(torch.tensor(ids[start:end], dtype=torch.long), clip_skip, **extra)
         hidden, pool = got if pooled else (got, None)          # (t, 77k, C), (t, P)
         if emphasis != "Ignore":
             weights = torch.tensor(mults[start:end], dtype=hidden.dtype, device=hidden.device)

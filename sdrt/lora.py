@@ -315,19 +315,16 @@ class LoraState:
         self.current = {"text": (), "unet": ()}
         self._backup: dict[tuple[str, str], torch.Tensor] = {}
         self._locks = {"text": threading.Lock(), "unet": threading.Lock()}
-        self.seconds = {"text": 0.0, "unet": 0.0}       # the last swap of each part
 
     def resolve(self, uses: tuple[LoraUse, ...]) -> list[tuple[LoraFile, LoraUse]]:
         """Every LoRA of a job, read and matched (LoraError before anything is changed)."""
         return [(self.library.get(u.name, self.names), u) for u in uses]
 
     def apply(self, part: str, uses: tuple[LoraUse, ...]) -> None:
-        import time
         want = tuple(uses)
         with self._locks[part]:
             if self.current[part] == want:
                 return
-            t0 = time.perf_counter()
             loras = self.resolve(want)          # may raise: the weights are untouched then
             targets: dict[tuple[str, str], list] = {}
             for lora, use in loras:
@@ -350,7 +347,6 @@ class LoraState:
                         merged += _delta(d.to(weight.device), u.to(weight.device), s, weight.shape)
                     weight.copy_(merged)
             self.current[part] = want
-            self.seconds[part] = time.perf_counter() - t0
 
     def original(self, part: str, module: str) -> torch.Tensor | None:
         """The model's own weight of a module (its kept copy while a LoRA changes it)."""
@@ -363,6 +359,18 @@ class LoraState:
     def changed(self, part: str) -> list[str]:
         """The modules of network ``part`` whose weights a LoRA changes now."""
         return [m for p, m in self._backup if p == part]
+
+    def graph_values(self, network: str, modules, graph, where, fix: str) -> dict:
+        """{initializer: array} giving ``modules`` of ``network`` their current weights in a compiled
+        graph (``sdrt.export.onnx_export.GraphWeights``); ValueError naming the module and ``fix``
+        when the graph holds no such weight."""
+        out = {}
+        for module in modules:
+            place = graph.place(module, self.original(network, module))
+            if place is None:
+                raise ValueError(f"LoRA: the {network} graph in {where} holds no weight equal to {module}'s ({fix})")
+            out[place[0]] = graph.array(place, self.names.module(network, module).weight)
+        return out
 
     def _restore(self, part: str) -> None:
         with torch.no_grad():

@@ -207,7 +207,7 @@ def load_diffusers_folder(path: str | Path) -> Components:
                              f"{type(configs[part]).__name__}")
     loaders = {
         "scheduler": lambda: DiscreteSchedule.from_config(
-            **{k: configs["scheduler"][k] for k in SD1_SCHEDULER if k in configs["scheduler"]}),
+            **{k: configs["scheduler"][k] for k in SCHEDULER if k in configs["scheduler"]}),
         "unet": lambda: UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True),
         "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", local_files_only=True),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
@@ -276,6 +276,6 @@ def save_diffusers_folder(c: Components, path: str | Path) -> None:
         c.text_encoder_2.save_pretrained(root / "text_encoder_2")
         c.tokenizer_2.save_pretrained(root / "tokenizer_2")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
-    cfg = dict(SD1_SCHEDULER, _class_name="PNDMScheduler", prediction_type=c.noise_schedule.prediction_type,
+    cfg = dict(SCHEDULER, _class_name="PNDMScheduler", prediction_type=c.noise_schedule.prediction_type,
                set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))

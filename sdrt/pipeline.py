@@ -232,6 +232,10 @@ class Pipeline:
                 self._vae_state = VaeState(self.components, self.vaes or VaeLibrary(None))
         self._vae_state.weights(job.params.vae)
 
+    def vae_infotext(self, vae: str) -> dict:
+        """The web UI's ``VAE hash`` and ``VAE`` for the ``vae`` argument (nothing for the model's own)."""
+        return self._vae_state.infotext(vae) if self._vae_state is not None else {}
+
     def _require_weight_changes(self, what: str) -> None:
         """LoRA and VAE files change the networks' weights: the torch backend's modules can, a
         compiled backend's engines (built with the model's own weights) cannot yet."""
@@ -450,7 +454,7 @@ class Pipeline:
             "Steps": p.steps, "Sampler": spec.name, "Schedule type": p.schedule,
             "CFG scale": job.cfg_scales[i], "Seed": job.seeds[i], "Size": f"{p.width}x{p.height}",
             "Model hash": self.components.model_hash, "Model": self.components.name,
-            **(self._vae_state.infotext(p.vae) if self._vae_state is not None else {}),
+            **self.vae_infotext(p.vae),
             "Variation seed": job.subseeds[i] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,

@@ -259,6 +259,9 @@ def test_onnxruntime_takes_the_merged_weights_without_a_rebuild(loras, tmp_path)
     files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     for prompt in ("a cat <lora:detail:0.8>", "a cat <lora:style:0.5:1.5>", "a cat <lora:peft:1>"):
         assert np.abs(ort(prompt, **ARGS).pixels - ref(prompt, **ARGS).pixels).max() <= 1e-4
+    session, bindings = ort.backend.sessions["unet"], dict(ort.backend._bindings)
+    ort("a cat <lora:peft:1>", **ARGS)                   # the same set again: the same session and bindings
+    assert ort.backend.sessions["unet"] is session and ort.backend._bindings == bindings
     assert np.abs(ort("a cat", **ARGS).pixels - plain).max() == 0.0
     assert ort.backend.sessions["unet"] is ort.backend._own_sessions["unet"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files      # nothing rebuilt
@@ -321,6 +324,9 @@ def test_tensorrt_refits_the_engines(loras, tmp_path):
         assert np.abs(trt(prompt, **ARGS).pixels - ref(prompt, **ARGS).pixels).max() <= 1e-5
     refits = [call for call in fake.CALLS if call[0] == "refit_cuda_engine"]
     assert {call[1][0] for call in refits} == {"unet", "text_encoder"}
+    before = len(fake.CALLS)
+    trt("a cat <lora:style:0.5:1.2>", **ARGS)                     # the same set again: nothing to refit
+    assert not [call for call in fake.CALLS[before:] if call[0] in ("Refitter", "refit_cuda_engine")]
     assert np.abs(trt("a cat", **ARGS).pixels - plain).max() <= 1e-6          # refitted back to the model's own
     # weights TensorRT combined at build time are asked for (get_missing_weights): the graph's own go in
     first = next(name for call in refits if call[1][0] == "unet" for name in call[1][1])

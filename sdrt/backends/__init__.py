@@ -128,6 +128,29 @@ def token_embeddings(text_encoder, ids: torch.Tensor, fixes, windows: int) -> to
     return out
 
 
+class AddedInputs:
+    """SDXL's packed context (``conditioning.pack_added``) split into the compiled UNet's three
+    inputs, copied into buffers kept per shape and dtype (aligned and contiguous: engines bind them
+    by address, and a captured CUDA graph copies into the same ones) instead of new tensors at
+    every step."""
+
+    def __init__(self, pooled_dim: int, device: torch.device):
+        self.pooled_dim, self.device = pooled_dim, device
+        self._buffers: dict[tuple, tuple] = {}
+
+    def __call__(self, context: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        from ..conditioning import unpack_added
+        parts = unpack_added(context, self.pooled_dim)
+        key = (tuple(context.shape), dtype)
+        buffers = self._buffers.get(key)
+        if buffers is None:
+            with torch.inference_mode(False):
+                buffers = self._buffers[key] = tuple(aligned_empty(p.shape, dtype, self.device) for p in parts)
+        for buffer, part in zip(buffers, parts):
+            buffer.copy_(part)
+        return dict(zip(("encoder_hidden_states", "text_embeds", "time_ids"), buffers))
+
+
 def check_profile_request(profile, size_multiple: int, engine_dir, batch_size: int, height: int, width: int) -> None:
     """Raise before any network runs when a request lies outside a compiled profile."""
     problem = profile.covers(batch_size, height, width, profile.windows[0])

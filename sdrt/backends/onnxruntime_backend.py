@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..conditioning import added_pooled_dim, unpack_added
+from ..conditioning import added_pooled_dim
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import build_log, check_profile_request, check_profile_windows, check_text_input, token_embeddings
+from . import AddedInputs, build_log, check_profile_request, check_profile_windows, check_text_input, token_embeddings
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -56,10 +56,12 @@ class OnnxRuntimeBackend:
         self.sessions = {name: self._session(name) for name in networks}
         self._own_sessions = dict(self.sessions)      # the model's own weights (LoRA sessions come and go)
         self._lora_sessions: dict[tuple, object] = {}
-        self._initializers: dict[str, dict] | None = None    # module -> (initializer, transposed), per network
+        self._graphs: dict[str, object] = {}         # network -> GraphWeights (where its initializers are)
+        self._synced: dict[str, tuple] = {}          # network -> the LoRA set its session has
         self.components = components
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
+        self._added = AddedInputs(self.pooled_dim, device) if self.pooled_dim is not None else None
         self._bindings: dict[tuple, tuple] = {}
 
     def _session(self, name: str, overrides: dict | None = None, conv: bool = False):
@@ -101,55 +103,36 @@ class OnnxRuntimeBackend:
 
     supports_lora = True        # sdrt.lora merges into the torch modules; sync_weights passes them on
 
-    def _initializer(self, network: str, lora_state, module: str) -> tuple[str, bool, np.dtype]:
-        """(initializer name, transposed, dtype): which initializer of ``network``'s graph holds the
-        weight of ``module``, found by value (the exporter names weights after nothing stable),
-        from the model's own weight; the graph's data is read through a memory map, not loaded."""
-        from sdrt.export.onnx_export import InitializerIndex
-        if self._initializers is None:
-            self._initializers = {}
-        table = self._initializers.setdefault(network, {})
-        if module in table:
-            return table[module]
-        index = table.setdefault("", {}) if "" in table else None
-        if index is None:
-            index = table[""] = InitializerIndex(self._paths[network])
-        weight = lora_state.original(network, module).detach().float().cpu().numpy()
-        candidates = ((weight, False), (weight.T, True)) if weight.ndim == 2 else ((weight, False),)
-        for candidate, transposed in candidates:
-            hit = index.find(candidate)
-            if hit is not None:
-                table[module] = (hit[0], transposed, hit[1])
-                return table[module]
-        raise ValueError(f"LoRA: the {network} graph in {self.engine_dir} holds no weight equal to {module}'s "
-                         "(rewritten at build time, e.g. a Winograd convolution: use backend 'torch' for this "
-                         "LoRA, or build with --no-winograd)")
-
     def sync_weights(self, part: str, lora_state) -> None:
         """Give the graphs of ``part`` ("text" or "unet") the LoRA-merged weights ``lora_state``
         holds in the torch modules: a session whose changed initializers are overridden (one per
-        LoRA set, the latest kept), or the model's own session again."""
-        networks = {"text": ("text_encoder", "text_encoder_2"), "unet": ("unet",)}[part]
+        LoRA set, the latest kept), or the model's own session again. Nothing happens when the
+        set did not change since the last call."""
+        from sdrt.export.onnx_export import GraphWeights
+
+        from ..lora import PARTS
         uses = lora_state.current[part]
-        for network in networks:
-            if network not in self.sessions:
+        for network in PARTS[part]:
+            if network not in self.sessions or self._synced.get(network) == uses:
                 continue
             if not uses:
-                self.sessions[network] = self._own_sessions[network]
-                continue
-            key = (network, uses)
-            if key not in self._lora_sessions:
-                overrides, conv = {}, False
-                for module_name in lora_state.changed(network):
-                    init, transposed, dtype = self._initializer(network, lora_state, module_name)
-                    w = lora_state.names.module(network, module_name).weight.detach().float().cpu().numpy()
-                    overrides[init] = np.ascontiguousarray((w.T if transposed else w).astype(dtype))
-                    conv = conv or w.ndim == 4
-                self._lora_sessions = {k: v for k, v in self._lora_sessions.items() if k[0] != network}
-                self._lora_sessions[key] = self._session(network, overrides, conv)
-            self.sessions[network] = self._lora_sessions[key]
-        if "unet" in networks:
-            self._bindings.clear()            # IOBindings belong to a session
+                session = self._own_sessions[network]
+            else:
+                key = (network, uses)
+                if key not in self._lora_sessions:
+                    graph = self._graphs.get(network) or self._graphs.setdefault(network, GraphWeights(self._paths[network]))
+                    overrides = lora_state.graph_values(
+                        network, lora_state.changed(network), graph, self.engine_dir,
+                        "rewritten at build time, e.g. a Winograd convolution: use backend 'torch' for this LoRA, "
+                        "or build with --no-winograd")
+                    conv = any(v.ndim == 4 for v in overrides.values())
+                    self._lora_sessions = {k: v for k, v in self._lora_sessions.items() if k[0] != network}
+                    self._lora_sessions[key] = self._session(network, overrides, conv)
+                session = self._lora_sessions[key]
+            self.sessions[network] = session
+            self._synced[network] = uses
+            if network == "unet":
+                self._bindings.clear()            # IOBindings belong to a session
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""
@@ -166,8 +149,8 @@ class OnnxRuntimeBackend:
         if name not in self.sessions:
             raise ValueError(f"text encoder {encoder} does not exist in this model")
         if fixes and any(fixes):                 # textual inversion: the token embeddings come in as an input
-            encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
-            embeds = token_embeddings(encoder, torch.from_numpy(ids), fixes, windows).numpy()   # float32 inputs
+            module = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+            embeds = token_embeddings(module, torch.from_numpy(ids), fixes, windows).numpy()   # float32 inputs
             outputs = self._embeds_session(name).run(None, {"input_ids": ids, "inputs_embeds": embeds})
         else:
             outputs = self.sessions[name].run(None, {"input_ids": ids})
@@ -190,9 +173,9 @@ class OnnxRuntimeBackend:
         sample = sample.to(torch.float32).contiguous()
         t = t.to(torch.float32).contiguous()
         added = {}
-        if self.pooled_dim is not None:
-            context, pooled, time_ids = unpack_added(context, self.pooled_dim)
-            added = {"text_embeds": pooled.to(torch.float32).contiguous(), "time_ids": time_ids.to(torch.float32).contiguous()}
+        if self._added is not None:           # SDXL: the pooled text and sizes in buffers of their own
+            added = self._added(context, torch.float32)
+            context = added.pop("encoder_hidden_states")
         context = context.to(torch.float32).contiguous()
         shape = tuple(sample.shape)
         key = (shape, tuple(context.shape))

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..conditioning import added_pooled_dim, unpack_added
+from ..conditioning import added_pooled_dim
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
 from . import (
     ALIGNMENT,
+    AddedInputs,
     aligned_empty,
     build_log,
     check_profile_request,
@@ -226,12 +227,14 @@ class TensorRTBackend:
         self.size_multiple = int(unet_entry.get("size_multiple", components.size_multiple))
         self.num_text_layers = int(components.text_encoder.config.num_hidden_layers)
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
+        self._added = AddedInputs(self.pooled_dim, device) if self.pooled_dim is not None else None
 
         # LoRA: engines built refittable (`sdrt build --backend tensorrt --refit`) take merged weights
         self.refittable = {n: "-refit" in str(manifest["networks"][n].get("key", {}).get("optimization", ""))
                            for n in networks}
         self._refitted: dict[str, set] = {}              # network -> modules whose weights a LoRA changed
-        self._refit_names: dict[str, dict] = {}          # network -> {module: (weights name, transposed, dtype)}
+        self._graphs: dict[str, object] = {}             # network -> GraphWeights of its ONNX graph
+        self._synced: dict[str, tuple] = {}              # network -> the LoRA set its engine holds
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         with on_device(device):            # engines and contexts live on the device they were loaded on
@@ -317,64 +320,51 @@ class TensorRTBackend:
     def supports_lora(self) -> bool:
         return all(ok for n, ok in self.refittable.items() if n == "unet" or n.startswith("text_encoder"))
 
-    def _weights_name(self, network: str, lora_state, module: str) -> tuple[str, bool, object]:
-        """The refittable weights that hold ``module``'s weight: TensorRT names them after the ONNX
-        initializers, and the initializer is found by value in the engine folder's ONNX graph."""
-        table = self._refit_names.setdefault(network, {})
-        if module not in table:
-            from sdrt.export.onnx_export import InitializerIndex
-            index = table.get("") or table.setdefault("", InitializerIndex(str(self.engine_dir / "onnx" / f"{network}.onnx")))
-            weight = lora_state.original(network, module).detach().float().cpu().numpy()
-            for candidate, transposed in ((weight, False), (weight.T, True)) if weight.ndim == 2 else ((weight, False),):
-                hit = index.find(candidate)
-                if hit is not None:
-                    table[module] = (hit[0], transposed, hit[1])
-                    break
-            else:
-                raise ValueError(f"LoRA: the {network} engine's graph in {self.engine_dir / 'onnx'} holds no weight "
-                                 f"equal to {module}'s; rebuild with `sdrt build MODEL --backend tensorrt --refit`")
-        return table[module]
-
     def sync_weights(self, part: str, lora_state) -> None:
         """Refit the engines of ``part`` ("text" or "unet") with the weights ``lora_state`` holds in
         the torch modules: the modules a LoRA changes now, and those it changed before (back to
-        the model's own). Captured CUDA graphs of a refitted engine are captured again."""
+        the model's own). Nothing happens when the set did not change since the last call; a
+        refitted engine's captured CUDA graphs are captured again."""
+        from sdrt.export.onnx_export import GraphWeights
+
+        from ..lora import PARTS
         if not self.supports_lora:
             raise ValueError(f"LoRA on TensorRT needs refittable engines; the engines in {self.engine_dir} are not: "
                              "rebuild them with `sdrt build MODEL --backend tensorrt --refit`")
-        networks = {"text": ("text_encoder", "text_encoder_2"), "unet": ("unet",)}[part]
-        for network in networks:
-            if network not in self.engines:
+        uses = lora_state.current[part]
+        for network in PARTS[part]:
+            if network not in self.engines or self._synced.get(network) == uses:
                 continue
             changed = set(lora_state.changed(network))
-            todo = changed | self._refitted.get(network, set())
-            if not todo:
-                continue
-            engine = self.engines[network]
-            refitter = self.trt.Refitter(engine.engine, self.logger)
-            keep = []                  # TensorRT reads the arrays until refit_cuda_engine returns
-            for module in sorted(todo):
-                name, transposed, dtype = self._weights_name(network, lora_state, module)
-                w = lora_state.names.module(network, module).weight.detach().float().cpu().numpy()
-                keep.append(np.ascontiguousarray((w.T if transposed else w).astype(dtype)))
-                if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
-                    raise RuntimeError(f"TensorRT refused the weights {name!r} of {network}.{module} "
-                                       f"(shape {keep[-1].shape}, {keep[-1].dtype})")
-            # weights TensorRT combined with the changed ones at build time (a fused bias, say): their
-            # own values, from the graph they were built from
-            index = self._refit_names[network][""]
-            for name in list(refitter.get_missing_weights()):
-                if name not in index.by_name:
-                    raise RuntimeError(f"TensorRT asks for weights {name!r} to refit {network}, which its graph "
-                                       "does not hold")
-                keep.append(np.ascontiguousarray(index.array(index.by_name[name])))
-                if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
-                    raise RuntimeError(f"TensorRT refused the graph's own weights {name!r} of {network}")
-            with on_device(self.device):
-                if not refitter.refit_cuda_engine():
-                    raise RuntimeError(f"TensorRT could not refit the {network} engine (see the log above)")
+            todo = sorted(changed | self._refitted.get(network, set()))
+            if todo:
+                onnx_dir = self.engine_dir / "onnx"
+                graph = self._graphs.get(network) or self._graphs.setdefault(
+                    network, GraphWeights(onnx_dir / f"{network}.onnx"))
+                # TensorRT names refittable weights after the ONNX initializers; it reads the
+                # arrays until refit_cuda_engine returns
+                values = lora_state.graph_values(network, todo, graph, onnx_dir,
+                                                 "rebuild with `sdrt build MODEL --backend tensorrt --refit`")
+                refitter = self.trt.Refitter(self.engines[network].engine, self.logger)
+                for name, array in values.items():
+                    if not refitter.set_named_weights(name, self.trt.Weights(array)):
+                        raise RuntimeError(f"TensorRT refused the weights {name!r} of {network} "
+                                           f"(shape {array.shape}, {array.dtype})")
+                # weights TensorRT combined with the changed ones at build time (a fused bias, say):
+                # their own values, from the graph they were built from
+                for name in list(refitter.get_missing_weights()):
+                    if name not in graph.index.by_name:
+                        raise RuntimeError(f"TensorRT asks for weights {name!r} to refit {network}, which its "
+                                           "graph does not hold")
+                    values[name] = np.ascontiguousarray(graph.index.array(graph.index.by_name[name]))
+                    if not refitter.set_named_weights(name, self.trt.Weights(values[name])):
+                        raise RuntimeError(f"TensorRT refused the graph's own weights {name!r} of {network}")
+                with on_device(self.device):
+                    if not refitter.refit_cuda_engine():
+                        raise RuntimeError(f"TensorRT could not refit the {network} engine (see the log above)")
+                self.engines[network].version += 1        # a CUDA graph captured before must not replay
             self._refitted[network] = changed
-            engine.version += 1        # a CUDA graph captured before must not replay
+            self._synced[network] = uses
 
     def close(self) -> None:
         """Release the execution contexts and engines, then their scratch memory."""
@@ -398,8 +388,8 @@ class TensorRTBackend:
         embeds = None
         if fixes and any(fixes):         # textual inversion: the token embeddings come in as an input
             engine = self._embeds_engine(name)
-            encoder = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
-            embeds = token_embeddings(encoder, input_ids.reshape(-1, MAX_LENGTH), fixes, windows).to(
+            module = self.components.text_encoder_2 if name == "text_encoder_2" else self.components.text_encoder
+            embeds = token_embeddings(module, input_ids.reshape(-1, MAX_LENGTH), fixes, windows).to(
                 self.device, engine.dtypes["inputs_embeds"])
         else:
             engine = self.engines[name]
@@ -442,9 +432,8 @@ class TensorRTBackend:
         """One UNet call on bound memory; the output buffer is reused for every call of a shape."""
         e = self.engines["unet"]
         args = {"sample": sample, "timestep": t, "encoder_hidden_states": context}
-        if self.pooled_dim is not None:
-            context, pooled, time_ids = unpack_added(context, self.pooled_dim)
-            args.update(encoder_hidden_states=context, text_embeds=pooled, time_ids=time_ids)
+        if self._added is not None:           # SDXL: the pooled text and sizes in buffers of their own
+            args.update(self._added(context, e.dtypes["encoder_hidden_states"]))
         args = {k: v.to(e.dtypes[k]).contiguous() for k, v in args.items()}
         return self._enqueue(e, "loop", **args)["out_sample"]
 

@@ -342,7 +342,7 @@ class ServerState:
         images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
         infotexts = [r.infotexts[0] for r in results]
         c = pipe.components
-        vae_info = pipe._vae_state.infotext(meta["opts"]["sd_vae"]) if pipe._vae_state is not None else {}
+        vae_info = pipe.vae_infotext(meta["opts"]["sd_vae"])
         info = {
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(futures),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(futures),
