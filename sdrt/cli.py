@@ -15,7 +15,8 @@ def _generate(args) -> int:
 
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                     engine_dir=args.engine_dir, fast_path=args.fast_path,
-                                    tune=dict(channels_last=args.channels_last, compile=args.compile),
+                                    tune=dict(channels_last=args.channels_last, compile=args.compile,
+                                              quantize=args.quantize),
                                     lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae_dir=args.vae_dir)
     native = pipe.components.native_size
     params = from_arguments(args, width=native, height=native)    # the model's own size by default
@@ -141,7 +142,8 @@ def _serve(args) -> int:
     from .options import from_arguments
     from .serving.config import ServerConfig
     from .serving.deploy import Scaling, run
-    config = from_arguments(ServerConfig, args, channels_last=args.channels_last, compile=args.compile)
+    config = from_arguments(ServerConfig, args, channels_last=args.channels_last, compile=args.compile,
+                            quantize=args.quantize)
     run(config, host=args.host, port=args.port, scaling=from_arguments(Scaling, args), use_ray=not args.no_ray,
         ray_address=args.ray_address)
     return 0
@@ -155,6 +157,9 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=None, metavar="MODE",
                    help="torch backend: the UNet under torch.compile(mode=MODE), e.g. default; compiles on first "
                         "use (45 s for SD 1.5 on a 16-core host); 1.6x per UNet call on an H200")
+    p.add_argument("--quantize", default=None, choices=["fp8"],
+                   help="torch backend: the UNet's transformer-block linear layers in float8 e4m3 (GPUs of compute "
+                        "capability 8.9+: Ada, Hopper; best with --compile); see docs/fastpath.md")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:

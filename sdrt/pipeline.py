@@ -402,7 +402,7 @@ class Pipeline:
 
     def tune(self, **options) -> None:
         """The torch backend's speed options (``TorchBackend.tune``: compile, channels_last,
-        cudnn_benchmark, sdpa_order). Captured graphs that the change invalidates are dropped
+        cudnn_benchmark, sdpa_order, quantize). Captured graphs that the change invalidates are dropped
         (they are captured again on next use)."""
         tune = getattr(self.backend, "tune", None)
         if tune is None:

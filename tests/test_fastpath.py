@@ -356,7 +356,7 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
         pipe.tune(channels_last=True)
         assert len(pipe.loops) == 0
         assert be.options == dict(channels_last=True, cudnn_benchmark=True,
-                                  sdpa_order=("cudnn", "flash", "efficient", "math"), compile=None)
+                                  sdpa_order=("cudnn", "flash", "efficient", "math"), compile=None, quantize=None)
         w = be.unet_module.conv_in.weight
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
         tuned = pipe(**args)
@@ -365,7 +365,8 @@ def test_tune_options_keep_the_image_and_drop_invalidated_graphs(pipe):
     finally:
         pipe.tune(**UNTUNED)
         pipe.set_fast_path(False)
-    assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=None)
+    assert be.options == dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=None,
+                              quantize=None)
     assert be.unet_module.conv_in.weight.is_contiguous() and not torch.backends.cudnn.benchmark
     assert np.abs(plain.pixels - tuned.pixels).max() <= 1e-4
     assert np.abs(plain.pixels - tuned_eager.pixels).max() <= 1e-4

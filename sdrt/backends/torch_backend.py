@@ -56,7 +56,7 @@ def _token_fixes(text_encoder: torch.nn.Module, fixes, windows: int):
 
 
 # TorchBackend.tune's settings when nothing is tuned: tune(**UNTUNED) undoes every option
-UNTUNED = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False)
+UNTUNED = dict(channels_last=False, cudnn_benchmark=False, sdpa_order=None, compile=False, quantize=False)
 
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -77,6 +77,7 @@ class TorchBackend:
         self.pooled_dim = added_pooled_dim(components.unet.config)      # SDXL: contexts carry pooled text + sizes
         self._eager_unet = _place(components.unet, device, dtype)
         self._compile_mode = None
+        self._quantized = None          # the float8 copy of the UNet (tune(quantize="fp8"); sdrt.quantize)
         # SDXL's VAE overflows float16 (NaN, black images): it decodes in float32, as diffusers'
         # force_upcast does and the web UI falls back to after a NaN; the other families' VAEs do not
         self.vae_dtype = torch.float32 if components.is_sdxl else dtype
@@ -91,7 +92,8 @@ class TorchBackend:
         self._sdpa_order = None
 
     def tune(self, channels_last: bool | None = None, cudnn_benchmark: bool | None = None,
-             sdpa_order: tuple[str, ...] | None | str = "keep", compile: str | bool | None = None) -> bool:
+             sdpa_order: tuple[str, ...] | None | str = "keep", compile: str | bool | None = None,
+             quantize: str | bool | None = None) -> bool:
         """Speed options, each measured on a GPU by benchmarks/gpu/run.py (unet_levers):
 
         - ``channels_last``: the UNet's and VAE's weights in NHWC (cuDNN's fast convolution
@@ -106,6 +108,11 @@ class TorchBackend:
           ``"max-autotune-no-cudagraphs"``; sdrt captures its own CUDA graphs), False for eager.
           Compilation happens on the first call (minutes for SD 1.5). Not with the cross-attention
           K/V cache, whose lookups dynamo cannot trace.
+        - ``quantize``: ``"fp8"`` runs the UNet's transformer-block linear layers in float8 e4m3
+          (``sdrt.quantize``: per-channel weight and per-row activation scales, ``torch._scaled_mm``)
+          on a shallow copy of the UNet, so other users of the modules keep float16; False for none.
+          Needs a GPU of compute capability 8.9 or newer (refused below); emulated on a CPU. Best
+          with ``compile``, which fuses the activations' scaling into the neighbouring kernels.
 
         Arguments left out keep their setting. Returns whether captured graphs are invalid (the
         weights were replaced or the UNet's code changed)."""
@@ -118,7 +125,21 @@ class TorchBackend:
                              "dynamo cannot trace its lookups")
         if compile not in (None, False) and not isinstance(compile, str):
             raise ValueError(f"compile={compile!r}: give a torch.compile mode such as 'default', or False")
+        if quantize not in (None, False) and quantize != self.quantize:
+            from ..quantize import QUANTIZE_MODES, check_fp8_device
+            if quantize not in QUANTIZE_MODES:
+                raise ValueError(f"quantize={quantize!r}: give one of {', '.join(QUANTIZE_MODES)}, or False")
+            check_fp8_device(self.device)
         moved = False
+        if quantize is not None and (quantize or None) != self.quantize:
+            kv = self.kv
+            if kv is not None:
+                self.enable_kv_cache(False)
+            from ..quantize import quantize_unet
+            self._quantized = quantize_unet(self._eager_unet, quantize) if quantize else None
+            if kv is not None:
+                self.enable_kv_cache(True, kv.custom_kernel)
+            moved = True
         if channels_last is not None and channels_last != self.channels_last:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             self._eager_unet.to(memory_format=fmt)
@@ -136,13 +157,29 @@ class TorchBackend:
     @property
     def unet_module(self) -> torch.nn.Module:
         """The UNet as called: the module itself, or its torch.compile wrapper (``tune``)."""
-        return _compiled(self._eager_unet, self._compile_mode) if self._compile_mode else self._eager_unet
+        tree = self._tree
+        return _compiled(tree, self._compile_mode) if self._compile_mode else tree
+
+    @property
+    def _tree(self) -> torch.nn.Module:
+        """The UNet's modules as run: the model's own, or their float8 copy."""
+        return self._quantized if self._quantized is not None else self._eager_unet
+
+    @property
+    def quantize(self) -> str | None:
+        return "fp8" if self._quantized is not None else None
+
+    def sync_weights(self, part: str, lora_state=None) -> None:
+        """After LoRA merges into the original weights: re-quantize the float8 layers that changed."""
+        if part == "unet" and self._quantized is not None:
+            from ..quantize import refresh
+            refresh(self._quantized)
 
     @property
     def options(self) -> dict:
         """The speed options in force (see ``tune``)."""
         return dict(channels_last=self.channels_last, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-                    sdpa_order=self._sdpa_order, compile=self._compile_mode)
+                    sdpa_order=self._sdpa_order, compile=self._compile_mode, quantize=self.quantize)
 
     @property
     def channels_last(self) -> bool:
@@ -163,7 +200,8 @@ class TorchBackend:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         from ..attention import CachedKVProcessor
-        for module in self._eager_unet.modules():
+        trees = [self._eager_unet] + ([self._quantized] if self._quantized is not None else [])
+        for module in (m for tree in trees for m in tree.modules()):
             if isinstance(getattr(module, "processor", None), CachedKVProcessor):
                 module.set_processor(AttnProcessor2_0())
 
@@ -175,7 +213,7 @@ class TorchBackend:
             raise ValueError("the cross-attention K/V cache does not work under torch.compile (dynamo cannot "
                              "trace its lookups): tune(compile=False) first")
         if enabled and (self.kv is None or not self.kv.installed() or self.kv.custom_kernel != custom_kernel):
-            self.kv = CrossAttentionKV(self._eager_unet, custom_kernel, view=self.text_view)
+            self.kv = CrossAttentionKV(self._tree, custom_kernel, view=self.text_view)
         elif not enabled:
             self._reset_attention()
             self.kv = None

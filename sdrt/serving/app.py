@@ -158,7 +158,8 @@ class ServerState:
         return Pipeline.from_pretrained(model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
                                         engine_dir=cfg.engine_dir if model == cfg.model else None,
                                         fast_path=cfg.fast_path, tune=dict(channels_last=cfg.channels_last,
-                                                                           compile=cfg.compile),
+                                                                           compile=cfg.compile,
+                                                                           quantize=cfg.quantize),
                                         lora_dir=cfg.lora_dir, embeddings_dir=cfg.embeddings_dir,
                                         vae_dir=cfg.vae_dir)
 

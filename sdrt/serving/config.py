@@ -31,6 +31,8 @@ class ServerConfig:
     fast_path: bool = option(False, "the static loop: one CUDA graph per batch shape on a GPU")
     channels_last: bool = option(False, "torch backend: NHWC weights (Pipeline.tune)", cli=False)
     compile: str | None = option(None, "torch backend: torch.compile mode for the UNet (Pipeline.tune)", cli=False)
+    quantize: str | None = option(None, "torch backend: 'fp8' for float8 linear layers in the UNet (Pipeline.tune)",
+                                  cli=False)
     max_batch_size: int = option(8, "images per batch (dynamic batching, sdrt.Batcher)")
     max_wait: float = option(0.02, "seconds a partial batch waits for more requests")
     max_queue: int = option(256, "images waiting before the server answers 503")
