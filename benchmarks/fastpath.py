@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import functools
 import statistics
 import time
@@ -52,13 +54,43 @@ def _diffusers_pipe(components, device, dtype):
     return diffusers_pipeline(components, diffusers.EulerDiscreteScheduler(**_BETAS), device, dtype)
 
 
+_PEERS: dict = {}
+
+
+def compiled_peer(model: str, device, dtype: str, mode: str):
+    """The peer a user would put beside sdrt on a GPU: diffusers' pipeline with the recipe its
+    docs give (``docs/source/en/optimization/fp16.md``): its own copy of the UNet in
+    channels_last, with fused QKV projections, under ``torch.compile(mode, fullgraph=True)``
+    ("reduce-overhead" and "max-autotune" capture CUDA graphs; max-autotune's GEMM/conv
+    autotuning and the inductor flags the docs add (coordinate descent) take minutes more, so the
+    suite's one call uses reduce-overhead). The text encoder and VAE are the shared modules (eager).
+    One per (model, device, dtype, mode) per process: compiled once per batch size."""
+    key = (model, str(device), dtype, mode)
+    if key not in _PEERS:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        components = _load(model)
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        unet = copy.deepcopy(components.unet).to(device, torch_dtype)
+        unet.set_attn_processor(AttnProcessor2_0())         # not sdrt's K/V processors, if installed
+        unet.to(memory_format=torch.channels_last)
+        unet.fuse_qkv_projections()
+        pipe = _diffusers_pipe(dataclasses.replace(components, unet=unet), device, torch_dtype)
+        from sdrt.backends.torch_backend import allow_recompiles
+        allow_recompiles()                  # the peer's UNet shares its code objects with sdrt's
+        pipe.unet = torch.compile(unet, mode=mode, fullgraph=True)
+        _PEERS[key] = pipe
+    return _PEERS[key]
+
+
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
-               repeat=3, variants=None, diffusers_ref=True, tune=None, log=print) -> dict:
+               repeat=3, variants=None, diffusers_ref=True, tune=None, peer_compile=None, log=print) -> dict:
     """Total seconds per generation of each variant (Euler, uniform schedule, CFG 7), medians of
     ``repeat`` interleaved runs, with UNet iterations per second and the max abs pixel difference
     against the eager loop's image. ``tune``: TorchBackend.tune options for every variant (the
     weight layout and cuDNN's autotuning reach diffusers' run too: the modules are shared; the
-    SDPA order only sdrt's); they are reset afterwards."""
+    SDPA order only sdrt's); they are reset afterwards. The peers run in the same rotation:
+    diffusers eager (``diffusers_ref``) and, with ``peer_compile`` (a torch.compile mode),
+    diffusers compiled (``compiled_peer``); each peer's UNet alone is timed too (CUDA events)."""
     import sdrt
     from sdrt.backends import create_backend
 
@@ -85,17 +117,24 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
 
         runs = {v: [] for v in variants}
         pixels = {}
-        ref = None
+        errors = {}
+        peers = {}
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         if diffusers_ref:
-            ref = _diffusers_pipe(components, device, torch.float16 if dtype == "float16" else torch.float32)
-            runs["diffusers"] = []
+            peers["diffusers"] = _diffusers_pipe(components, device, torch_dtype)
+        if peer_compile:
+            try:
+                peers["diffusers-compiled"] = compiled_peer(model, device, dtype, peer_compile)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported
+                errors["diffusers-compiled"] = f"{type(e).__name__}: {e}"
+                log(f"diffusers-compiled: FAILED: {errors['diffusers-compiled']}")
         f = components.latent_factor
         noise = torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
                              for i in range(batch)])
 
-        def run_diffusers():
+        def run_peer(ref):
             backend.enable_kv_cache(False)      # the modules are shared: diffusers' own processors
-            lat = noise.to(device, ref.unet.dtype)
+            lat = noise.to(device, torch_dtype)
             sync(device)
             t0 = time.perf_counter()
             out = ref([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
@@ -103,7 +142,6 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
             sync(device)
             return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
 
-        errors = {}
         for name in list(variants):         # warm-up at full length: captures the graphs
             try:
                 configure(name)(**args)
@@ -113,8 +151,15 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
                 log(f"{name}: FAILED: {errors[name]}")
                 variants.remove(name)
                 del runs[name]
-        if ref is not None:
-            run_diffusers()
+        for name, ref in list(peers.items()):
+            try:
+                run_peer(ref)                   # the compiled peer compiles and captures here
+                runs[name] = []
+                log(f"{name}: warmed up")
+            except Exception as e:  # noqa: BLE001 - a failing peer is reported, the others still run
+                errors[name] = f"{type(e).__name__}: {str(e)[:500]}"
+                log(f"{name}: FAILED: {errors[name]}")
+                del peers[name]
         for i in range(repeat):
             for name in variants:
                 pipe = configure(name)
@@ -125,28 +170,38 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
                 runs[name].append(time.perf_counter() - t0)
                 pixels[name] = r.pixels
                 log(f"{name}: run {i + 1}/{repeat}: {runs[name][-1]:.3f} s")
-            if ref is not None:
-                t, pixels["diffusers"] = run_diffusers()
-                runs["diffusers"].append(t)
-                log(f"diffusers: run {i + 1}/{repeat}: {t:.3f} s")
+            for name, ref in peers.items():
+                t, pixels[name] = run_peer(ref)
+                runs[name].append(t)
+                log(f"{name}: run {i + 1}/{repeat}: {t:.3f} s")
         base = statistics.median(runs["eager"])
-        dref = statistics.median(runs["diffusers"]) if ref is not None else None
+        dref = statistics.median(runs["diffusers"]) if "diffusers" in peers else None
+        best_peer = min((statistics.median(runs[p]) for p in peers), default=None)
         rows = {}
         for name, ts in runs.items():
             med = statistics.median(ts)
             rows[name] = dict(median_s=med, min_s=min(ts), runs=ts, it_per_s=steps / med,
                               speedup_vs_eager=base / med, speedup_vs_diffusers=(dref / med) if dref else None,
+                              speedup_vs_best_peer=(best_peer / med) if best_peer else None,
                               max_abs_diff_vs_eager=float(np.abs(pixels[name] - pixels["eager"]).max()))
             log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
                 + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
+                + (f"  x{best_peer / med:.3f} vs best peer" if best_peer else "")
                 + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
+        if not components.is_sdxl:
+            x, t, ctx = _unet_inputs(components, backend, size, batch)
+            for name, ref in peers.items():     # the peers' UNet alone, as their pipelines call it
+                with torch.inference_mode():
+                    rows[name]["unet_alone_s"] = _median_seconds(
+                        lambda ref=ref: ref.unet(x, t, encoder_hidden_states=ctx, return_dict=False), device)
     finally:
         backend.enable_kv_cache(False)
         backend.tune(**UNTUNED)
     from diffusers.models.attention_processor import Attention
     kv_layers = sum(isinstance(m, Attention) and m.is_cross_attention for m in components.unet.modules())
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
-                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors)
+                sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors,
+                peers=list(peers), peer_compile=peer_compile)
 
 
 def _unet_inputs(components, be, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,6 +275,20 @@ def kernel_check(device="cuda", log=print) -> dict:
         worst[str(dtype).replace("torch.", "")] = err
         log(f"fused step kernel vs reference, {dtype}: max relative error {err:.2e}")
     return dict(max_rel_error=worst, all_written=written)
+
+
+def _median_seconds(fn, device, iters=20, warmup=3) -> float:
+    """Median seconds per call: CUDA events on a GPU, the host clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        return _time_cuda(fn, iters, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _time_cuda(fn, iters=200, warmup=20) -> float:
@@ -334,25 +403,119 @@ def unet_graph_seconds(model="random:sd15", size=512, batch=1, device="cuda", dt
     try:
         be.enable_kv_cache(not compiling if kv is None else kv)
         be.tune(**(tune or {}))
-        with torch.inference_mode():
-            x, t, ctx = _unet_inputs(components, be, size, batch)
-            if be.kv is not None:
-                be.kv.precompute([ctx])
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3 if compiling else 1):      # compilation and autotuning happen here
-                    be.unet(x, t, ctx)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                be.unet(x, t, ctx)
-            seconds = _time_cuda(graph.replay, iters=30, warmup=5)
-        del graph
+        return _unet_graph_time(be, components, size, batch)
     finally:
         be.enable_kv_cache(False)
         be.tune(**UNTUNED)
+
+
+def _unet_graph_time(be, components, size: int, batch: int) -> float:
+    """Seconds per CFG UNet call of backend ``be`` as it is tuned, replayed alone from a CUDA graph."""
+    compiling = bool(be.options.get("compile"))
+    with torch.inference_mode():
+        x, t, ctx = _unet_inputs(components, be, size, batch)
+        if be.kv is not None:
+            be.kv.precompute([ctx])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3 if compiling else 1):      # compilation and autotuning happen here
+                be.unet(x, t, ctx)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            be.unet(x, t, ctx)
+        seconds = _time_cuda(graph.replay, iters=30, warmup=5)
+    del graph
     return seconds
+
+
+FP8_SHAPES = ((8192, 320, 320), (8192, 320, 2560), (32768, 640, 640), (32768, 1280, 10240))
+
+
+def fp8_check(device="cuda", dtype=torch.float16, shapes=FP8_SHAPES, log=print) -> dict:
+    """Float8Linear on this device against a float64 reference on fresh random inputs (relative
+    error, every element written), and its speed against the float16 layer on SD 1.5's largest
+    linear shapes at 512 px (rows = 2 x 4096 tokens at batch 1 and 4; eager and compiled)."""
+    from sdrt.quantize import Float8Linear, check_fp8_device
+    check_fp8_device(device)
+    g = torch.Generator().manual_seed(int(time.time()))
+    rows = {}
+    for m, k, n in shapes:
+        lin = torch.nn.Linear(k, n).to(device, dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g).to(device, dtype) * 0.05)
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        f8 = Float8Linear(lin)
+        with torch.inference_mode():
+            ref = x.double() @ lin.weight.double().t() + lin.bias.double()
+            y = f8(x)
+            err = (torch.linalg.norm(y.double() - ref) / torch.linalg.norm(ref)).item()
+            if not torch.isfinite(y).all() or err > 0.08:
+                raise AssertionError(f"Float8Linear {m}x{k}x{n}: relative error {err:.3g} (or non-finite)")
+            fp16_s = _median_seconds(lambda: lin(x), device, iters=50, warmup=10)
+            fp8_s = _median_seconds(lambda: f8(x), device, iters=50, warmup=10)
+            comp = torch.compile(f8)
+            fp8c_s = _median_seconds(lambda: comp(x), device, iters=50, warmup=10)
+        flops = 2 * m * k * n
+        rows[f"{m}x{k}x{n}"] = dict(rel_err=err, fp16_s=fp16_s, fp8_s=fp8_s, fp8_compiled_s=fp8c_s,
+                                    fp16_tflops=flops / fp16_s / 1e12, fp8_compiled_tflops=flops / fp8c_s / 1e12,
+                                    speedup_compiled=fp16_s / fp8c_s)
+        log(f"fp8 linear {m}x{k}x{n}: rel err {err:.2e}; {dtype} {1e6 * fp16_s:.0f} us, fp8 eager {1e6 * fp8_s:.0f} "
+            f"us, compiled {1e6 * fp8c_s:.0f} us (x{fp16_s / fp8c_s:.2f})")
+    return rows
+
+
+def quantized(model="random:sd15", size=512, steps=50, batch=4, device="cuda", dtype="float16", compile="default",
+              repeat=3, log=print) -> dict:
+    """sdrt's UNet as it is against its float8 linear layers (``tune(quantize="fp8")``), side by
+    side: both on the static loop (with the fused step kernel on a GPU), channels_last, under
+    ``torch.compile(compile)`` (None: the eager modules with the K/V cache). Seconds per
+    generation and it/s (medians of ``repeat`` interleaved runs), the UNet alone (graph replay),
+    and the float8 image's max abs difference and PSNR against the image of the same seed."""
+    import sdrt
+    from sdrt.backends import create_backend
+    components = _load(model)
+    kernel = torch.device(device).type == "cuda"
+    args = dict(prompt=PROMPT, steps=steps, sampler="Euler", schedule="Uniform", seed=1, width=size, height=size,
+                batch_size=batch, rng="cpu", cfg_scale=7.0)
+    pipes = {}
+    try:
+        for name, q in ((dtype, False), ("fp8", "fp8")):
+            be = create_backend("torch", components, device, dtype)
+            be.tune(channels_last=True, compile=compile or False, quantize=q)
+            be.enable_kv_cache(not compile)
+            pipes[name] = sdrt.Pipeline(components, be)
+            pipes[name].set_fast_path(use_kernel=kernel)
+        unet = {name: _unet_graph_time(p.backend, components, size, batch) for name, p in pipes.items()}
+        runs, pixels = {name: [] for name in pipes}, {}
+        for name, p in pipes.items():
+            p(**args)                                   # warm-up at full length: captures the loop
+            log(f"{name}: warmed up")
+        for i in range(repeat):
+            for name, p in pipes.items():
+                sync(device)
+                t0 = time.perf_counter()
+                pixels[name] = p(**args).pixels
+                sync(device)
+                runs[name].append(time.perf_counter() - t0)
+                log(f"{name}: run {i + 1}/{repeat}: {runs[name][-1]:.3f} s")
+    finally:
+        for p in pipes.values():
+            p.backend.enable_kv_cache(False)
+            p.backend.tune(**UNTUNED)
+    ref = pixels[dtype].astype(np.float64)
+    mse = float(np.mean((pixels["fp8"] - ref) ** 2))
+    rows = {}
+    for name, ts in runs.items():
+        med = statistics.median(ts)
+        rows[name] = dict(median_s=med, runs=ts, it_per_s=steps / med, unet_alone_s=unet[name],
+                          speedup=statistics.median(runs[dtype]) / med, unet_speedup=unet[dtype] / unet[name])
+    rows["fp8"].update(max_abs_diff=float(np.abs(pixels["fp8"] - ref).max()),
+                       psnr_db=float("inf") if mse == 0 else 10 * np.log10(1.0 / mse))
+    log(f"float8 at batch {batch}: x{rows['fp8']['speedup']:.3f} end to end, x{rows['fp8']['unet_speedup']:.3f} "
+        f"UNet alone ({1e3 * unet[dtype]:.2f} -> {1e3 * unet['fp8']:.2f} ms), PSNR {rows['fp8']['psnr_db']:.1f} dB")
+    return dict(model=model, size=size, steps=steps, batch=batch, dtype=dtype, compile=compile, rows=rows)
 
 
 def compiled_unet(model="random:sd15", size=512, batch=1, device="cuda", dtype="float16", mode="default",

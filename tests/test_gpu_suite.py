@@ -116,3 +116,34 @@ def test_suite_inductor_section(fake_cuda, dynamo_only, tmp_path, capsys):
                 ["--inductor", "conv_1x1_as_mm"]):
         assert run.main(["--quick", "--device", "cpu", "--compile", "default", "--out", str(tmp_path)] + bad) == 2
     assert run.main(["--quick", "--device", "cpu", "--inductor", "conv_1x1_as_mm=True", "--out", str(tmp_path)]) == 2
+
+
+def test_suite_peer_and_float8_sections(fake_cuda, dynamo_only, tmp_path, capsys):
+    """--peer-compile puts diffusers compiled (its own UNet copy: channels_last, fused QKV) in the
+    end-to-end rotation with its UNet alone timed; --fp8 runs float8 against float32/16 compiled,
+    with the PSNR of its image; the model's own modules are left as they were."""
+    import fastpath
+    import run
+    rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--steps", "3", "--batches", "1",
+                   "--variants", "static-ops+kv", "--compile", "default", "--peer-compile", "reduce-overhead",
+                   "--fp8", "--out", str(tmp_path), "--only", "end_to_end_batch", "fp8"])
+    record = json.loads(next(tmp_path.glob("gpu-fake-gpu-*.json")).read_text())
+    assert rc == 0, record["errors"]
+    s = record["sections"]
+    e2e = s["end_to_end_batch1"]
+    assert set(e2e["rows"]) == {"eager", "static-ops+kv", "diffusers", "diffusers-compiled"}
+    assert e2e["peers"] == ["diffusers", "diffusers-compiled"] and e2e["peer_compile"] == "reduce-overhead"
+    peer = e2e["rows"]["diffusers-compiled"]
+    assert peer["unet_alone_s"] > 0 and peer["max_abs_diff_vs_eager"] < 1e-3      # the same network
+    best = min(e2e["rows"][p]["median_s"] for p in e2e["peers"])
+    assert e2e["rows"]["eager"]["speedup_vs_best_peer"] == pytest.approx(best / e2e["rows"]["eager"]["median_s"])
+    assert "reduce-overhead" in dynamo_only
+    assert all(r["rel_err"] < 0.08 for r in s["fp8_check"].values())
+    fp8 = s["fp8_batch1"]
+    assert set(fp8["rows"]) == {"float32", "fp8"} and fp8["compile"] == "default"
+    assert 25 < fp8["rows"]["fp8"]["psnr_db"] < 200 and fp8["rows"]["fp8"]["unet_alone_s"] > 0
+    assert "float8 linear layers" in capsys.readouterr().out
+    components = fastpath._load("random:tiny")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    assert all(type(p) is AttnProcessor2_0 for p in components.unet.attn_processors.values())   # not fused
+    assert not any(type(m).__name__ == "Float8Linear" for m in components.unet.modules())

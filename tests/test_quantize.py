@@ -154,3 +154,39 @@ def test_cli_quantize(tmp_path, capsys):
     assert main(["generate", "a cat", "--backend", "onnxruntime", "--quantize", "fp8", "-o",
                  str(tmp_path / "x.png")]) != 0
     assert "quantize: speed options of backend 'torch'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float8_on_cuda_matches_the_reference_or_is_refused():
+    lin = _linear(320, 1280, 7).cuda().half()
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(ValueError, match="8.9"):
+            check_fp8_device("cuda")
+        return
+    f8 = Float8Linear(lin)
+    x = torch.randn(2, 4096, 320, device="cuda", dtype=torch.float16)
+    out = torch.full((2, 4096, 1280), float("nan"), device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out.copy_(f8(x))
+        exact = lin(x).double()
+    assert torch.isfinite(out).all()
+    assert (torch.linalg.norm(out.double() - exact) / torch.linalg.norm(exact)).item() < 0.06
+    compiled = torch.compile(f8)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x).float(), out.float(), rtol=0.02, atol=0.02)
+
+
+def test_compiling_raises_dynamos_recompile_limit(torch_pipe, dynamo_only, monkeypatch):
+    """Every compiled UNet of one class shares dynamo's per-code-object limit (8 by default):
+    batch sizes, resolutions, a float8 copy. Compiling through sdrt raises it."""
+    import torch._dynamo.config as cfg
+
+    from sdrt.backends.torch_backend import RECOMPILE_LIMIT
+    monkeypatch.setattr(cfg, "recompile_limit", 8)
+    be = torch_pipe.backend
+    try:
+        be.tune(compile="default", quantize="fp8")
+        assert be.unet_module is not be._tree and float8_layers(be.unet_module)
+        assert cfg.recompile_limit == RECOMPILE_LIMIT
+    finally:
+        be.tune(compile=False, quantize=False)

@@ -10,12 +10,16 @@
 4. end to end on random:sd15, 512x512, 50 steps, float16, batch 1 and 4, side by side:
    diffusers (eager, SDPA), sdrt's eager loop, the static loop as one CUDA graph with torch
    ops, with the fused kernel, and with the kernel + cross-attention K/V once per conditioning;
-   it/s, ratios, max abs pixel difference against sdrt's eager image; again with the fastest
-   option from 3 where it gained over 2%;
+   it/s, ratios, max abs pixel difference against sdrt's eager image; with --peer-compile MODE
+   the strongest peer too: diffusers with its documented recipe (its own UNet copy in
+   channels_last, fused QKV, torch.compile(MODE, fullgraph=True); fastpath.compiled_peer), and
+   each peer's UNet alone; again with the fastest option from 3 where it gained over 2%;
 5. the loop's overhead outside the networks: graph-replay step time minus one UNet call
    replayed alone from a graph minus (VAE decode + text encoder) / steps;
-6. with --compile MODE, per batch size: the UNet alone eager against torch.compile(mode)
-   (channels_last, no K/V cache), and end to end with the compiled UNet;
+6. with --compile MODE, per batch size (--compile-batches): the UNet alone eager against
+   torch.compile(mode) (channels_last, no K/V cache), and end to end with the compiled UNet;
+   with --fp8 [B ...], float8 linear layers (tune(quantize="fp8")) against float16 at those
+   batch sizes, both compiled (fastpath.quantized): speed, and PSNR against the float16 image;
 7. with --inductor KEY=VALUE ... (and --compile), last: the UNet alone at the largest batch
    compiled again with those torch._inductor.config settings (e.g. conv_1x1_as_mm=True
    coordinate_descent_tuning=True), against eager;
@@ -26,7 +30,11 @@
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
     python benchmarks/gpu/run.py [--steps 50] [--repeat 3] [--batches 1 4] [--quick]
-                                 [--compile MODE [--inductor KEY=VALUE ...]] [--only PREFIX ...] [--out DIR]
+                                 [--compile MODE [--inductor KEY=VALUE ...]] [--compile-batches B ...]
+                                 [--peer-compile MODE] [--fp8 [B ...]] [--only PREFIX ...] [--out DIR]
+
+The sections run batch by batch (everything for batch 1, then batch 4, ...), then SDXL, then the
+--inductor section; each is saved as it finishes, so a call cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -58,6 +66,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="also time the UNet under torch.compile(mode=MODE), e.g. default, alone and end to end, "
                          "per batch size (about a minute of compilation each on a 16-core host)")
+    ap.add_argument("--compile-batches", type=int, nargs="+", default=None, metavar="B",
+                    help="with --compile: the batch sizes to compile at (default: all of --batches)")
+    ap.add_argument("--peer-compile", default=None, metavar="MODE",
+                    help="also run diffusers compiled (channels_last, fused QKV, torch.compile(MODE)) in the "
+                         "end-to-end sections, e.g. reduce-overhead (about a minute per batch size)")
+    ap.add_argument("--fp8", type=int, nargs="*", default=None, metavar="B",
+                    help="float8 linear layers against float16 (compiled with --compile's mode) at these batch "
+                         "sizes (none given: all of --batches); needs compute capability 8.9+")
     ap.add_argument("--inductor", nargs="+", default=None, metavar="KEY=VALUE",
                     help="with --compile: also compile the UNet at the largest batch with these "
                          "torch._inductor.config settings (values are Python literals), last")
@@ -137,32 +153,42 @@ def main(argv=None) -> int:
         log(f"{name}: {time.perf_counter() - t:.0f} s")
         save()                      # a run cut short by its time limit keeps what it measured
 
+    compile_batches = args.compile_batches or args.batches
+    fp8_batches = (args.fp8 or args.batches) if args.fp8 is not None else []
     section("fatbin", lambda: str(kernels.find_fatbin()))
     section("kernel_check", lambda: fastpath.kernel_check(log=log))
     section("kernel_speed", lambda: fastpath.kernel_speed(size=args.size, batches=args.batches, log=log))
     section("attention_backends", lambda: fastpath.attention_backends(log=log))
+    if fp8_batches:                # the float8 layer alone first: its end-to-end sections need it working
+        shapes = ((64, 32, 32), (96, 64, 128)) if args.quick else fastpath.FP8_SHAPES[1::2]
+        section("fp8_check", lambda: fastpath.fp8_check(device=args.device, dtype=getattr(torch, args.dtype),
+                                                        shapes=shapes, log=log))
     e2e = dict(common, steps=args.steps, repeat=args.repeat, log=log)
     for b in args.batches:
         section(f"unet_levers_batch{b}", lambda b=b: fastpath.unet_levers(batch=b, log=log, **common))
         section(f"decode_text_batch{b}", lambda b=b: fastpath.decode_text_seconds(batch=b, **common))
-        section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(batch=b, variants=variants, **e2e))
+        section(f"end_to_end_batch{b}", lambda b=b: fastpath.end_to_end(
+            batch=b, variants=variants, peer_compile=args.peer_compile, **e2e))
         levers = record["sections"].get(f"unet_levers_batch{b}")
         if levers and levers["best"] != "baseline" and levers["rows"][levers["best"]]["speedup"] > 1.02:
             # the levers that measurably helped the UNet, end to end (side by side with diffusers again)
             section(f"end_to_end_tuned_batch{b}", lambda b=b: fastpath.end_to_end(
                 batch=b, variants=variants, tune=levers["best_tune"], **e2e))
         section(f"unet_graph_batch{b}", lambda b=b: fastpath.unet_graph_seconds(batch=b, **common))
+        if args.compile and b in compile_batches:   # compilation takes about a minute per batch size
+            section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(batch=b, mode=args.compile, log=log,
+                                                                             **common))
+            section(f"end_to_end_compiled_batch{b}", lambda b=b: fastpath.end_to_end(
+                batch=b, variants=compiled_variants, tune=dict(channels_last=True, compile=args.compile),
+                peer_compile=args.peer_compile, **e2e))
+        if b in fp8_batches and "fp8_check" in record["sections"]:
+            section(f"fp8_batch{b}", lambda b=b: fastpath.quantized(
+                batch=b, compile=args.compile, steps=args.steps, repeat=args.repeat, log=log, **common))
     if args.sdxl:                  # SDXL at its own size, batch 1: the peers' headline configuration
         section("sdxl_end_to_end_batch1", lambda: fastpath.end_to_end(
             model=sdxl_model, size=args.sdxl_size, steps=args.sdxl_steps or args.steps, batch=1,
             variants=[v for v in variants if v in ("eager", "static-ops+kv", "static-kernel", "static-kernel+kv")],
             device=args.device, dtype=args.dtype, repeat=args.repeat, log=log))
-    if args.compile:               # last: compilation takes minutes (once per batch size)
-        for b in args.batches:
-            section(f"compile_batch{b}", lambda b=b: fastpath.compiled_unet(batch=b, mode=args.compile, log=log,
-                                                                             **common))
-            section(f"end_to_end_compiled_batch{b}", lambda b=b: fastpath.end_to_end(
-                batch=b, variants=compiled_variants, tune=dict(channels_last=True, compile=args.compile), **e2e))
     if inductor:                   # after everything else: its compile time is the least known
         b = max(args.batches)
         section(f"compile_inductor_batch{b}", lambda: fastpath.compiled_unet(
@@ -198,7 +224,9 @@ def main(argv=None) -> int:
             for name, row in e2e["rows"].items():
                 lines.append(f"    {name:22s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "
                              f"x{row['speedup_vs_diffusers'] or 0:.2f} vs diffusers  "
-                             f"max|diff| {row['max_abs_diff_vs_eager']:.1e}")
+                             f"x{row.get('speedup_vs_best_peer') or 0:.2f} vs best peer  "
+                             f"max|diff| {row['max_abs_diff_vs_eager']:.1e}"
+                             + (f"  UNet alone {1e3 * row['unet_alone_s']:.2f} ms" if "unet_alone_s" in row else ""))
             best = e2e["rows"].get("static-kernel+kv")
             if best and unet and key == f"end_to_end_batch{b}":
                 step = best["median_s"] / args.steps
@@ -206,6 +234,12 @@ def main(argv=None) -> int:
                 e2e["loop_overhead_fraction"] = max(0.0, step - unet - outside) / step
                 lines.append(f"    UNet alone {1e3 * unet:.2f} ms/call, graph step {1e3 * step:.2f} ms, VAE + text "
                              f"{1e3 * outside:.2f} ms/step: loop overhead {100 * e2e['loop_overhead_fraction']:.2f}%")
+        q = record["sections"].get(f"fp8_batch{b}")
+        if q:
+            fp8 = q["rows"]["fp8"]
+            lines.append(f"  batch {b}, float8 linear layers (compile {q['compile']}): {fp8['it_per_s']:.1f} it/s, "
+                         f"x{fp8['speedup']:.3f} end to end, x{fp8['unet_speedup']:.3f} UNet alone vs "
+                         f"{args.dtype}; PSNR {fp8['psnr_db']:.1f} dB, max|diff| {fp8['max_abs_diff']:.1e}")
     save()
     print("\n".join(lines + [f"errors: {record['errors']}" if record["errors"] else "no errors",
                              f"wrote {stem}.json in {record['wall_seconds']:.0f} s"]))

@@ -33,7 +33,7 @@ timeout "${SUITE_TIMEOUT:-400}" "$PY" benchmarks/gpu/run.py --out "$OUT" "$@" 2>
 tail -8 "$OUT/gpu-suite.log"
 # the tests that skip without a GPU (the compile tests ran on the CPU, in CI)
 timeout "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_kernels.py tests/test_fastpath.py -k "gpu or cuda or kernel_matches or kernel_replays" \
+  tests/test_kernels.py tests/test_fastpath.py tests/test_quantize.py -k "gpu or cuda or kernel_matches or kernel_replays" \
   > "$OUT/gpu-tests.log" 2>&1; trc=$?; echo "GPU tests exit $trc"; tail -4 "$OUT/gpu-tests.log"
 [ $rc -eq 0 ] && rc=$trc
 exit $rc

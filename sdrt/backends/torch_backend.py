@@ -21,9 +21,29 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+# dynamo keeps its compiled entries per code object: every compiled UNet of one class (each batch
+# size, resolution and weight layout; a float8 copy; a peer's copy in the benchmarks) counts
+# against one limit, 8 by default. Past it dynamo silently runs that frame eagerly and compiles its
+# callees one by one instead (seen in the GPU suite's rehearsal: the float8 layers then recompiled
+# per layer). A server batching requests of many shapes needs more.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-code-object recompile limit to at least ``limit`` (process-wide)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):        # the name before torch 2.6
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+            break
+    if getattr(cfg, "accumulated_recompile_limit", limit * 4) < limit * 4:
+        cfg.accumulated_recompile_limit = limit * 4
+
+
 def _compiled(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     """One torch.compile wrapper per module and mode, shared by every backend on that module, so
     a second backend does not compile again."""
+    allow_recompiles()
     per_mode = _COMPILED.setdefault(module, {})
     if mode not in per_mode:
         per_mode[mode] = torch.compile(module, mode=mode, dynamic=False)
