@@ -77,9 +77,81 @@ def compiled_peer(model: str, device, dtype: str, mode: str):
         pipe = _diffusers_pipe(dataclasses.replace(components, unet=unet), device, torch_dtype)
         from sdrt.backends.torch_backend import allow_recompiles
         allow_recompiles()                  # the peer's UNet shares its code objects with sdrt's
-        pipe.unet = torch.compile(unet, mode=mode, fullgraph=True)
+        pipe.unet = torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)   # one shape per batch size
         _PEERS[key] = pipe
     return _PEERS[key]
+
+
+def peer_in_process(model="random:sd15", size=512, steps=50, batches=(1, 4), device="cuda", dtype="float16",
+                    mode="reduce-overhead", repeat=3, log=print) -> dict:
+    """The compiled peer (``compiled_peer``) timed per batch size in THIS process: the
+    end-to-end seconds (medians of ``repeat`` after a full-length warm-up that compiles and
+    captures), its UNet alone, and the max abs pixel difference against diffusers eager on the
+    same weights and noise (random models are seeded: a second process builds the same weights)."""
+    components = _load(model)
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    eager = _diffusers_pipe(components, device, torch_dtype)
+    peer = compiled_peer(model, device, dtype, mode)
+    f = components.latent_factor
+    out = {}
+    for batch in batches:
+        noise = torch.stack([torch.randn((4, size // f, size // f),
+                                         generator=torch.Generator().manual_seed(1 + i)) for i in range(batch)])
+
+        def run(pipe):
+            lat = noise.to(device, torch_dtype)
+            sync(device)
+            t0 = time.perf_counter()
+            img = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                       latents=lat, output_type="np").images
+            sync(device)
+            return time.perf_counter() - t0, np.asarray(img, dtype=np.float32)
+        t0 = time.perf_counter()
+        run(peer)
+        warm = time.perf_counter() - t0
+        runs = [run(peer)[0] for _ in range(repeat)]
+        _, img = run(peer)
+        _, ref = run(eager)
+        x, t, ctx = _unet_inputs(components, _Device(device, torch_dtype), size, batch)
+        with torch.inference_mode():
+            unet = _median_seconds(lambda: peer.unet(x, t, encoder_hidden_states=ctx, return_dict=False), device)
+        med = statistics.median(runs)
+        out[str(batch)] = dict(median_s=med, runs=runs, it_per_s=steps / med, unet_alone_s=unet,
+                               warmup_and_compile_s=warm, max_abs_diff_vs_diffusers=float(np.abs(img - ref).max()))
+        log(f"diffusers-compiled ({mode}) batch {batch}: {med:.3f} s, {steps / med:.1f} it/s, UNet alone "
+            f"{1e3 * unet:.2f} ms (warm-up with compilation {warm:.0f} s)")
+    return dict(model=model, size=size, steps=steps, mode=mode, recipe="channels_last, fused QKV, "
+                f"torch.compile(mode={mode!r}, fullgraph=True); text encoder and VAE eager", batches=out)
+
+
+@dataclasses.dataclass
+class _Device:
+    device: str
+    dtype: torch.dtype
+
+
+def peer_subprocess(model="random:sd15", size=512, steps=50, batches=(1, 4), device="cuda", dtype="float16",
+                    mode="reduce-overhead", repeat=3, timeout=400, log=print) -> dict:
+    """``peer_in_process`` in a child process. On a GPU the compiled peer's CUDA graphs (inductor's
+    cudagraph trees) clear cuBLAS's workspaces before they record, and a CUDA graph that sdrt
+    captured earlier in the same process still points into them: replaying it then crashed the
+    suite (segmentation fault, H200, 2026-11-30). Apart, neither can corrupt the other."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/peer.json"
+        cmd = [sys.executable, __file__, "--peer", mode, "--model", model, "--size", str(size), "--steps", str(steps),
+               "--batches", *map(str, batches), "--device", str(device), "--dtype", dtype, "--repeat", str(repeat),
+               "--out", path]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        for line in proc.stderr.splitlines():
+            if line.startswith("diffusers-compiled"):
+                log(line)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the peer's process exited {proc.returncode}: {proc.stderr[-1500:]}")
+        return json.loads(open(path).read())
 
 
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
@@ -437,7 +509,7 @@ def fp8_check(device="cuda", dtype=torch.float16, shapes=FP8_SHAPES, log=print) 
     """Float8Linear on this device against a float64 reference on fresh random inputs (relative
     error, every element written), and its speed against the float16 layer on SD 1.5's largest
     linear shapes at 512 px (rows = 2 x 4096 tokens at batch 1 and 4; eager and compiled)."""
-    from sdrt.quantize import Float8Linear, check_fp8_device
+    from sdrt.quantize import Float8Linear, check_fp8_device, quantize_rows
     check_fp8_device(device)
     g = torch.Generator().manual_seed(int(time.time()))
     rows = {}
@@ -457,12 +529,28 @@ def fp8_check(device="cuda", dtype=torch.float16, shapes=FP8_SHAPES, log=print) 
             fp8_s = _median_seconds(lambda: f8(x), device, iters=50, warmup=10)
             comp = torch.compile(f8)
             fp8c_s = _median_seconds(lambda: comp(x), device, iters=50, warmup=10)
+            # the float8 product alone (operands already quantized): per-row against one scale per tensor
+            xq, sx = quantize_rows(x)
+            one = torch.ones((), device=device)
+            raw = {"rowwise": lambda: torch._scaled_mm(xq, f8.weight_fp8.t(), scale_a=sx, scale_b=f8.weight_scale,
+                                                        out_dtype=f8.direct_dtype or torch.bfloat16),
+                   "tensorwise": lambda: torch._scaled_mm(xq, f8.weight_fp8.t(), scale_a=one, scale_b=one,
+                                                           out_dtype=dtype)}
+            raw_s = {}
+            for name, fn in raw.items():
+                try:
+                    raw_s[name] = _median_seconds(fn, device, iters=50, warmup=10)
+                except RuntimeError as e:
+                    raw_s[name] = f"{type(e).__name__}: {str(e)[:200]}"
         flops = 2 * m * k * n
         rows[f"{m}x{k}x{n}"] = dict(rel_err=err, fp16_s=fp16_s, fp8_s=fp8_s, fp8_compiled_s=fp8c_s,
                                     fp16_tflops=flops / fp16_s / 1e12, fp8_compiled_tflops=flops / fp8c_s / 1e12,
-                                    speedup_compiled=fp16_s / fp8c_s)
+                                    speedup_compiled=fp16_s / fp8c_s, direct_output=f8.direct_dtype is not None,
+                                    scaled_mm_s=raw_s)
         log(f"fp8 linear {m}x{k}x{n}: rel err {err:.2e}; {dtype} {1e6 * fp16_s:.0f} us, fp8 eager {1e6 * fp8_s:.0f} "
-            f"us, compiled {1e6 * fp8c_s:.0f} us (x{fp16_s / fp8c_s:.2f})")
+            f"us, compiled {1e6 * fp8c_s:.0f} us (x{fp16_s / fp8c_s:.2f}); the float8 product alone: "
+            + ", ".join(f"{n} {1e6 * v:.0f} us" if isinstance(v, float) else f"{n} {v}" for n, v in raw_s.items())
+            + f"; output written directly: {f8.direct_dtype is not None}")
     return rows
 
 
@@ -629,7 +717,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--peer", default=None, metavar="MODE",
+                    help="only time diffusers compiled with MODE (peer_in_process) at --batches; JSON to --out")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.peer:
+        import json
+        import sys
+        r = peer_in_process(args.model, args.size, args.steps, args.batches or [args.batch], args.device, args.dtype,
+                            args.peer, args.repeat, log=lambda m: print(m, file=sys.stderr, flush=True))
+        with open(args.out, "w") as fh:
+            json.dump(r, fh)
+        return 0
     record = dict(unet_kv=unet_step_kv(args.model, args.size, args.batch, args.device, args.dtype),
                   end_to_end=end_to_end(args.model, args.size, args.steps, args.batch, args.device, args.dtype,
                                         args.repeat, diffusers_ref=not args.no_diffusers))

@@ -42,6 +42,26 @@ def check_fp8_device(device: torch.device | str) -> None:
                          f"emulated, for tests), not on {device.type!r}")
 
 
+_DIRECT: dict = {}
+
+
+def direct_output(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch writes a rowwise-scaled float8 product straight in ``dtype`` with the
+    bias fused (early rowwise kernels wrote only bfloat16: then bfloat16 is written and cast,
+    one more pass over the output). Probed once per device and dtype."""
+    key = (str(device), dtype)
+    if key not in _DIRECT:
+        try:
+            a = torch.ones(16, 16, device=device).to(FP8)
+            out = torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
+                                   scale_b=torch.ones(1, 16, device=device),
+                                   bias=torch.ones(16, device=device, dtype=dtype), out_dtype=dtype)
+            _DIRECT[key] = bool(out.dtype == dtype and float(out[0, 0]) == 17.0)
+        except (RuntimeError, NotImplementedError, ValueError):
+            _DIRECT[key] = False
+    return _DIRECT[key]
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x in e4m3, float32 scales (rows, 1)) with x ~= x_fp8 * scale, one scale per row of the 2-D ``x``."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
@@ -63,6 +83,9 @@ class Float8Linear(torch.nn.Module):
         self.register_buffer("weight_fp8", q)                             # (out, in), row-major
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())   # (1, out)
         self._version = linear.weight._version
+        # the dtype the product is written in directly (bias fused), else None: bfloat16, then cast
+        w = linear.weight
+        self.direct_dtype = w.dtype if direct_output(w.device, w.dtype) else None
 
     def refresh(self) -> bool:
         """Re-quantize from the original weight if it changed since (in place); returns whether it did."""
@@ -81,10 +104,15 @@ class Float8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xq, scale = quantize_rows(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                             out_dtype=torch.bfloat16).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if x.dtype == self.direct_dtype:
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
+                                 out_dtype=x.dtype)
+        else:
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 out_dtype=torch.bfloat16).to(x.dtype)
+            if bias is not None:
+                y = y + bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -125,12 +125,13 @@ def test_backend_requantizes_after_a_weight_change(torch_pipe):
     try:
         pipe.tune(quantize="fp8")
         before = pipe(**args).pixels
+        saved = w.detach().clone()
         with torch.no_grad():
             w.mul_(-3)                                           # as a LoRA merge writes in place
         be.sync_weights("unet")
         changed = pipe(**args).pixels
         with torch.no_grad():
-            w.div_(-3)
+            w.copy_(saved)
         be.sync_weights("unet")
         back = pipe(**args).pixels
     finally:
@@ -173,7 +174,9 @@ def test_float8_on_cuda_matches_the_reference_or_is_refused():
     assert (torch.linalg.norm(out.double() - exact) / torch.linalg.norm(exact)).item() < 0.06
     compiled = torch.compile(f8)
     with torch.no_grad():
-        assert torch.allclose(compiled(x).float(), out.float(), rtol=0.02, atol=0.02)
+        again = compiled(x).double()
+    # inductor may compute the scales in another order: a few inputs round to the next e4m3 value
+    assert (torch.linalg.norm(again - out.double()) / torch.linalg.norm(out.double())).item() < 0.01
 
 
 def test_compiling_raises_dynamos_recompile_limit(torch_pipe, dynamo_only, monkeypatch):
