@@ -83,7 +83,7 @@ def compiled_peer(model: str, device, dtype: str, mode: str):
 
 
 def peer_in_process(model="random:sd15", size=512, steps=50, batches=(1, 4), device="cuda", dtype="float16",
-                    mode="reduce-overhead", repeat=3, log=print) -> dict:
+                    mode="reduce-overhead", repeat=3, on_batch=None, log=print) -> dict:
     """The compiled peer (``compiled_peer``) timed per batch size in THIS process: the
     end-to-end seconds (medians of ``repeat`` after a full-length warm-up that compiles and
     captures), its UNet alone, and the max abs pixel difference against diffusers eager on the
@@ -120,6 +120,8 @@ def peer_in_process(model="random:sd15", size=512, steps=50, batches=(1, 4), dev
                                warmup_and_compile_s=warm, max_abs_diff_vs_diffusers=float(np.abs(img - ref).max()))
         log(f"diffusers-compiled ({mode}) batch {batch}: {med:.3f} s, {steps / med:.1f} it/s, UNet alone "
             f"{1e3 * unet:.2f} ms (warm-up with compilation {warm:.0f} s)")
+        if on_batch is not None:
+            on_batch(dict(model=model, size=size, steps=steps, mode=mode, batches={str(batch): out[str(batch)]}))
     return dict(model=model, size=size, steps=steps, mode=mode, recipe="channels_last, fused QKV, "
                 f"torch.compile(mode={mode!r}, fullgraph=True); text encoder and VAE eager", batches=out)
 
@@ -131,27 +133,47 @@ class _Device:
 
 
 def peer_subprocess(model="random:sd15", size=512, steps=50, batches=(1, 4), device="cuda", dtype="float16",
-                    mode="reduce-overhead", repeat=3, timeout=400, log=print) -> dict:
+                    mode="reduce-overhead", repeat=3, timeout=400, on_batch=None, log=print) -> dict:
     """``peer_in_process`` in a child process. On a GPU the compiled peer's CUDA graphs (inductor's
     cudagraph trees) clear cuBLAS's workspaces before they record, and a CUDA graph that sdrt
     captured earlier in the same process still points into them: replaying it then crashed the
-    suite (segmentation fault, H200, 2026-11-30). Apart, neither can corrupt the other."""
+    suite (segmentation fault, H200, 2026-11-30). Apart, neither can corrupt the other.
+    The child's log lines are passed on as they come, and each batch size's result as soon as it
+    is measured (``on_batch(partial_result)``), so a call cut short keeps what was measured."""
     import json
     import subprocess
     import sys
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/peer.json"
-        cmd = [sys.executable, __file__, "--peer", mode, "--model", model, "--size", str(size), "--steps", str(steps),
-               "--batches", *map(str, batches), "--device", str(device), "--dtype", dtype, "--repeat", str(repeat),
-               "--out", path]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        for line in proc.stderr.splitlines():
-            if line.startswith("diffusers-compiled"):
-                log(line)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the peer's process exited {proc.returncode}: {proc.stderr[-1500:]}")
-        return json.loads(open(path).read())
+    cmd = [sys.executable, __file__, "--peer", mode, "--model", model, "--size", str(size), "--steps", str(steps),
+           "--batches", *map(str, batches), "--device", str(device), "--dtype", dtype, "--repeat", str(repeat)]
+    result = dict(model=model, size=size, steps=steps, mode=mode, batches={})
+    tail = []
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            for line in proc.stderr:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the peer's process ran past {timeout} s")
+                line = line.rstrip("\n")
+                if line.startswith(_PEER_RESULT):
+                    part = json.loads(line[len(_PEER_RESULT):])
+                    result.update({k: v for k, v in part.items() if k != "batches"})
+                    result["batches"].update(part["batches"])
+                    if on_batch is not None:
+                        on_batch(result)
+                    continue
+                tail = (tail + [line])[-30:]
+                if line.startswith("diffusers-compiled"):
+                    log(line)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"the peer's process exited {rc}: " + "\n".join(tail)[-1500:])
+    return result
+
+
+_PEER_RESULT = "PEER-RESULT "
 
 
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
@@ -720,15 +742,15 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", default=None, metavar="MODE",
                     help="only time diffusers compiled with MODE (peer_in_process) at --batches; JSON to --out")
     ap.add_argument("--batches", type=int, nargs="+", default=None)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.peer:
+    if args.peer:               # the child of peer_subprocess: results as PEER-RESULT lines on stderr
         import json
         import sys
-        r = peer_in_process(args.model, args.size, args.steps, args.batches or [args.batch], args.device, args.dtype,
-                            args.peer, args.repeat, log=lambda m: print(m, file=sys.stderr, flush=True))
-        with open(args.out, "w") as fh:
-            json.dump(r, fh)
+
+        def say(m):
+            print(m, file=sys.stderr, flush=True)
+        peer_in_process(args.model, args.size, args.steps, args.batches or [args.batch], args.device, args.dtype,
+                        args.peer, args.repeat, on_batch=lambda r: say(_PEER_RESULT + json.dumps(r)), log=say)
         return 0
     record = dict(unet_kv=unet_step_kv(args.model, args.size, args.batch, args.device, args.dtype),
                   end_to_end=end_to_end(args.model, args.size, args.steps, args.batch, args.device, args.dtype,

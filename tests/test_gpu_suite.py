@@ -158,12 +158,14 @@ def test_peer_subprocess_times_the_compiled_peer_apart(tmp_path):
     """The compiled peer in a child process (CUDA graphs of two owners never share one process):
     the same seeded weights, so its image equals diffusers eager's."""
     import fastpath
-    logs = []
+    logs, parts = [], []
     r = fastpath.peer_subprocess(model="random:tiny", size=64, steps=2, batches=[1], device="cpu", dtype="float32",
-                                 mode="default", repeat=1, timeout=300, log=logs.append)
+                                 mode="default", repeat=1, timeout=300, log=logs.append,
+                                 on_batch=lambda p: parts.append(json.loads(json.dumps(p))))
     row = r["batches"]["1"]
+    assert parts and parts[-1]["batches"]["1"] == row               # passed on as soon as measured
     assert row["median_s"] > 0 and row["max_abs_diff_vs_diffusers"] < 1e-3
     assert any(line.startswith("diffusers-compiled (default) batch 1") for line in logs)
-    with pytest.raises(Exception, match="exited|unknown|valid"):
+    with pytest.raises(RuntimeError, match="exited 1"):
         fastpath.peer_subprocess(model="random:nonexistent", size=64, steps=2, batches=[1], device="cpu",
                                  dtype="float32", mode="default", repeat=1, timeout=300)

@@ -201,9 +201,13 @@ def main(argv=None) -> int:
             section(f"fp8_batch{b}", lambda b=b: fastpath.quantized(
                 batch=b, compile=args.compile, steps=args.steps, repeat=args.repeat, log=log, **common))
     if args.peer_compile:          # in its own process: see fastpath.peer_subprocess
+        def partial(result):       # saved per batch size: a call cut short keeps what was measured
+            record["sections"]["peer_compiled"] = result
+            save()
         section("peer_compiled", lambda: fastpath.peer_subprocess(
             model=args.model, size=args.size, steps=args.steps, batches=compile_batches if args.compile else
-            args.batches, device=args.device, dtype=args.dtype, mode=args.peer_compile, repeat=args.repeat, log=log))
+            args.batches, device=args.device, dtype=args.dtype, mode=args.peer_compile, repeat=args.repeat,
+            on_batch=partial, log=log))
     if args.sdxl:                  # SDXL at its own size, batch 1: the peers' headline configuration
         section("sdxl_end_to_end_batch1", lambda: fastpath.end_to_end(
             model=sdxl_model, size=args.sdxl_size, steps=args.sdxl_steps or args.steps, batch=1,
