@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
-    s = Settings(model="random:tiny", backends=("torch", "onnxruntime", "nope"), references=("diffusers", "optimum"),
+    s = Settings(model="random:tiny", backends=("torch", "onnxruntime", "nope"), references=("diffusers", "openvino", "optimum"),
                  steps=3, height=64, width=64, batch=2, repeat=1, warmup=1,
                  engine_dir=str(tmp_path_factory.mktemp("eng")))
     return run_benchmark(s, log=lambda m: None)
@@ -23,10 +23,10 @@ def record(tmp_path_factory):
 
 def test_rows_and_ratios(record):
     rows = {r["name"]: r for r in record["rows"]}
-    assert set(rows) == {"torch", "onnxruntime", "nope", "diffusers", "optimum"}
+    assert set(rows) == {"torch", "onnxruntime", "nope", "diffusers", "openvino", "optimum"}
     assert rows["nope"]["status"].startswith("skipped") and "torch" in rows["nope"]["status"]
     assert rows["optimum"]["status"].startswith("skipped")
-    for name in ("torch", "onnxruntime", "diffusers"):
+    for name in ("torch", "onnxruntime", "diffusers", "openvino"):
         r = rows[name]
         assert r["status"] == "ok"
         st = r["stats"]
@@ -40,6 +40,8 @@ def test_rows_and_ratios(record):
     # quality next to speed: the torch backend is the reference itself; the others are close to it
     assert rows["torch"]["max_abs_diff"] == 0.0
     assert rows["onnxruntime"]["max_abs_diff"] < 1e-3 and rows["diffusers"]["max_abs_diff"] < 1e-4
+    assert rows["openvino"]["max_abs_diff"] < 1e-3         # the peer runs the same networks (OpenVINO, float32)
+    assert record["versions"]["openvino"]
     assert record["machine"]["cores"] >= 1 and "torch" in record["versions"]
     json.dumps(record, default=float)
 

@@ -23,7 +23,7 @@ import torch
 from ..backends import sync
 from .record import PeakRSS, machine, versions
 
-REFERENCES = ("diffusers",)
+REFERENCES = ("diffusers", "openvino")   # openvino: the CPU peer (sdrt.bench.openvino_peer)
 SUITES_FILE = Path(__file__).resolve().parent / "suites.json"        # package data
 
 # diffusers scheduler (class, kwargs) implementing each sdrt sampler + schedule with the same sigmas
@@ -200,6 +200,11 @@ def run_benchmark(s: Settings, log=None) -> dict:
                 runners.append((row, _sdrt_runner(s, name, components)))
             elif name == "diffusers":
                 runners.append((row, _diffusers_runner(s, components)))
+            elif name == "openvino":
+                if torch.device(s.device).type != "cpu":
+                    raise ValueError(f"the OpenVINO peer runs on the CPU, not on {s.device!r}")
+                from .openvino_peer import openvino_components
+                runners.append((row, _diffusers_runner(s, openvino_components(components, log=log))))
             else:
                 raise LookupError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS + REFERENCES)}")
         except (LookupError, ValueError, ImportError, RuntimeError) as e:

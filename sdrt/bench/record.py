@@ -71,7 +71,7 @@ def machine() -> dict:
 def versions() -> dict:
     import importlib.metadata as md
     out = {"sdrt": __version__}
-    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"):
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
