@@ -97,12 +97,14 @@ class VAEDecoderGraph(torch.nn.Module):
 
 
 class VAEEncoderGraph(torch.nn.Module):
+    """image (B, 3, IH, IW) in [-1, 1] -> the posterior's moments (B, 2C, H, W): mean, log-variance."""
+
     def __init__(self, vae):
         super().__init__()
-        self.vae, self.scale = vae, float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.vae = vae
 
     def forward(self, image):
-        return self.vae.encode(image, return_dict=False)[0].mean * self.scale
+        return self.vae.encode(image, return_dict=False)[0].parameters
 
 
 def graph_module(components, name: str) -> torch.nn.Module:

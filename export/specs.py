@@ -58,7 +58,9 @@ VAE_DECODER = NetworkSpec(
 VAE_ENCODER = NetworkSpec(
     "vae_encoder",
     inputs=(TensorSpec("image", ("B", 3, "IH", "IW")),),
-    outputs=(TensorSpec("latent", ("B", 4, "H", "W")),),        # mean of the posterior, scaled
+    # the posterior's moments, unscaled: mean (4 channels) then log-variance (4); the pipeline
+    # samples from it and applies the scaling factor (sdrt.img2img.sample_latents)
+    outputs=(TensorSpec("moments", ("B", 8, "H", "W")),),
 )
 # the text encoders again, reading the token embeddings from an input instead of their table:
 # textual-inversion vectors go in at their positions (built when a prompt first names one); the

@@ -184,6 +184,9 @@ def _add_generate(sub) -> None:
     # the generation arguments, from sdrt.GenerationParams
     add_arguments(g, defaults=dict(width="the model's size", height="the model's size"))
     _model_options(g)
+    g.add_argument("--init-image", dest="init_images", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                   help="img2img: start from this image (repeat for one per image of the batch); see --strength, "
+                        "--resize-mode")
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
@@ -217,7 +220,7 @@ def _add_bench(sub) -> None:
     be = sub.add_parser("bench", help="time backends against the PyTorch reference and diffusers, side by side")
     be.add_argument("--suite", default=None, help="a named set of settings from sdrt/bench/suites.json")
     be.add_argument("--backends", default=None, help="comma list: torch,onnxruntime,tensorrt")
-    be.add_argument("--references", default=None, help="comma list: diffusers ('' for none)")
+    be.add_argument("--references", default=None, help="comma list: diffusers, openvino (the CPU peer) ('' for none)")
     for name in ("model", "sampler", "schedule", "dtype", "device", "engine-dir"):
         be.add_argument(f"--{name}", default=None)
     for name in ("steps", "height", "width", "batch", "repeat", "warmup"):

@@ -96,6 +96,17 @@ class GenerationParams:
                      "VAE folder)", webui_option="sd_vae", metavar="FILE")
     sigmas: Sequence[float] | None = param(None, "explicit decreasing sigmas (overrides schedule and steps)",
                                            cli=False)
+    # img2img (sdrt.img2img): with init images the generation starts from them
+    init_images: object = param(None, "img2img: the initial image, or one per image (PIL images, paths, bytes, "
+                                "base64 or data URLs)", per_image=True, cli=False)
+    denoising_strength: float = param(0.75, "img2img: how much of the initial image is noised and denoised again, "
+                                      "0..1", flags=("--strength",), webui="denoising_strength")
+    resize_mode: int = param(0, "img2img: how the initial image takes the output size: 0 just resize, 1 crop and "
+                             "resize, 2 resize and fill, 3 just resize in latent space", choices=(0, 1, 2, 3))
+    img2img_fix_steps: bool = param(False, "img2img: run all the steps (the schedule planned for steps / strength) "
+                                    "instead of steps x strength", webui_option="img2img_fix_steps")
+    initial_noise_multiplier: float = param(1.0, "img2img: scales the noise added to the initial image",
+                                            webui_option="initial_noise_multiplier")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -183,6 +194,16 @@ class Job:
     text_prompts: list[str] | None = None
     loras: tuple = ()
     embeddings_used: set = dataclasses.field(default_factory=set)   # filled by Pipeline.encode (TI hashes)
+    # img2img: one RGB image per image of the batch (resized to the output size, except in resize
+    # mode 3), and the step count prompt editing counts against (the requested steps)
+    init_images: list | None = None
+    edit_steps: int | None = None
+    init_latents: object = None          # their latents (Pipeline.encode_images, in stage 3)
+    encode_seconds: float = 0.0
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_images is not None
 
     @property
     def batch_size(self) -> int:
@@ -196,7 +217,7 @@ class Job:
     def model_calls(self) -> int:
         """Model calls as the web UI counts them for prompt editing (two per step for the
         second-order samplers), over the planned sigmas."""
-        steps = self.steps if self.sigmas is None else len(self.sigmas) - 1
+        steps = self.edit_steps or (self.steps if self.sigmas is None else len(self.sigmas) - 1)
         return steps * 2 if self.sampler.second_order else steps
 
     def batch_key(self) -> tuple:
@@ -204,7 +225,7 @@ class Job:
         shared = [f.name for f in GenerationParams.fields() if not f.metadata["per_image"]
                   and f.name not in ("batch_size", "sigmas")]
         return tuple(getattr(self.params, n) for n in shared) + (
-            None if self.sigmas is None else self.sigmas.tobytes(), self.loras)
+            None if self.sigmas is None else self.sigmas.tobytes(), self.loras, self.img2img)
 
     @classmethod
     def merge(cls, jobs: list["Job"]) -> "Job":
@@ -213,6 +234,8 @@ class Job:
         lists = {k: [v for j in jobs for v in getattr(j, k)]
                  for k in ("prompts", "negative_prompts", "seeds", "subseeds", "cfg_scales")}
         lists["text_prompts"] = [v for j in jobs for v in (j.text_prompts or j.prompts)]
+        if first.img2img:
+            lists["init_images"] = [v for j in jobs for v in j.init_images]
         return dataclasses.replace(first, params=first.params.replace(batch_size=len(jobs)), **lists)
 
 
@@ -244,6 +267,9 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
                   int_arg("seed_resize_from height", resize[1], 0, MAX_SIDE))
     if isinstance(p.prompt, (list, tuple)):      # a list of prompts sets the batch size
         batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
+    images = None
+    if p.init_images is not None:              # one image serves the batch; several set its size
+        images, batch = _init_images(p, batch, width, height)
     prompts = _prompt_list("prompt", p.prompt, batch)
     negatives = _prompt_list("negative_prompt", p.negative_prompt, batch)
     if isinstance(p.cfg_scale, (list, tuple)):
@@ -252,6 +278,8 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
         scales = [float_arg("cfg_scale", v) for v in p.cfg_scale]
     else:
         scales = [float_arg("cfg_scale", p.cfg_scale)] * batch
+    float_arg("denoising_strength", p.denoising_strength, 0.0, 1.0)
+    float_arg("initial_noise_multiplier", p.initial_noise_multiplier, 0.0, 10.0)
     seeds, subseeds = image_seeds(p.seed, p.subseed, batch, strength)
     sigmas = None
     if p.sigmas is not None:
@@ -265,9 +293,32 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
         steps = len(sigmas) - 1
     params = p.replace(steps=steps, batch_size=batch, width=width, height=height, clip_skip=clip_skip,
                        sampler=spec.name, schedule=schedule, eta_noise_seed_delta=ensd, subseed_strength=strength,
-                       eta=eta, seed_resize_from=resize, sigmas=None if sigmas is None else tuple(sigmas))
+                       eta=eta, seed_resize_from=resize, sigmas=None if sigmas is None else tuple(sigmas),
+                       init_images=None)
     return Job(params=params, sampler=spec, prompts=prompts, negative_prompts=negatives, seeds=seeds,
-               subseeds=subseeds, cfg_scales=scales, eta=spec.eta_default if eta is None else eta, sigmas=sigmas)
+               subseeds=subseeds, cfg_scales=scales, eta=spec.eta_default if eta is None else eta, sigmas=sigmas,
+               init_images=images, edit_steps=steps if images is not None and sigmas is None else None)
+
+
+def _init_images(p: GenerationParams, batch: int, width: int, height: int) -> tuple[list, int]:
+    """img2img's images, read and resized (``sdrt.images``), one per image of the batch: one image
+    serves the whole batch; fewer images than ``batch_size`` make the batch that size (the web
+    UI's rule); more are refused."""
+    from .images import RESIZE_MODES, load_image, resize_image
+    values = list(p.init_images) if isinstance(p.init_images, (list, tuple)) else [p.init_images]
+    if not values:
+        raise ValueError("init_images is empty; give an image, or leave it out for txt2img")
+    if len(values) > batch:
+        raise ValueError(f"init_images: {len(values)} images for a batch of {batch}; give one image, or at most "
+                         "batch_size (or one per prompt)")
+    mode = p.resize_mode
+    if isinstance(mode, bool) or mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode {mode!r} is unknown; valid: "
+                         + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items()))
+    images = [resize_image(mode, load_image(v, f"init_images[{i}]"), width, height) for i, v in enumerate(values)]
+    if len(images) == 1:
+        return images * batch, batch
+    return images, len(images)
 
 
 # ------------------------------------------------------------------ the command line

@@ -29,6 +29,7 @@ from ._version import __version__
 from .backends import check_target, create_backend, sync
 from .conditioning import Conditioning, encode_texts, encode_texts_sdxl, pack_added, sdxl_time_ids, tokenize_weighted
 from .denoiser import CFGDenoiser, plan_contexts
+from .img2img import ENCODE_SEED_OFFSET, img2img_sigmas, img2img_steps, sample_latents
 from .models import Components, load_model
 from .params import GenerationParams, Job, validate
 from .paths import folder_arg
@@ -188,7 +189,7 @@ class Pipeline:
         if self.closed:
             raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
-        if c.inpainting:
+        if c.inpainting:   # (img2img too: the 9-channel UNet needs a mask)
             raise ValueError(f"model {c.name!r} is an inpainting model (its UNet takes a mask and a masked image: 9 "
                              "input channels); sdrt runs it only in the inpainting workflow, which is not in this "
                              "release. Use a text-to-image checkpoint of the same family for txt2img")
@@ -199,9 +200,13 @@ class Pipeline:
         if check is not None:
             check(job.batch_size, job.params.height, job.params.width)
         if job.sigmas is None:
-            spec = job.sampler
-            job.sigmas = get_sigmas(job.params.schedule, job.steps, c.noise_schedule, default=spec.schedule,
+            spec, p = job.sampler, job.params
+            steps, t_enc = (img2img_steps(p.steps, p.denoising_strength, p.img2img_fix_steps) if job.img2img
+                            else (job.steps, None))
+            job.sigmas = get_sigmas(p.schedule, steps, c.noise_schedule, default=spec.schedule,
                                     discard_penultimate=spec.discard_penultimate)
+            if t_enc is not None:               # img2img runs the schedule's last t_enc + 1 steps
+                job.sigmas = img2img_sigmas(job.sigmas, t_enc)
         return job
 
     def _extra_networks(self, job: Job) -> None:
@@ -319,6 +324,10 @@ class Pipeline:
         self._apply_loras("unet", job)
         if self._vae_state is not None:          # also for the model's own: the previous job's goes
             self._vae_state.apply(job.params.vae)
+        if job.img2img and job.init_latents is None:
+            t0 = time.perf_counter()
+            job.init_latents = self.encode_images(job)
+            job.encode_seconds = time.perf_counter() - t0
         if self.fast_path is not None:
             from .fastpath import unsupported_reason
             if unsupported_reason(job, cond) is None:
@@ -340,8 +349,7 @@ class Pipeline:
         be, spec, sig = self.backend, job.sampler, job.sigmas
         n_steps = len(sig) - 1
         latent_shape, gen = self._noise(job)
-        x = gen.next().float()
-        x = x * (float(sig[0]) if spec.init == "sigma" else math.sqrt(1.0 + float(sig[0]) ** 2))
+        x = self._start(job, gen.next().float(), sig)
         denoiser = CFGDenoiser(be, self.components.noise_schedule, cond.conds, cond.uncond, job.cfg_scales,
                                latent_shape, 2 * n_steps + 2)
         noise = None
@@ -358,6 +366,38 @@ class Pipeline:
             x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
         return x / math.sqrt(1.0 + float(sig[-1]) ** 2)
 
+    def _start(self, job: Job, noise: torch.Tensor, sig) -> torch.Tensor:
+        """The loop's first latents from the image's first noise draw: txt2img scales the noise to
+        the first sigma (variance-preserving for the timestep samplers); img2img adds it, times
+        ``initial_noise_multiplier``, to the encoded initial images (``sdrt.img2img``)."""
+        sigma = float(sig[0])
+        if not job.img2img:
+            return noise * (sigma if job.sampler.init == "sigma" else math.sqrt(1.0 + sigma ** 2))
+        return job.init_latents + noise * (job.params.initial_noise_multiplier * sigma)
+
+    def encode_images(self, job: Job) -> torch.Tensor:
+        """img2img's initial latents (B, C, h, w), float32 on the backend's device: each image
+        encoded by the VAE and a latent sampled from the posterior with noise from the image's
+        seed + ``ENCODE_SEED_OFFSET`` (``sdrt.img2img``); in resize mode 3 encoded at its own size
+        (rounded down to the latent factor) and resized bilinearly to the output's latent size."""
+        from .images import LANCZOS, to_tensor_array
+        c, p, be = self.components, job.params, self.backend
+        f = c.latent_factor
+        out = []
+        for i, image in enumerate(job.init_images):
+            if p.resize_mode == 3 and (image.width % f or image.height % f):
+                image = image.resize((max(f, image.width // f * f), max(f, image.height // f * f)), resample=LANCZOS)
+            pixels = torch.from_numpy(to_tensor_array(image))[None]
+            moments = be.encode_image(pixels.to(be.device))
+            shape = (c.latent_channels, moments.shape[2], moments.shape[3])
+            eps = ImageRNG(shape, [(job.seeds[i] + ENCODE_SEED_OFFSET) % 2 ** 32], source=p.rng, device=be.device,
+                           latent_factor=f).next()
+            latent = sample_latents(moments, eps, float(getattr(c.vae.config, "scaling_factor", 0.18215)))
+            if latent.shape[2:] != (p.height // f, p.width // f):
+                latent = torch.nn.functional.interpolate(latent, size=(p.height // f, p.width // f), mode="bilinear")
+            out.append(latent)
+        return torch.cat(out).float()
+
     def decode(self, latents: torch.Tensor) -> Decoded:
         """Stage 4: latents (B, C, h, w) -> pixels and uint8 images on the host."""
         t0 = time.perf_counter()
@@ -370,6 +410,8 @@ class Pipeline:
         texts = [self.infotext(job, i) for i in range(job.batch_size)]
         timings = dict(text_encoder=cond.seconds, loop=out.timings["loop"], unet=out.timings["loop"],
                        vae=out.timings["vae"], total=time.perf_counter() - cond.started)
+        if job.img2img:
+            timings["vae_encode"] = job.encode_seconds
         return GenerationResult(images=[Image.fromarray(p) for p in out.images], infotexts=texts,
                                 seeds=list(job.seeds), timings=timings, pixels=out.pixels)
 
@@ -426,7 +468,8 @@ class Pipeline:
         loop = self.loops.get(key, lambda: StaticLoop(
             be, self.components.noise_schedule, spec, sig, job.eta, job.batch_size, latent_shape, index,
             tuple(distinct[0].shape), len(distinct), **self.fast_path))
-        x0 = gen.next().float()
+        first = gen.next().float()
+        x0 = self._start(job, first, sig) / loop.init_scale if job.img2img else first
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
             tree = _brownian(x0, sig, job.seeds)
             noise = [tree(sig[i], sig[i + 1]) for i, d in enumerate(loop.draws) if d]
@@ -458,6 +501,8 @@ class Pipeline:
             "Variation seed": job.subseeds[i] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,
+            "Denoising strength": p.denoising_strength if job.img2img else None,
+            "Noise multiplier": p.initial_noise_multiplier if job.img2img and p.initial_noise_multiplier != 1 else None,
             "Clip skip": p.clip_skip,                       # format() leaves out 1
             "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[p.rng],

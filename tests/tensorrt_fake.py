@@ -259,6 +259,7 @@ def compute_with(components, backend, frozen: bool = False) -> None:
     else:
         FROZEN.clear()
     layers, f = backend.num_text_layers, components.latent_factor
+    channels = components.latent_channels
     hidden = int(components.text_encoder.config.hidden_size)
     if components.is_sdxl:
         _compute_sdxl(components, backend)
@@ -274,6 +275,9 @@ def compute_with(components, backend, frozen: bool = False) -> None:
             "out_sample": backend.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+        "vae_encoder": (lambda image: {"moments": backend.encode_image(image)},
+                        lambda s: {"moments": (s["image"][0], 2 * channels, -(-s["image"][2] // f),
+                                               -(-s["image"][3] // f))}),
     })
     _add_embeds_executors(components)
 
@@ -303,6 +307,7 @@ def _add_embeds_executors(components) -> None:
 def _compute_sdxl(components, backend) -> None:
     import torch
     f, pooled = components.latent_factor, backend.pooled_dim
+    channels = components.latent_channels
     widths = [int(m.config.hidden_size) for m in (components.text_encoder, components.text_encoder_2)]
 
     def text(encoder):
@@ -325,11 +330,15 @@ def _compute_sdxl(components, backend) -> None:
         "unet": (unet, lambda s: {"out_sample": s["sample"]}),
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
+        "vae_encoder": (lambda image: {"moments": backend.encode_image(image)},
+                        lambda s: {"moments": (s["image"][0], 2 * channels, -(-s["image"][2] // f),
+                                               -(-s["image"][3] // f))}),
     })
 
 
 SCRATCH = {"text_encoder": 3 << 20, "text_encoder_2": 4 << 20, "text_encoder_embeds": 6 << 20,
-           "text_encoder_2_embeds": 6 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20}
+           "text_encoder_2_embeds": 6 << 20, "unet": 7 << 20, "vae_decoder": 5 << 20,
+           "vae_encoder": 5 << 20}
 ALIGNMENT = 256                  # bytes, for every address given to set_tensor_address
 CAPTURE_FORBIDDEN: set = set()   # networks whose engines hold operations not allowed under graph capture
 STREAMS: list = []               # non-empty while a test runs the backend with a (fake) CUDA stream API
@@ -469,8 +478,8 @@ class Runtime(_Recorded):
             return None                                       # the real runtime logs and returns None
         _, flags, shapes, outputs, onnx_path = text.split("|", 4)
         shapes, outputs = dict(ast.literal_eval(shapes)), ast.literal_eval(outputs)
-        network = {"input_ids": "text_encoder", "sample": "unet", "latent": "vae_decoder"}[
-            next(n for n in ("input_ids", "sample", "latent") if n in shapes)]
+        network = {"input_ids": "text_encoder", "sample": "unet", "latent": "vae_decoder", "image": "vae_encoder"}[
+            next(n for n in ("input_ids", "sample", "latent", "image") if n in shapes)]
         if network == "text_encoder" and "text_embeds" in outputs:
             network = "text_encoder_2"          # SDXL's second encoder: the one with a pooled output
         if "inputs_embeds" in shapes:

@@ -89,10 +89,13 @@ class OnnxRuntimeBackend:
     def _embeds_session(self, name: str):
         """The text encoder that reads token embeddings from an input, built into the engine folder
         the first time a prompt names an embedding (the model's own text-encoder graph is kept)."""
-        graph = name + "_embeds"
+        return self._extra_session(name + "_embeds", "textual-inversion embeddings")
+
+    def _extra_session(self, graph: str, purpose: str):
+        """A network the loop does not need, built into the engine folder on first use."""
         if graph not in self.sessions:
             from sdrt.export import build_onnxruntime
-            build_log(f"building {graph} (textual-inversion embeddings) in {self.engine_dir}")
+            build_log(f"building {graph} ({purpose}) in {self.engine_dir}")
             manifest = build_onnxruntime(self.components, self.engine_dir, precision=self._precision,
                                          networks=(graph,), log=build_log, target=self.device.type)
             self._paths[graph] = str(self.engine_dir / manifest["networks"][graph]["file"])
@@ -201,3 +204,12 @@ class OnnxRuntimeBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.sessions["vae_decoder"].run(None, {"latent": latents.float().cpu().numpy()})[0]
         return torch.from_numpy(image).to(self.device)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> the VAE posterior's moments (B, 2C, h, w), float32
+        (the encoder is built into the engine folder on first use)."""
+        b, _, h, w = images.shape
+        check_profile_request(self.profile, self.size_multiple, self.engine_dir, b, h, w)
+        session = self._extra_session("vae_encoder", "img2img: the VAE encoder")
+        moments = session.run(None, {"image": images.float().cpu().numpy()})[0]
+        return torch.from_numpy(moments).to(self.device)

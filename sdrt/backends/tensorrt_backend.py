@@ -287,28 +287,33 @@ class TensorRTBackend:
     def _embeds_engine(self, name: str) -> "_Engine":
         """The text encoder that reads token embeddings from an input (``NAME_embeds``), built into
         the engine folder the first time a prompt names an embedding."""
-        graph = name + "_embeds"
+        engine = self._extra_engine(name + "_embeds", "textual-inversion embeddings")
+        if engine.scratch_bytes > self.text_scratch.numel():     # the text encoders share one scratch buffer
+            self.text_scratch = aligned_empty((engine.scratch_bytes,), torch.uint8, self.device)
+            for n, e in self.engines.items():
+                if n.startswith("text_encoder"):
+                    e.set_scratch(self.text_scratch)
+        engine.set_scratch(self.text_scratch)
+        return engine
+
+    def _extra_engine(self, graph: str, purpose: str) -> "_Engine":
+        """A network the loop does not need, built into the engine folder on first use (its
+        scratch memory is the caller's to set)."""
         if graph not in self.engines:
             from sdrt.export.build import read_manifest
             from sdrt.export.tensorrt import BuildOptions, build_tensorrt
             manifest = read_manifest(self.engine_dir)
             if graph not in manifest.get("networks", {}):
-                self._build["log"](f"building {graph} (textual-inversion embeddings) in {self.engine_dir}")
+                self._build["log"](f"building {graph} ({purpose}) in {self.engine_dir}")
                 with on_device(self.device):
                     manifest = build_tensorrt(self.components, self.engine_dir, profile=self.profile,
                                               options=BuildOptions(precision=self._build["precision"]),
                                               networks=(graph,), target=self._build["arch"], trt=self.trt,
                                               arch=self._build["arch"], log=self._build["log"])
             with on_device(self.device):
-                engine = _Engine(self.trt, self.runtime, graph, self.engine_dir / manifest["networks"][graph]["file"],
-                                 self.device, self.components.is_sdxl)
-            if engine.scratch_bytes > self.text_scratch.numel():     # the text encoders share one scratch buffer
-                self.text_scratch = aligned_empty((engine.scratch_bytes,), torch.uint8, self.device)
-                for n, e in self.engines.items():
-                    if n.startswith("text_encoder"):
-                        e.set_scratch(self.text_scratch)
-            engine.set_scratch(self.text_scratch)
-            self.engines[graph] = engine
+                self.engines[graph] = _Engine(self.trt, self.runtime, graph,
+                                              self.engine_dir / manifest["networks"][graph]["file"],
+                                              self.device, self.components.is_sdxl)
         return self.engines[graph]
 
     # ------------------------------------------------------------------ LoRA by refit
@@ -441,3 +446,15 @@ class TensorRTBackend:
         e = self.engines["vae_decoder"]
         image = self._enqueue(e, "loop", latent=latents.to(e.dtypes["latent"]).contiguous())["image"]
         return image.float()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> the VAE posterior's moments (B, 2C, h, w), float32;
+        the encoder engine is built into the engine folder on first use (img2img)."""
+        b, _, h, w = images.shape
+        self.check_request(b, h, w)
+        e = self._extra_engine("vae_encoder", "img2img: the VAE encoder")
+        if e.scratch_bytes > getattr(self, "_encoder_scratch", torch.empty(0)).numel():
+            self._encoder_scratch = aligned_empty((e.scratch_bytes,), torch.uint8, self.device)
+            e.set_scratch(self._encoder_scratch)
+        moments = self._enqueue(e, "loop", image=images.to(self.device, e.dtypes["image"]).contiguous())["moments"]
+        return moments.float()

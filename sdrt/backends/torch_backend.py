@@ -285,6 +285,16 @@ class TorchBackend:
                                     **kwargs)[0]
 
     @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> the VAE posterior's moments (B, 2C, h, w): mean then
+        log-variance, unscaled, float32 (the pipeline samples and scales: sdrt.img2img)."""
+        if self.vae.post_quant_conv.weight.dtype != self.vae_dtype:
+            self.vae.to(self.vae_dtype)
+        with self._attention_order():
+            posterior = self.vae.encode(images.to(self.device, self.vae_dtype), return_dict=False)[0]
+        return posterior.parameters.float()
+
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae.post_quant_conv.weight.dtype != self.vae_dtype:    # a shared module another pipeline cast
             self.vae.to(self.vae_dtype)

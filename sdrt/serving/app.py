@@ -94,11 +94,37 @@ Txt2Img = create_model("Txt2Img", __base__=_WebUIOnly, **_webui_fields())
 Txt2Img.__doc__ = """The web UI's txt2img request, with its defaults. Fields sdrt does not implement are
 accepted at their default values and refused (422) otherwise."""
 
+
+
+class Img2Img(Txt2Img):
+    """The web UI's img2img request: txt2img's fields and the initial images (base64 or data
+    URLs). Inpainting (``mask`` and its settings) is not in this release: a mask is refused (422)."""
+
+    init_images: list[str]
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
 # the generation arguments that the web UI takes from its options (override_settings)
 OPTION_FIELDS = {f.metadata["webui_option"]: f for f in GenerationParams.fields() if f.metadata["webui_option"]}
 
 
 # field -> value sdrt implements; any other value is refused with a clear message
+UNSUPPORTED_IMG2IMG = {"mask": (None, ""), "latent_mask": (None, ""), "image_cfg_scale": (None, 1.0, 1.5)}
+WHY_UNSUPPORTED = {"mask": " yet (inpainting is not in this release; img2img without a mask is)",
+                   "latent_mask": " yet (inpainting)", "image_cfg_scale": " (instruct-pix2pix models)"}
 UNSUPPORTED = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False),
                "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
                "s_noise": 1.0, "save_images": False, "styles": (None, [])}
@@ -232,15 +258,24 @@ class ServerState:
 
     def requests_for(self, body: Txt2Img, pipe: Pipeline | None = None) -> tuple[list[Request], dict]:
         """One batcher request per image, with the web UI's seed rule; raises APIError (422).
-        ``pipe``: the model's the request runs on (checked against its sizes and text encoder)."""
+        ``pipe``: the model's the request runs on (checked against its sizes and text encoder).
+        An ``Img2Img`` body's images are decoded here (one image serves the batch; several set
+        the batch size, the web UI's rule)."""
         cfg = self.config
         pipe = pipe or self.pipe
-        for name, allowed in UNSUPPORTED.items():
+        unsupported = dict(UNSUPPORTED, **(UNSUPPORTED_IMG2IMG if isinstance(body, Img2Img) else {}))
+        for name, allowed in unsupported.items():
             value = getattr(body, name)
             if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-                raise APIError(422, "Unsupported", f"{name}={value!r} is not supported by sdrt "
+                hint = WHY_UNSUPPORTED.get(name, "")
+                raise APIError(422, "Unsupported", f"{name}={str(value)[:40]!r} is not supported by sdrt{hint} "
                                                    f"(send {allowed if not isinstance(allowed, tuple) else allowed[0]!r})")
-        n = body.batch_size * body.n_iter
+        images = self._init_images(body) if isinstance(body, Img2Img) else None
+        batch_size = len(images) if images and 1 < len(images) <= body.batch_size else body.batch_size
+        if images and len(images) > body.batch_size:
+            raise APIError(422, "ValueError", f"init_images: {len(images)} images for batch_size {body.batch_size}; "
+                                              "send one image, or at most batch_size")
+        n = batch_size * body.n_iter
         if body.batch_size < 1 or body.n_iter < 1 or n > cfg.max_images:
             raise APIError(422, "ValueError", f"batch_size x n_iter must be between 1 and {cfg.max_images} images "
                                               f"on this server, got {body.batch_size} x {body.n_iter}")
@@ -268,9 +303,28 @@ class ServerState:
         common.update({f.name: opts[key] for key, f in OPTION_FIELDS.items()})
         common.update(rng=RNG_SOURCES[opts["randn_source"]], sampler=spec.name, schedule=schedule,
                       seed_resize_from=resize)
-        reqs = [Request(seed=s, subseed=ss, **common) for s, ss in zip(seeds, subseeds)]
+        if images:
+            common.update(resize_mode=body.resize_mode)
+            if body.initial_noise_multiplier is not None:
+                common.update(initial_noise_multiplier=body.initial_noise_multiplier)
+        reqs = [Request(seed=s, subseed=ss, **common, **({"init_images": images[k % len(images)]} if images else {}))
+                for k, (s, ss) in enumerate(zip(seeds, subseeds))]
         self.check_budget(reqs[0], n, pipe)
-        return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts)
+        return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts,
+                          batch_size=batch_size)
+
+    def _init_images(self, body: "Img2Img") -> list:
+        """The request's images, decoded and checked (sdrt.images), or APIError 422."""
+        from ..images import load_image
+        if not body.init_images:
+            raise APIError(422, "ValueError", "init_images is empty: img2img needs at least one image")
+        if len(body.init_images) > self.config.max_images:
+            raise APIError(422, "ValueError", f"{len(body.init_images)} init_images; this server accepts at most "
+                                              f"{self.config.max_images}")
+        try:
+            return [load_image(v, f"init_images[{i}]") for i, v in enumerate(body.init_images)]
+        except ValueError as e:
+            raise APIError(422, "ValueError", str(e)) from None
 
     def check_budget(self, request: Request, images: int, pipe: Pipeline | None = None) -> None:
         """Refuse (422, naming the limit) a request whose text or work exceeds this server's bounds."""
@@ -302,8 +356,9 @@ class ServerState:
                                                "or fewer steps")
 
     async def txt2img(self, body: Txt2Img, disconnected=None) -> dict:
-        """``disconnected``: an awaitable that completes when the client goes away; its requests
-        are then cancelled (their batch-mates are not affected)."""
+        """txt2img, or img2img for an ``Img2Img`` body. ``disconnected``: an awaitable that
+        completes when the client goes away; its requests are then cancelled (their batch-mates
+        are not affected)."""
         def check_and_submit():       # loads the model if need be, tokenizes the texts: off the event loop
             checkpoint = self.checkpoint(self.settings(body.override_settings))
             using = self.pool.use(checkpoint)          # held (never unloaded) until the request is answered
@@ -350,18 +405,22 @@ class ServerState:
             "seed": meta["seeds"][0], "all_seeds": meta["seeds"], "subseed": meta["subseeds"][0],
             "all_subseeds": meta["subseeds"], "subseed_strength": body.subseed_strength,
             "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
-            "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
+            "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": meta["batch_size"],
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": c.name,
             "sd_model_hash": c.model_hash, "sd_vae_name": vae_info.get("VAE"), "sd_vae_hash": vae_info.get("VAE hash"),
             "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
-            "denoising_strength": None, "extra_generation_params": {"Schedule type": meta["schedule"]},
+            "denoising_strength": body.denoising_strength if isinstance(body, Img2Img) else None,
+            "extra_generation_params": {"Schedule type": meta["schedule"]},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
             "clip_skip": meta["opts"]["CLIP_stop_at_last_layers"], "is_using_inpainting_conditioning": False,
             "version": f"sdrt {__version__}",
             "timings": [r.timings for r in results],
         }
-        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+        parameters = body.model_dump()
+        if isinstance(body, Img2Img) and not body.include_init_images:     # the web UI leaves them out
+            parameters.update(init_images=None, mask=None)
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     def progress(self) -> dict:
         p = self.batcher.progress()
@@ -461,7 +520,8 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     app.state.sdrt = state
     cfg = state.config
     # outermost: body limit and deadline, credentials, request ids (sdrt.serving.guard)
-    app.add_middleware(Guard, max_body_bytes=cfg.max_body_bytes, body_timeout=cfg.body_timeout,
+    app.add_middleware(Guard, max_body_bytes=cfg.max_body_bytes, max_image_body_bytes=cfg.max_image_body_bytes,
+                       body_timeout=cfg.body_timeout,
                        api_auth=cfg.api_auth)
 
     @app.middleware("http")
@@ -493,6 +553,10 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2Img, request: HTTPRequest):
+        return await state.txt2img(body, _until_disconnected(request))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img, request: HTTPRequest):
         return await state.txt2img(body, _until_disconnected(request))
 
     @app.get("/sdapi/v1/samplers")

@@ -49,6 +49,8 @@ class ServerConfig:
     max_attention_weight: float = option(100.0, "largest attention weight of a token, (word:w) and brackets "
                                                 "multiplied, in magnitude")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (chunked bodies too)")
+    max_image_body_bytes: int = option(64 << 20, "largest request body in bytes on the routes that carry images "
+                                       "(img2img, png-info)")
     body_timeout: float = option(30.0, "seconds a client has to send its whole request body (408 after)")
     api_auth: str | None = option(None, "HTTP Basic credentials user:pass[,user2:pass2] (the web UI's --api-auth): "
                                   "every route but /health needs them", metavar="USER:PASS")

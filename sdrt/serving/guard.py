@@ -52,9 +52,17 @@ def _authorized(header: bytes | None, credentials: list[tuple[bytes, bytes]]) ->
     return ok
 
 
+# the routes whose bodies carry base64 images (max_image_body_bytes)
+IMAGE_PATHS = frozenset({"/sdapi/v1/img2img", "/sdapi/v1/png-info", "/sdapi/v1/extra-single-image",
+                         "/sdapi/v1/extra-batch-images", "/sdapi/v1/interrogate"})
+
+
 class Guard:
-    def __init__(self, app, max_body_bytes: int, body_timeout: float, api_auth: str | None = None):
+    def __init__(self, app, max_body_bytes: int, body_timeout: float, api_auth: str | None = None,
+                 max_image_body_bytes: int | None = None):
         self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
+        # the routes that carry images (base64) take larger bodies
+        self.max_image_body_bytes = max(max_image_body_bytes or 0, max_body_bytes)
         self.credentials = parse_auth(api_auth)
 
     async def _answer(self, send, status: int, kind: str, detail: str, request_id: str, headers=()) -> None:
@@ -75,6 +83,7 @@ class Guard:
             return await self._answer(send, 401, "Unauthorized", "this server needs HTTP Basic credentials (api_auth)",
                                       request_id, [(b"www-authenticate", b'Basic realm="sdrt"')])
         # read the whole body here, within the limit and the deadline
+        limit = self.max_image_body_bytes if scope.get("path") in IMAGE_PATHS else self.max_body_bytes
         chunks, size, deadline = [], 0, time.monotonic() + self.body_timeout
         while True:
             try:
@@ -85,9 +94,9 @@ class Guard:
             if message["type"] == "http.disconnect":
                 return                                  # the client left before sending its request
             size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
-                return await self._answer(send, 413, "TooLarge", f"request body over {self.max_body_bytes} bytes; "
-                                          f"this server accepts at most {self.max_body_bytes}", request_id)
+            if size > limit:
+                return await self._answer(send, 413, "TooLarge", f"request body over {limit} bytes; "
+                                          f"this server accepts at most {limit} on this route", request_id)
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
