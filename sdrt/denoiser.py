@@ -53,7 +53,11 @@ class CFGDenoiser:
     """
 
     def __init__(self, backend, schedule: DiscreteSchedule, conds, uncond, cfg_scale,
-                 latent_shape, max_calls: int):
+                 latent_shape, max_calls: int, image_cond: torch.Tensor | None = None, blend=None):
+        """``image_cond``: (B, K, h, w) channels appended to every row's input (9-channel
+        inpainting models: mask and masked-image latents). ``blend``: (init latents, mask) with
+        mask 1 where the image is repainted: the denoised prediction keeps the init latents
+        elsewhere (the web UI's inpainting, ``mask_before_denoising`` off)."""
         self.backend, self.noise_schedule = backend, schedule
         # one scale for the batch, or one per image (requests batched together by sdrt.Engine)
         scales = [float(v) for v in cfg_scale] if isinstance(cfg_scale, (list, tuple)) else [float(cfg_scale)]
@@ -77,7 +81,13 @@ class CFGDenoiser:
         source = [i for i, n in enumerate(self.parts) for _ in range(n)] + list(range(self.batch))
         self._source = torch.tensor(source, device=dev)              # image of each row
         self._rep = torch.empty((len(source), *latent_shape), device=dev, dtype=torch.float32)
-        self._x_in = torch.empty((len(source), *latent_shape), device=dev, dtype=backend.dtype)
+        extra = 0 if image_cond is None else int(image_cond.shape[1])
+        self._x_in = torch.empty((len(source), latent_shape[0] + extra, *latent_shape[1:]), device=dev,
+                                 dtype=backend.dtype)
+        if image_cond is not None:             # constant: written once, the rows in the UNet batch's order
+            self._x_in[:, latent_shape[0]:] = image_cond.to(dev)[self._source].to(backend.dtype)
+        self._channels = latent_shape[0]
+        self.blend = None if blend is None else (blend[0].to(dev).float(), blend[1].to(dev).float())
         self._t = torch.empty((len(source),), device=dev, dtype=torch.float32)
         self.contexts, index = plan_contexts(conds, uncond, max_calls, backend.device, backend.dtype)
         self._contexts = [self.contexts[i] for i in index]     # per model call
@@ -87,15 +97,20 @@ class CFGDenoiser:
         sigma = float(sigma)
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         torch.index_select(x, 0, self._source, out=self._rep)
-        self._x_in.copy_(self._rep.mul_(c_in))
+        self._x_in[:, :self._channels].copy_(self._rep.mul_(c_in))
         self._t.fill_(self.noise_schedule.sigma_to_t(sigma))
         ctx = self._contexts[min(self.step, len(self._contexts) - 1)]
         self.step += 1
         out = self.backend.unet(self._x_in, self._t, ctx).float()
         guided = self._combine(out)
         if self.v_prediction:  # k-diffusion's DiscreteVDDPMDenoiser scalings
-            return x * (1.0 / (sigma * sigma + 1.0)) + guided * (-sigma * c_in)
-        return x - guided * sigma
+            denoised = x * (1.0 / (sigma * sigma + 1.0)) + guided * (-sigma * c_in)
+        else:
+            denoised = x - guided * sigma
+        if self.blend is not None:
+            init, mask = self.blend
+            denoised = init * (1.0 - mask) + denoised * mask
+        return denoised
 
     def _combine(self, out: torch.Tensor) -> torch.Tensor:
         """uncond + cfg_scale * sum_j w_j (cond_j - uncond), on the model output (linear, so the

@@ -75,6 +75,10 @@ def unsupported_reason(job, cond) -> str | None:
                 f"runs on the eager loop (static loop: {', '.join(STEP_SAMPLERS)})")
     if not cond.plain:
         return "AND prompts (several weighted conditionings per image) run on the eager loop"
+    if getattr(job, "inpainting", None):
+        return "inpainting (the per-step mask blend) runs on the eager loop"
+    if getattr(job, "image_cond", None) is not None:
+        return "9-channel inpainting models (the masked-image input) run on the eager loop"
     return None
 
 

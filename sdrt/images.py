@@ -37,8 +37,9 @@ def _decode_text(text: str, name: str) -> bytes:
         raise ValueError(f"{name}: not base64 (nor a data URL, nor an existing file)") from None
 
 
-def load_image(value, name: str = "image") -> Image.Image:
-    """An RGB ``PIL.Image`` from ``value`` (see the module docstring), or ValueError."""
+def load_image(value, name: str = "image", mask: bool = False) -> Image.Image:
+    """An RGB ``PIL.Image`` from ``value`` (see the module docstring), or ValueError. ``mask``:
+    a transparent image stays RGBA (an inpainting mask is read from its alpha) and a grey one L."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, np.ndarray):
@@ -75,6 +76,10 @@ def load_image(value, name: str = "image") -> Image.Image:
         raise ValueError(f"{name}: {image.width}x{image.height} is too small (each side at least {MIN_SIDE} px)")
     if image.width * image.height > MAX_PIXELS:
         raise ValueError(f"{name}: {image.width}x{image.height} is larger than sdrt takes ({MAX_PIXELS} pixels)")
+    if mask:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            return image.convert("RGBA")
+        return image.convert("L")
     return flatten(image)
 
 

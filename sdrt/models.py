@@ -39,6 +39,16 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
         vae=_TINY_VAE, text=_TINY_TEXT,
     ),
     "sd15": dict(seed=0, **FAMILIES["sd1"], family="sd1"),
+    # the inpainting variant at test size: the UNet takes latents, mask and masked-image latents
+    "tiny-inpaint": dict(
+        seed=0, family="sd1",
+        unet=dict(sample_size=8, in_channels=9, out_channels=4, layers_per_block=1,
+                  block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                  attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        vae=_TINY_VAE, text=_TINY_TEXT,
+    ),
     # SD 2.x's layout at test size: OpenCLIP-style text encoder (gelu, pads with 0), linear projections
     "sd2-tiny": dict(
         seed=0, family="sd2",

@@ -107,6 +107,18 @@ class GenerationParams:
                                     "instead of steps x strength", webui_option="img2img_fix_steps")
     initial_noise_multiplier: float = param(1.0, "img2img: scales the noise added to the initial image",
                                             webui_option="initial_noise_multiplier")
+    # inpainting (sdrt.inpaint): img2img with a mask; the defaults are the web UI API's
+    mask: object = param(None, "inpainting: the mask of the initial image, white = repaint (an image like "
+                         "init_images; transparent RGBA: its alpha)", per_image=True, cli=False)
+    mask_blur: int = param(4, "inpainting: the mask's Gaussian blur, in pixels")
+    inpainting_mask_invert: bool = param(False, "inpainting: repaint what the mask leaves black", flags=("--invert-mask",))
+    inpainting_fill: int = param(0, "inpainting: the masked area before denoising: 0 fill (blurred surroundings), "
+                                 "1 original, 2 latent noise, 3 latent nothing", choices=(0, 1, 2, 3))
+    inpaint_full_res: bool = param(True, "inpainting: process only the masked area (padded) at the output size and "
+                                   "paste it back", flags=("--only-masked",))
+    inpaint_full_res_padding: int = param(0, "inpainting: pixels around the masked area (with inpaint_full_res)",
+                                          flags=("--only-masked-padding",))
+    mask_round: bool = param(True, "inpainting: round the latent mask to 0/1", cli=False)
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -200,6 +212,9 @@ class Job:
     edit_steps: int | None = None
     init_latents: object = None          # their latents (Pipeline.encode_images, in stage 3)
     encode_seconds: float = 0.0
+    inpainting: list | None = None       # per image: sdrt.inpaint.Inpainting (a mask was given)
+    latent_mask: object = None           # (B, C, h, w) 1 = repaint (Pipeline.encode_images)
+    image_cond: object = None            # 9-channel models: (B, 1 + C, h, w) mask and masked-image latents
 
     @property
     def img2img(self) -> bool:
@@ -225,7 +240,7 @@ class Job:
         shared = [f.name for f in GenerationParams.fields() if not f.metadata["per_image"]
                   and f.name not in ("batch_size", "sigmas")]
         return tuple(getattr(self.params, n) for n in shared) + (
-            None if self.sigmas is None else self.sigmas.tobytes(), self.loras, self.img2img)
+            None if self.sigmas is None else self.sigmas.tobytes(), self.loras, self.img2img, bool(self.inpainting))
 
     @classmethod
     def merge(cls, jobs: list["Job"]) -> "Job":
@@ -236,6 +251,8 @@ class Job:
         lists["text_prompts"] = [v for j in jobs for v in (j.text_prompts or j.prompts)]
         if first.img2img:
             lists["init_images"] = [v for j in jobs for v in j.init_images]
+        if first.inpainting:
+            lists["inpainting"] = [v for j in jobs for v in j.inpainting]
         return dataclasses.replace(first, params=first.params.replace(batch_size=len(jobs)), **lists)
 
 
@@ -267,9 +284,13 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
                   int_arg("seed_resize_from height", resize[1], 0, MAX_SIDE))
     if isinstance(p.prompt, (list, tuple)):      # a list of prompts sets the batch size
         batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
-    images = None
+    images = inpainting = None
     if p.init_images is not None:              # one image serves the batch; several set its size
         images, batch = _init_images(p, batch, width, height)
+        if p.mask is not None:
+            images, inpainting = _inpainting(p, images, width, height)
+    elif p.mask is not None:
+        raise ValueError("mask is for inpainting: give init_images too")
     prompts = _prompt_list("prompt", p.prompt, batch)
     negatives = _prompt_list("negative_prompt", p.negative_prompt, batch)
     if isinstance(p.cfg_scale, (list, tuple)):
@@ -294,10 +315,11 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
     params = p.replace(steps=steps, batch_size=batch, width=width, height=height, clip_skip=clip_skip,
                        sampler=spec.name, schedule=schedule, eta_noise_seed_delta=ensd, subseed_strength=strength,
                        eta=eta, seed_resize_from=resize, sigmas=None if sigmas is None else tuple(sigmas),
-                       init_images=None)
+                       init_images=None, mask=None)
     return Job(params=params, sampler=spec, prompts=prompts, negative_prompts=negatives, seeds=seeds,
                subseeds=subseeds, cfg_scales=scales, eta=spec.eta_default if eta is None else eta, sigmas=sigmas,
-               init_images=images, edit_steps=steps if images is not None and sigmas is None else None)
+               init_images=images, edit_steps=steps if images is not None and sigmas is None else None,
+               inpainting=inpainting)
 
 
 def _init_images(p: GenerationParams, batch: int, width: int, height: int) -> tuple[list, int]:
@@ -315,10 +337,33 @@ def _init_images(p: GenerationParams, batch: int, width: int, height: int) -> tu
     if isinstance(mode, bool) or mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode {mode!r} is unknown; valid: "
                          + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items()))
-    images = [resize_image(mode, load_image(v, f"init_images[{i}]"), width, height) for i, v in enumerate(values)]
+    images = [load_image(v, f"init_images[{i}]") for i, v in enumerate(values)]
+    if p.mask is None:
+        images = [resize_image(mode, im, width, height) for im in images]
     if len(images) == 1:
         return images * batch, batch
     return images, len(images)
+
+
+def _inpainting(p: GenerationParams, images: list, width: int, height: int) -> tuple[list, list]:
+    """Each image with its mask (one mask for all, or one per image), processed as the web UI
+    processes them (``sdrt.inpaint.prepare``): the images to encode, and the inpainting inputs."""
+    from .images import load_image
+    from .inpaint import FILL_MODES, prepare
+    masks = list(p.mask) if isinstance(p.mask, (list, tuple)) else [p.mask]
+    if len(masks) not in (1, len(images)):
+        raise ValueError(f"mask: {len(masks)} masks for {len(images)} images; give one mask, or one per image")
+    blur = int_arg("mask_blur", p.mask_blur, 0, 256)
+    pad = int_arg("inpaint_full_res_padding", p.inpaint_full_res_padding, 0, MAX_SIDE)
+    if isinstance(p.inpainting_fill, bool) or p.inpainting_fill not in FILL_MODES:
+        raise ValueError(f"inpainting_fill {p.inpainting_fill!r} is unknown; valid: "
+                         + ", ".join(f"{k} ({v})" for k, v in FILL_MODES.items()))
+    loaded = [load_image(m, f"mask[{i}]", mask=True) for i, m in enumerate(masks)]
+    items = [prepare(im, loaded[i % len(loaded)], width, height, resize_mode=p.resize_mode, mask_blur=blur,
+                     invert=bool(p.inpainting_mask_invert), fill_mode=p.inpainting_fill,
+                     full_res=bool(p.inpaint_full_res), padding=pad, round_=bool(p.mask_round))
+             for i, im in enumerate(images)]
+    return [item.image for item in items], items
 
 
 # ------------------------------------------------------------------ the command line

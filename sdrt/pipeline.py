@@ -189,11 +189,11 @@ class Pipeline:
         if self.closed:
             raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
-        if c.inpainting:   # (img2img too: the 9-channel UNet needs a mask)
-            raise ValueError(f"model {c.name!r} is an inpainting model (its UNet takes a mask and a masked image: 9 "
-                             "input channels); sdrt runs it only in the inpainting workflow, which is not in this "
-                             "release. Use a text-to-image checkpoint of the same family for txt2img")
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
+        if c.inpainting and type(self.backend).__name__ != "TorchBackend":
+            raise ValueError(f"model {c.name!r} is an inpainting model (9 input channels: latents, mask, masked-image "
+                             f"latents); in this release it runs on backend 'torch', not on the "
+                             f"{type(self.backend).__name__}")
         self._extra_networks(job)
         self._check_vae(job)
         check = getattr(self.backend, "check_request", None)
@@ -324,9 +324,9 @@ class Pipeline:
         self._apply_loras("unet", job)
         if self._vae_state is not None:          # also for the model's own: the previous job's goes
             self._vae_state.apply(job.params.vae)
-        if job.img2img and job.init_latents is None:
+        if (job.img2img or self.components.inpainting) and job.init_latents is None and job.image_cond is None:
             t0 = time.perf_counter()
-            job.init_latents = self.encode_images(job)
+            self.prepare_latents(job)
             job.encode_seconds = time.perf_counter() - t0
         if self.fast_path is not None:
             from .fastpath import unsupported_reason
@@ -350,8 +350,11 @@ class Pipeline:
         n_steps = len(sig) - 1
         latent_shape, gen = self._noise(job)
         x = self._start(job, gen.next().float(), sig)
+        blend = None
+        if job.latent_mask is not None:           # inpainting: the init latents outside the mask, every step
+            blend = (job.init_latents, job.latent_mask)
         denoiser = CFGDenoiser(be, self.components.noise_schedule, cond.conds, cond.uncond, job.cfg_scales,
-                               latent_shape, 2 * n_steps + 2)
+                               latent_shape, 2 * n_steps + 2, image_cond=job.image_cond, blend=blend)
         noise = None
         if spec.noise == "rng":
             noise = lambda s, s_next: gen.next().float()  # noqa: E731
@@ -364,7 +367,10 @@ class Pipeline:
         kv = getattr(be, "kv", None)
         with kv.scope(denoiser.contexts) if kv else contextlib.nullcontext():
             x = spec.fn(denoiser, x, sig, noise=noise, callback=step_cb, **kwargs)
-        return x / math.sqrt(1.0 + float(sig[-1]) ** 2)
+        x = x / math.sqrt(1.0 + float(sig[-1]) ** 2)
+        if job.latent_mask is not None:           # and once more after the last step (the web UI's sample())
+            x = x * job.latent_mask + job.init_latents * (1.0 - job.latent_mask)
+        return x
 
     def _start(self, job: Job, noise: torch.Tensor, sig) -> torch.Tensor:
         """The loop's first latents from the image's first noise draw: txt2img scales the noise to
@@ -374,6 +380,60 @@ class Pipeline:
         if not job.img2img:
             return noise * (sigma if job.sampler.init == "sigma" else math.sqrt(1.0 + sigma ** 2))
         return job.init_latents + noise * (job.params.initial_noise_multiplier * sigma)
+
+    def prepare_latents(self, job: Job) -> None:
+        """img2img's initial latents (``encode_images``); for inpainting the latent mask and the
+        masked area's fill (``sdrt.inpaint``); for 9-channel inpainting models the mask and
+        masked-image latents they take at every call (txt2img: everything masked)."""
+        from .inpaint import latent_mask
+        c, p, be = self.components, job.params, self.backend
+        f = c.latent_factor
+        h, w = p.height // f, p.width // f
+        init = self.encode_images(job) if job.img2img else None
+        mask = None
+        if job.inpainting:
+            mask = torch.stack([torch.from_numpy(latent_mask(item.mask, (w, h), p.mask_round))
+                                for item in job.inpainting])[:, None].to(be.device)
+            job.latent_mask = mask.expand(-1, c.latent_channels, -1, -1).float()
+            if p.inpainting_fill == 2:        # the image's own noise (its seed) in the masked area
+                noise = ImageRNG((c.latent_channels, h, w), job.seeds, source=p.rng, device=be.device,
+                                 latent_factor=f).next().float()
+                init = init * (1.0 - job.latent_mask) + noise * job.latent_mask
+            elif p.inpainting_fill == 3:
+                init = init * (1.0 - job.latent_mask)
+        job.init_latents = init
+        if c.inpainting:
+            job.image_cond = self._masked_image_latents(job, (h, w))
+
+    def _masked_image_latents(self, job: Job, latent_size: tuple[int, int]) -> torch.Tensor:
+        """A 9-channel model's extra input (B, 1 + C, h, w): the mask (1 = repaint) at the latent
+        size, then the latents of the image with the masked area removed (all of it without a mask)."""
+        from .images import to_tensor_array
+        c, p, be = self.components, job.params, self.backend
+        b, f = job.batch_size, c.latent_factor
+        if job.img2img:
+            source = torch.stack([torch.from_numpy(to_tensor_array(im)) for im in job.init_images])
+        else:
+            source = torch.zeros((b, 3, p.height, p.width))
+        if job.inpainting:
+            cond_mask = torch.stack([torch.from_numpy(np.asarray(item.mask, dtype=np.float32) / 255.0)
+                                     for item in job.inpainting])[:, None]
+            if p.mask_round:
+                cond_mask = torch.round(cond_mask)
+        else:
+            cond_mask = torch.ones((b, 1, source.shape[2], source.shape[3]))
+        masked = source * (1.0 - cond_mask)
+        scale = float(getattr(c.vae.config, "scaling_factor", 0.18215))
+        latents = []
+        for i in range(b):
+            moments = be.encode_image(masked[i:i + 1].to(be.device))
+            eps = ImageRNG((c.latent_channels, moments.shape[2], moments.shape[3]),
+                           [(job.seeds[i] + ENCODE_SEED_OFFSET + 1) % 2 ** 32], source=p.rng, device=be.device,
+                           latent_factor=f).next()
+            latents.append(sample_latents(moments, eps, scale))
+        lat = torch.cat(latents)
+        small = torch.nn.functional.interpolate(cond_mask, size=latent_size).to(lat.device)
+        return torch.cat([small, lat], dim=1).float()
 
     def encode_images(self, job: Job) -> torch.Tensor:
         """img2img's initial latents (B, C, h, w), float32 on the backend's device: each image
@@ -408,11 +468,15 @@ class Pipeline:
     def result(self, job: Job, cond: Conditioning, out: Decoded) -> GenerationResult:
         """Stage 5: PIL images, the web UI's infotexts, seeds and per-stage timings."""
         texts = [self.infotext(job, i) for i in range(job.batch_size)]
+        images = [Image.fromarray(p) for p in out.images]
+        if job.inpainting:                        # the original pixels back outside the mask
+            from .inpaint import apply_overlay
+            images = [apply_overlay(im, item) for im, item in zip(images, job.inpainting)]
         timings = dict(text_encoder=cond.seconds, loop=out.timings["loop"], unet=out.timings["loop"],
                        vae=out.timings["vae"], total=time.perf_counter() - cond.started)
         if job.img2img:
             timings["vae_encode"] = job.encode_seconds
-        return GenerationResult(images=[Image.fromarray(p) for p in out.images], infotexts=texts,
+        return GenerationResult(images=images, infotexts=texts,
                                 seeds=list(job.seeds), timings=timings, pixels=out.pixels)
 
     def _noise(self, job: Job):
@@ -488,6 +552,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ infotext
 
+    @staticmethod
+    def _inpaint_infotext(job: Job, i: int) -> dict:
+        """The web UI's extra generation parameters of an inpainting."""
+        from .inpaint import FILL_MODES
+        p, item = job.params, job.inpainting[i]
+        return {"Mask blur": p.mask_blur or None,
+                "Mask mode": "Inpaint not masked" if p.inpainting_mask_invert else None,
+                "Masked content": FILL_MODES[p.inpainting_fill] if p.inpainting_fill != 1 else None,
+                "Inpaint area": "Only masked" if item.crop else None,
+                "Masked area padding": p.inpaint_full_res_padding if item.crop else None}
+
     def infotext(self, job: Job, i: int) -> str:
         """The web UI's "parameters" text of image ``i`` of a job."""
         p, spec = job.params, job.sampler
@@ -503,6 +578,7 @@ class Pipeline:
             "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,
             "Denoising strength": p.denoising_strength if job.img2img else None,
             "Noise multiplier": p.initial_noise_multiplier if job.img2img and p.initial_noise_multiplier != 1 else None,
+            **(self._inpaint_infotext(job, i) if job.inpainting else {}),
             "Clip skip": p.clip_skip,                       # format() leaves out 1
             "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[p.rng],

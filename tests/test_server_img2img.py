@@ -84,7 +84,9 @@ def test_several_images_set_the_batch(client):
     ({"init_images": ["not base64 at all!"]}, "not base64"),
     ({"init_images": [base64.b64encode(b"GIF89a garbage").decode()]}, "not a readable image"),
     ({"init_images": ["data:image/png," + "abc"]}, "must be base64"),
-    ({"mask": "iVBORw0KGgo="}, "inpainting is not in this release"),
+    ({"latent_mask": "iVBORw0KGgo="}, "latent_mask"),
+    ({"mask": "iVBORw0KGgo="}, "mask: not a readable image"),
+    ({"mask_blur_x": 2, "mask_blur_y": 6, "mask": "x"}, "differ"),
     ({"image_cfg_scale": 3.0}, "instruct-pix2pix"),
     ({"denoising_strength": 1.5}, "denoising_strength must be in"),
     ({"resize_mode": 9}, "resize_mode 9 is unknown"),
@@ -96,6 +98,22 @@ def test_bad_img2img_requests_are_422(client, patch, message):
     assert message in r.json()["detail"]
     assert client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [b64png(_image())],
                                                   **SMALL}).status_code == 200
+
+
+def test_inpainting_over_http(client, tiny):
+    init = _image(7)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    body = {"prompt": "a boat", "init_images": [b64png(init)], "mask": b64png(mask), "mask_blur": 0, "seed": 2,
+            "inpainting_fill": 1, "inpaint_full_res": False, **SMALL}
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["images"][0])
+    assert np.array_equal(np.asarray(image)[:, 32:], np.asarray(init)[:, 32:])
+    want = tiny("a boat", init_images=init, mask=mask, mask_blur=0, seed=2, inpainting_fill=1, inpaint_full_res=False,
+                sampler="Euler", **SMALL)
+    assert image.info["parameters"] == want.infotexts[0]
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(want.images[0], dtype=int)).max() <= 1
 
 
 def test_a_tiny_image_is_refused_with_its_size(client):
@@ -127,6 +145,11 @@ def test_webuiapi_img2img(state):
                         sampler_name="Euler", **SMALL)
         assert r.image.size == (64, 64) and r.info["denoising_strength"] == 0.5
         assert "Denoising strength: 0.5" in r.image.info["parameters"]
+        mask = Image.new("L", (64, 64))
+        mask.paste(255, (16, 16, 48, 48))
+        r = api.img2img(images=[_image(5)], mask_image=mask, prompt="a lighthouse", seed=9, inpainting_fill=1,
+                        **SMALL)
+        assert r.image.size == (64, 64) and "Mask blur: 4" in r.image.info["parameters"]
     finally:
         server.should_exit = True
         thread.join(10)

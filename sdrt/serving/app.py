@@ -97,8 +97,8 @@ accepted at their default values and refused (422) otherwise."""
 
 
 class Img2Img(Txt2Img):
-    """The web UI's img2img request: txt2img's fields and the initial images (base64 or data
-    URLs). Inpainting (``mask`` and its settings) is not in this release: a mask is refused (422)."""
+    """The web UI's img2img request: txt2img's fields, the initial images (base64 or data URLs)
+    and, for inpainting, the mask and its settings (the web UI's defaults)."""
 
     init_images: list[str]
     resize_mode: int = 0
@@ -122,9 +122,8 @@ OPTION_FIELDS = {f.metadata["webui_option"]: f for f in GenerationParams.fields(
 
 
 # field -> value sdrt implements; any other value is refused with a clear message
-UNSUPPORTED_IMG2IMG = {"mask": (None, ""), "latent_mask": (None, ""), "image_cfg_scale": (None, 1.0, 1.5)}
-WHY_UNSUPPORTED = {"mask": " yet (inpainting is not in this release; img2img without a mask is)",
-                   "latent_mask": " yet (inpainting)", "image_cfg_scale": " (instruct-pix2pix models)"}
+UNSUPPORTED_IMG2IMG = {"latent_mask": (None, ""), "image_cfg_scale": (None, 1.0, 1.5)}
+WHY_UNSUPPORTED = {"latent_mask": " (a separate latent mask)", "image_cfg_scale": " (instruct-pix2pix models)"}
 UNSUPPORTED = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False),
                "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
                "s_noise": 1.0, "save_images": False, "styles": (None, [])}
@@ -307,11 +306,31 @@ class ServerState:
             common.update(resize_mode=body.resize_mode)
             if body.initial_noise_multiplier is not None:
                 common.update(initial_noise_multiplier=body.initial_noise_multiplier)
+            if body.mask:
+                common.update(self._inpainting_fields(body))
         reqs = [Request(seed=s, subseed=ss, **common, **({"init_images": images[k % len(images)]} if images else {}))
                 for k, (s, ss) in enumerate(zip(seeds, subseeds))]
         self.check_budget(reqs[0], n, pipe)
         return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts,
                           batch_size=batch_size)
+
+    @staticmethod
+    def _inpainting_fields(body: "Img2Img") -> dict:
+        """The mask (decoded, its alpha kept) and the inpainting settings of an img2img body."""
+        from ..images import load_image
+        blur = body.mask_blur
+        if blur is None:
+            if body.mask_blur_x != body.mask_blur_y:
+                raise APIError(422, "Unsupported", f"mask_blur_x={body.mask_blur_x} and mask_blur_y={body.mask_blur_y} "
+                                                   "differ; sdrt blurs the mask the same both ways (send mask_blur)")
+            blur = body.mask_blur_x
+        try:
+            mask = load_image(body.mask, "mask", mask=True)
+        except ValueError as e:
+            raise APIError(422, "ValueError", str(e)) from None
+        return dict(mask=mask, mask_blur=blur, inpainting_fill=body.inpainting_fill,
+                    inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding,
+                    inpainting_mask_invert=bool(body.inpainting_mask_invert), mask_round=body.mask_round)
 
     def _init_images(self, body: "Img2Img") -> list:
         """The request's images, decoded and checked (sdrt.images), or APIError 422."""
@@ -413,7 +432,8 @@ class ServerState:
             "extra_generation_params": {"Schedule type": meta["schedule"]},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
-            "clip_skip": meta["opts"]["CLIP_stop_at_last_layers"], "is_using_inpainting_conditioning": False,
+            "clip_skip": meta["opts"]["CLIP_stop_at_last_layers"],
+            "is_using_inpainting_conditioning": c.inpainting,
             "version": f"sdrt {__version__}",
             "timings": [r.timings for r in results],
         }
