@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import sdrt
-from sdrt.inpaint import blur, crop_region, expand_crop_region, prepare
+from sdrt.inpaint import blur, crop_region, expand_crop_region
 from sdrt.params import GenerationParams
 
 
