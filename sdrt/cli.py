@@ -187,6 +187,12 @@ def _add_generate(sub) -> None:
     g.add_argument("--init-image", dest="init_images", action="append", default=argparse.SUPPRESS, metavar="PATH",
                    help="img2img: start from this image (repeat for one per image of the batch); see --strength, "
                         "--resize-mode")
+    g.add_argument("--mask", dest="mask", default=argparse.SUPPRESS, metavar="PATH",
+                   help="inpainting: the mask of the init image (white = repaint); see --mask-blur, --inpainting-fill, "
+                        "--whole-picture")
+    g.add_argument("--whole-picture", dest="inpaint_full_res", action="store_const", const=False,
+                   default=argparse.SUPPRESS, help="inpainting: process the whole picture (the web UI's 'Inpaint "
+                                                   "area: Whole picture'), not only the masked area")
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)

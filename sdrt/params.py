@@ -115,7 +115,7 @@ class GenerationParams:
     inpainting_fill: int = param(0, "inpainting: the masked area before denoising: 0 fill (blurred surroundings), "
                                  "1 original, 2 latent noise, 3 latent nothing", choices=(0, 1, 2, 3))
     inpaint_full_res: bool = param(True, "inpainting: process only the masked area (padded) at the output size and "
-                                   "paste it back", flags=("--only-masked",))
+                                   "paste it back (sdrt generate --whole-picture turns it off)", cli=False)
     inpaint_full_res_padding: int = param(0, "inpainting: pixels around the masked area (with inpaint_full_res)",
                                           flags=("--only-masked-padding",))
     mask_round: bool = param(True, "inpainting: round the latent mask to 0/1", cli=False)

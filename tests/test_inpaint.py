@@ -189,3 +189,21 @@ def test_nine_channel_models_stay_on_the_torch_backend(tiny, tmp_path):
     pipe = sdrt.Pipeline(components, Stub())
     with pytest.raises(ValueError, match="runs on backend 'torch'"):
         pipe.validate(GenerationParams(**ARGS))
+
+
+def test_cli_inpainting(tmp_path):
+    from sdrt.cli import main
+    _image().save(tmp_path / "in.png")
+    _left_mask().save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "a lighthouse", "--model", "random:tiny", "--steps", "3", "--quiet", "--width", "64",
+                 "--height", "64", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--mask-blur", "0", "--inpainting-fill", "1", "-o", str(out)]) == 0
+    text = Image.open(out).info["parameters"]
+    assert "Masked content" not in text and "Inpaint area: Only masked" in text
+    src, got = np.asarray(_image(), dtype=int), np.asarray(Image.open(out).convert("RGB"), dtype=int)
+    assert np.array_equal(got[:, 32:], src[:, 32:])
+    assert main(["generate", "a lighthouse", "--model", "random:tiny", "--steps", "3", "--quiet", "--width", "64",
+                 "--height", "64", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--whole-picture", "-o", str(out)]) == 0
+    assert "Inpaint area" not in Image.open(out).info["parameters"]
