@@ -119,6 +119,27 @@ class GenerationParams:
     inpaint_full_res_padding: int = param(0, "inpainting: pixels around the masked area (with inpaint_full_res)",
                                           flags=("--only-masked-padding",))
     mask_round: bool = param(True, "inpainting: round the latent mask to 0/1", cli=False)
+    # hires fix (sdrt.hires): txt2img, then img2img of the upscaled result at a larger size
+    enable_hr: bool = param(False, "hires fix: a second pass at a larger size", flags=("--hires",), webui="enable_hr")
+    hr_scale: float = param(2.0, "hires fix: the second pass's size as a multiple of the first's",
+                            flags=("--hires-scale",), webui="hr_scale")
+    hr_resize_x: int = param(0, "hires fix: the second pass's width instead (0: from hr_scale or the height)",
+                             flags=("--hires-width",), webui="hr_resize_x")
+    hr_resize_y: int = param(0, "hires fix: the second pass's height instead (0: from hr_scale or the width)",
+                             flags=("--hires-height",), webui="hr_resize_y")
+    hr_upscaler: str = param("Latent", "hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic "
+                             "antialiased), Latent (nearest), Latent (nearest-exact), None, Lanczos or Nearest",
+                             flags=("--hires-upscaler",), webui="hr_upscaler")
+    hr_second_pass_steps: int = param(0, "hires fix: the second pass's steps (0: steps)", flags=("--hires-steps",),
+                                      webui="hr_second_pass_steps")
+    hr_sampler_name: str | None = param(None, "hires fix: the second pass's sampler (None: sampler)",
+                                        flags=("--hires-sampler",), webui="hr_sampler_name")
+    hr_scheduler: str | None = param(None, "hires fix: the second pass's schedule type (None: schedule)",
+                                     flags=("--hires-schedule",), webui="hr_scheduler")
+    hr_prompt: str = param("", "hires fix: the second pass's prompt ('': the prompt)", flags=("--hires-prompt",),
+                           webui="hr_prompt")
+    hr_negative_prompt: str = param("", "hires fix: the second pass's negative prompt ('': the negative prompt)",
+                                    flags=("--hires-negative-prompt",), webui="hr_negative_prompt")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -215,10 +236,13 @@ class Job:
     inpainting: list | None = None       # per image: sdrt.inpaint.Inpainting (a mask was given)
     latent_mask: object = None           # (B, C, h, w) 1 = repaint (Pipeline.encode_images)
     image_cond: object = None            # 9-channel models: (B, 1 + C, h, w) mask and masked-image latents
+    hires: object = None                 # sdrt.hires.HiresPlan: txt2img with enable_hr
+    hires_base: int | None = None        # a hires second pass: the first pass's steps (prompt editing offsets)
 
     @property
     def img2img(self) -> bool:
-        return self.init_images is not None
+        """Starts from given images (or latents: the hires fix's second pass)."""
+        return self.init_images is not None or self.init_latents is not None
 
     @property
     def batch_size(self) -> int:
@@ -284,7 +308,10 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
                   int_arg("seed_resize_from height", resize[1], 0, MAX_SIDE))
     if isinstance(p.prompt, (list, tuple)):      # a list of prompts sets the batch size
         batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
-    images = inpainting = None
+    images = inpainting = hires = None
+    if p.enable_hr and p.init_images is None:
+        from .hires import plan_hires
+        hires = plan_hires(p, width, height, latent_factor)
     if p.init_images is not None:              # one image serves the batch; several set its size
         images, batch = _init_images(p, batch, width, height)
         if p.mask is not None:
@@ -319,7 +346,7 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
     return Job(params=params, sampler=spec, prompts=prompts, negative_prompts=negatives, seeds=seeds,
                subseeds=subseeds, cfg_scales=scales, eta=spec.eta_default if eta is None else eta, sigmas=sigmas,
                init_images=images, edit_steps=steps if images is not None and sigmas is None else None,
-               inpainting=inpainting)
+               inpainting=inpainting, hires=hires)
 
 
 def _init_images(p: GenerationParams, batch: int, width: int, height: int) -> tuple[list, int]:

@@ -14,6 +14,7 @@ A generation runs as public, typed stages (``sdrt.Batcher`` and the server use t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -259,8 +260,12 @@ class Pipeline:
     def _prompt_schedules(self, job: Job):
         calls = job.model_calls
         parts = [prompts.split_and(p) for p in (job.text_prompts or job.prompts)]
-        pos = prompts.schedules([t for ps in parts for t, _ in ps], calls)
-        neg = prompts.schedules(job.negative_prompts, calls)
+        if job.hires_base:        # a hires second pass: steps count on from the first pass's
+            pos = prompts.schedules([t for ps in parts for t, _ in ps], job.hires_base, hires_steps=calls)
+            neg = prompts.schedules(job.negative_prompts, job.hires_base, hires_steps=calls)
+        else:
+            pos = prompts.schedules([t for ps in parts for t, _ in ps], calls)
+            neg = prompts.schedules(job.negative_prompts, calls)
         return pos, neg, parts
 
     def windows(self, job: Job) -> int:
@@ -324,6 +329,8 @@ class Pipeline:
         self._apply_loras("unet", job)
         if self._vae_state is not None:          # also for the model's own: the previous job's goes
             self._vae_state.apply(job.params.vae)
+        if job.hires is not None:
+            return self._sample_hires(job, cond, callback)
         if (job.img2img or self.components.inpainting) and job.init_latents is None and job.image_cond is None:
             t0 = time.perf_counter()
             self.prepare_latents(job)
@@ -333,6 +340,56 @@ class Pipeline:
             if unsupported_reason(job, cond) is None:
                 return self._sample_static(job, cond, callback)
         return self._sample_eager(job, cond, callback)
+
+    def _sample_hires(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
+        """The hires fix (``sdrt.hires``): the first pass, its latents (``Latent*``) or 8-bit images
+        (pixel upscalers) at the second pass's size, then img2img of those there."""
+        from .hires import upscale_image, upscale_latents
+        plan, f = job.hires, self.components.latent_factor
+        first = dataclasses.replace(job, hires=None)
+        t0 = time.perf_counter()
+        total = job.steps + plan.steps
+        cb = (lambda i, n: callback(i, total)) if callback else None
+        if plan.latent_mode is not None:
+            if self.components.inpainting:
+                self.prepare_latents(first)
+            latents = self.denoise(first, cond, cb)
+            init = dict(init_latents=upscale_latents(latents, plan, f))
+        else:
+            out = self.sample(first, cond, cb)
+            init = dict(init_images=[upscale_image(Image.fromarray(im), plan, f) for im in out.images])
+        second = self.hires_job(job, **init)
+        hr_cond = self.encode(second)
+        cb = (lambda i, n: callback(job.steps + i, total)) if callback else None
+        out = self.sample(second, hr_cond, cb)
+        out.timings["loop"] = time.perf_counter() - t0 - out.timings["vae"]
+        out.timings["hires_text_encoder"] = hr_cond.seconds
+        return out
+
+    def hires_job(self, job: Job, init_images=None, init_latents=None) -> Job:
+        """The second pass of a hires-fix job: img2img at ``job.hires.size`` with the same seeds,
+        the hires sampler, steps and prompts, exactly ``hires.steps`` steps (the fixed-steps rule),
+        prompt editing counted from the end of the first pass."""
+        plan, p = job.hires, job.params
+        prompts = [p.hr_prompt] * job.batch_size if p.hr_prompt else job.prompts
+        negatives = [p.hr_negative_prompt] * job.batch_size if p.hr_negative_prompt else job.negative_prompts
+        params = p.replace(prompt=prompts, negative_prompt=negatives, seed=list(job.seeds), subseed=list(job.subseeds),
+                           cfg_scale=list(job.cfg_scales), width=plan.size[0], height=plan.size[1],
+                           steps=plan.steps, sampler=plan.sampler or p.sampler,
+                           schedule=plan.schedule or p.schedule, enable_hr=False, img2img_fix_steps=True,
+                           init_images=init_images, mask=None, resize_mode=0, batch_size=job.batch_size,
+                           sigmas=None)
+        hr = validate(params, self.components.latent_factor, self.components.text_encoder.config.num_hidden_layers)
+        hr.hires_base = job.steps
+        if init_latents is not None:
+            hr.init_latents = init_latents.float()
+            hr.edit_steps = plan.steps
+        self._extra_networks(hr)
+        spec, q = hr.sampler, hr.params
+        steps, t_enc = img2img_steps(q.steps, q.denoising_strength, True)
+        hr.sigmas = img2img_sigmas(get_sigmas(q.schedule, steps, self.components.noise_schedule, default=spec.schedule,
+                                              discard_penultimate=spec.discard_penultimate), t_enc)
+        return hr
 
     def _sample_eager(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         t0 = time.perf_counter()
@@ -576,13 +633,14 @@ class Pipeline:
             "Variation seed": job.subseeds[i] if p.subseed_strength else None,
             "Variation seed strength": p.subseed_strength or None,
             "Seed resize from": f"{resize[0]}x{resize[1]}" if resize and min(resize) > 0 else None,
-            "Denoising strength": p.denoising_strength if job.img2img else None,
+            "Denoising strength": p.denoising_strength if job.img2img or job.hires else None,
             "Noise multiplier": p.initial_noise_multiplier if job.img2img and p.initial_noise_multiplier != 1 else None,
             **(self._inpaint_infotext(job, i) if job.inpainting else {}),
             "Clip skip": p.clip_skip,                       # format() leaves out 1
             "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[p.rng],
             "Emphasis": p.emphasis if p.emphasis != "Original" else None,
+            **(job.hires.infotext if job.hires else {}),
             "Lora hashes": self._lora_state.hashes(job.loras) if job.loras else None,
             "TI hashes": self.embeddings.hashes(sorted(job.embeddings_used))
             if self.embeddings is not None and job.embeddings_used else None,

@@ -34,12 +34,13 @@ from sdrt.serving.config import ServerConfig  # noqa: E402
 
 KEYS = ["prompt", "negative_prompt", "steps", "cfg_scale", "seed", "subseed", "subseed_strength", "width", "height",
         "batch_size", "n_iter", "sampler_name", "sampler_index", "scheduler", "eta", "seed_resize_from_w",
-        "seed_resize_from_h", "override_settings", "enable_hr", "styles", "tiling", "send_images"]
+        "seed_resize_from_h", "override_settings", "enable_hr", "styles", "tiling", "send_images", "hr_scale",
+        "hr_upscaler", "denoising_strength", "hr_second_pass_steps", "hr_resize_x"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-10, 70), st.integers(-2 ** 64, 2 ** 64),
     st.floats(allow_nan=False, allow_infinity=False, width=32), st.sampled_from([1e308, -1e308, 0.0, 64, 8, 1, 2]),
     st.lists(st.sampled_from(PROMPT_ALPHABET), max_size=20).map("".join),
-    st.sampled_from(["Euler", "DPM++ 2M", "karras", "Bogus", "", "GPU"]),
+    st.sampled_from(["Euler", "DPM++ 2M", "karras", "Bogus", "", "GPU", "Latent", "Lanczos"]),
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.sampled_from(["CLIP_stop_at_last_layers", "randn_source", "eta_noise_seed_delta",
                                      "emphasis", "sd_vae", "bogus"]),

@@ -72,7 +72,6 @@ class _WebUIOnly(BaseModel):
     s_noise: float = 1.0
     override_settings: dict | None = None
     override_settings_restore_afterwards: bool = True
-    enable_hr: bool = False
     script_name: str | None = None
     script_args: list = []
     send_images: bool = True
@@ -124,7 +123,7 @@ OPTION_FIELDS = {f.metadata["webui_option"]: f for f in GenerationParams.fields(
 # field -> value sdrt implements; any other value is refused with a clear message
 UNSUPPORTED_IMG2IMG = {"latent_mask": (None, ""), "image_cfg_scale": (None, 1.0, 1.5)}
 WHY_UNSUPPORTED = {"latent_mask": " (a separate latent mask)", "image_cfg_scale": " (instruct-pix2pix models)"}
-UNSUPPORTED = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False),
+UNSUPPORTED = {"restore_faces": (None, False), "tiling": (None, False),
                "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
                "s_noise": 1.0, "save_images": False, "styles": (None, [])}
 OPTION_KEYS = ("sd_model_checkpoint", *OPTION_FIELDS)
@@ -267,7 +266,7 @@ class ServerState:
             value = getattr(body, name)
             if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
                 hint = WHY_UNSUPPORTED.get(name, "")
-                raise APIError(422, "Unsupported", f"{name}={str(value)[:40]!r} is not supported by sdrt{hint} "
+                raise APIError(422, "Unsupported", f"{name}={repr(value)[:60]} is not supported by sdrt{hint} "
                                                    f"(send {allowed if not isinstance(allowed, tuple) else allowed[0]!r})")
         images = self._init_images(body) if isinstance(body, Img2Img) else None
         batch_size = len(images) if images and 1 < len(images) <= body.batch_size else body.batch_size
@@ -361,9 +360,14 @@ class ServerState:
             raise APIError(422, "ValueError", f"the prompt gives a token the attention weight {cost.max_weight:g}; "
                                               f"this server accepts at most {cfg.max_attention_weight:g} "
                                               "(max_attention_weight)")
-        if images * job.steps > cfg.max_image_steps:
-            raise APIError(422, "TooMuchWork", f"{images} images x {job.steps} steps = {images * job.steps}; this "
+        steps = job.steps + (job.hires.steps if job.hires else 0)
+        if images * steps > cfg.max_image_steps:
+            raise APIError(422, "TooMuchWork", f"{images} images x {steps} steps = {images * steps}; this "
                                                f"server accepts at most {cfg.max_image_steps} (max_image_steps)")
+        if job.hires and max(job.hires.upscale_to) > cfg.max_side:
+            w, h = job.hires.upscale_to
+            raise APIError(422, "ValueError", f"the hires fix would upscale to {w}x{h}; this server accepts at most "
+                                              f"{cfg.max_side} pixels a side (max_side)")
         if cost.and_parts > cfg.max_and_parts:
             raise APIError(422, "TooMuchWork", f"the prompt has {cost.and_parts} AND parts; this server accepts at "
                                                f"most {cfg.max_and_parts} per image (max_and_parts)")
@@ -428,7 +432,7 @@ class ServerState:
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": c.name,
             "sd_model_hash": c.model_hash, "sd_vae_name": vae_info.get("VAE"), "sd_vae_hash": vae_info.get("VAE hash"),
             "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
-            "denoising_strength": body.denoising_strength if isinstance(body, Img2Img) else None,
+            "denoising_strength": body.denoising_strength if isinstance(body, Img2Img) or body.enable_hr else None,
             "extra_generation_params": {"Schedule type": meta["schedule"]},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
