@@ -200,6 +200,8 @@ class Pipeline:
         check = getattr(self.backend, "check_request", None)
         if check is not None:
             check(job.batch_size, job.params.height, job.params.width)
+            if job.hires is not None:           # the second pass's size too, before the first runs
+                check(job.batch_size, job.hires.size[1], job.hires.size[0])
         if job.sigmas is None:
             spec, p = job.sampler, job.params
             steps, t_enc = (img2img_steps(p.steps, p.denoising_strength, p.img2img_fix_steps) if job.img2img

@@ -131,3 +131,19 @@ def test_hires_over_http(tiny):
         r = client.post("/sdapi/v1/txt2img", json=dict(body, hr_scale=4))
         assert r.status_code == 422 and "upscale to 256x256" in r.json()["detail"]
     state.engine.close()
+
+
+def test_both_passes_within_one_tensorrt_profile(torch_pipe, trt_engines):
+    """The fake engines' one dynamic profile (64..96 px) serves the first pass at 64 and the
+    second at 96: no second engine."""
+    import tensorrt_fake as fake
+
+    import sdrt
+    from sdrt.backends import tensorrt_backend as tb
+    backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, trt_engines,
+                                 trt=fake.module(), arch="sm_90", log=lambda m: None)
+    pipe = sdrt.Pipeline(torch_pipe.components, backend)
+    args = dict(ARGS, enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=3)
+    assert np.abs(pipe(**args).pixels - torch_pipe(**args).pixels).max() < 1e-4
+    with pytest.raises(ValueError, match="profile"):
+        pipe.validate(GenerationParams(**dict(args, hr_scale=2.0)))   # 128 px: outside, refused before running
