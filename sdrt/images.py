@@ -37,9 +37,11 @@ def _decode_text(text: str, name: str) -> bytes:
         raise ValueError(f"{name}: not base64 (nor a data URL, nor an existing file)") from None
 
 
-def load_image(value, name: str = "image", mask: bool = False) -> Image.Image:
+def load_image(value, name: str = "image", mask: bool = False, allow_path: bool = True) -> Image.Image:
     """An RGB ``PIL.Image`` from ``value`` (see the module docstring), or ValueError. ``mask``:
-    a transparent image stays RGBA (an inpainting mask is read from its alpha) and a grey one L."""
+    a transparent image stays RGBA (an inpainting mask is read from its alpha) and a grey one L.
+    ``allow_path=False`` (what the HTTP server passes): text is base64 or a data URL, never a path
+    on this machine (a client must not make the server read its files)."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, np.ndarray):
@@ -48,9 +50,9 @@ def load_image(value, name: str = "image", mask: bool = False) -> Image.Image:
                              f"{value.shape}")
         image = Image.fromarray(value)
     else:
-        if isinstance(value, (str, os.PathLike)) and not isinstance(value, str) or (
+        if allow_path and (isinstance(value, os.PathLike) or (
                 isinstance(value, str) and len(value) < 4096 and not value.startswith("data:")
-                and Path(value).is_file()):
+                and Path(value).is_file())):
             data = Path(value).read_bytes()
         elif isinstance(value, str):
             data = _decode_text(value, name)

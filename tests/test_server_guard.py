@@ -201,7 +201,8 @@ def test_png_info_reads_back_what_txt2img_wrote(tiny):
     assert flags["api_auth"] == "***" and flags["max_images"] == 16
     assert lists["upscalers"][0]["name"] == "None" and lists["embeddings"] == {"loaded": {}, "skipped": {}}
     assert all(lists[n] == [] for n in ("sd-vae", "hypernetworks", "prompt-styles", "face-restorers",
-                                        "realesrgan-models", "latent-upscale-modes"))
+                                        "realesrgan-models"))
+    assert {"name": "Latent (nearest-exact)"} in lists["latent-upscale-modes"]
 
 
 def json_infotexts(response) -> list:

@@ -324,7 +324,7 @@ class ServerState:
                                                    "differ; sdrt blurs the mask the same both ways (send mask_blur)")
             blur = body.mask_blur_x
         try:
-            mask = load_image(body.mask, "mask", mask=True)
+            mask = load_image(body.mask, "mask", mask=True, allow_path=False)
         except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
         return dict(mask=mask, mask_blur=blur, inpainting_fill=body.inpainting_fill,
@@ -340,7 +340,7 @@ class ServerState:
             raise APIError(422, "ValueError", f"{len(body.init_images)} init_images; this server accepts at most "
                                               f"{self.config.max_images}")
         try:
-            return [load_image(v, f"init_images[{i}]") for i, v in enumerate(body.init_images)]
+            return [load_image(v, f"init_images[{i}]", allow_path=False) for i, v in enumerate(body.init_images)]
         except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
 
@@ -533,6 +533,65 @@ def _png_info(data: str) -> dict:
     return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
 
 
+class _ExtrasSettings(BaseModel):
+    """The web UI's Extras request settings (upscaling; face restoration is not in sdrt)."""
+
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+class ExtrasSingleImage(_ExtrasSettings):
+    image: str = ""
+
+
+class _ExtrasFile(BaseModel):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImages(_ExtrasSettings):
+    imageList: list[_ExtrasFile]
+
+
+def _extras(settings: _ExtrasSettings, data: str, name: str) -> tuple[str, str]:
+    """One image through the Extras upscaling: (base64 PNG, the info text); APIError 422 for a bad
+    image or setting. The image's own infotext is kept, the upscaling's is added as the web UI
+    adds it (its ``postprocessing`` text)."""
+    from ..images import load_image
+    from ..upscale import extras
+    if settings.gfpgan_visibility or settings.codeformer_visibility:
+        raise APIError(422, "Unsupported", "face restoration (gfpgan_visibility, codeformer_visibility) is not in sdrt; "
+                                           "send 0")
+    try:
+        image = load_image(data, name, allow_path=False)
+        raw = image.info.get("parameters")
+        out, info = extras(image, settings.resize_mode, settings.upscaling_resize, settings.upscaling_resize_w,
+                           settings.upscaling_resize_h, settings.upscaling_crop, settings.upscaler_1,
+                           settings.upscaler_2, settings.extras_upscaler_2_visibility)
+    except ValueError as e:
+        raise APIError(422, "ValueError", str(e)) from None
+    text = ", ".join(f"{k}: {v}" for k, v in info.items())
+    buf = io.BytesIO()
+    from PIL.PngImagePlugin import PngInfo
+    meta = PngInfo()
+    if raw:
+        meta.add_text("parameters", raw)
+    meta.add_text("postprocessing", text)
+    out.save(buf, format="PNG", pnginfo=meta)
+    return base64.b64encode(buf.getvalue()).decode(), text
+
+
 def _png_base64(image, text: str) -> str:
     return base64.b64encode(save_png(image, io.BytesIO(), text).getvalue()).decode()
 
@@ -649,7 +708,7 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     # what this server has of the web UI's other resources: the routes answer in the web UI's
     # shapes, so clients that list them on start work; sdrt has none of these yet
-    empty_lists = ("latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models",
+    empty_lists = ("hypernetworks", "face-restorers", "realesrgan-models",
                    "prompt-styles")
     for name in empty_lists:
         app.add_api_route(f"/sdapi/v1/{name}", _empty_list, methods=["GET"], name=name)
@@ -677,13 +736,32 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        from ..upscale import UPSCALERS
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in UPSCALERS]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        from ..hires import LATENT_MODES
+        return [{"name": n} for n in LATENT_MODES]
 
     @app.get("/sdapi/v1/cmd-flags")
     async def cmd_flags():
         flags = dataclasses.asdict(state.config)
         flags["api_auth"] = "***" if flags.get("api_auth") else None       # never echo credentials
         return flags
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(body: ExtrasSingleImage):
+        image, text = await asyncio.to_thread(_extras, body, body.image, "image")
+        return {"html_info": f"<p>{text}</p>", "image": image}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(body: ExtrasBatchImages):
+        if len(body.imageList) > cfg.max_images:
+            raise APIError(422, "ValueError", f"{len(body.imageList)} images; this server accepts at most "
+                                              f"{cfg.max_images} per request")
+        done = [await asyncio.to_thread(_extras, body, f.data, f"imageList[{i}]") for i, f in enumerate(body.imageList)]
+        return {"html_info": f"<p>{done[0][1] if done else ''}</p>", "images": [image for image, _ in done]}
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(body: PNGInfo):
