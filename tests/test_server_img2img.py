@@ -150,6 +150,13 @@ def test_webuiapi_img2img(state):
         r = api.img2img(images=[_image(5)], mask_image=mask, prompt="a lighthouse", seed=9, inpainting_fill=1,
                         **SMALL)
         assert r.image.size == (64, 64) and "Mask blur: 4" in r.image.info["parameters"]
+        up = api.extra_single_image(image=r.image, upscaler_1="Lanczos", upscaling_resize=1.5)
+        assert up.image.size == (96, 96)
+        info = api.png_info(r.image)
+        assert info.info == r.image.info["parameters"]
+        hr = api.txt2img(prompt="a lighthouse", seed=1, enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
+                         sampler_name="Euler", **SMALL)
+        assert hr.image.size == (96, 96) and "Hires upscale: 1.5" in hr.image.info["parameters"]
     finally:
         server.should_exit = True
         thread.join(10)
