@@ -245,6 +245,30 @@ def sample_lms(model, x, sigmas, noise=None, callback=None, order=4):
     return x
 
 
+def sample_plms(model, x, sigmas, noise=None, callback=None):
+    """PLMS (pseudo linear multistep, Liu et al. 2022), the CompVis sampler the web UI offers,
+    over DDIM's timesteps: the noise prediction e = (x - D) / sigma of the last four steps combined
+    with Adams-Bashforth weights, the first step a pseudo improved Euler step (two model calls).
+    In the k-diffusion parameterisation a step from sigma to sigma' with combined prediction e' is
+    x' = x + (sigma' - sigma) e' (the VP update sqrt(a') x0 + sqrt(1 - a') e', divided by sqrt(a'))."""
+    old: list = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        e = _d(x, s, _denoise(model, x, sigmas, i, callback))
+        if not old:
+            x_tmp = x + e * (s_next - s)
+            e_prime = (e + _d(x_tmp, s_next, model(x_tmp, s_next))) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = x + e_prime * (s_next - s)
+        old = (old + [e])[-3:]
+    return x
+
+
 def sample_dpmpp_2s_ancestral(model, x, sigmas, noise=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, Algorithm 1)."""
     for i in range(len(sigmas) - 1):
@@ -391,6 +415,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
                 second_order=True, discard_penultimate=True, eta_default=1.0),
     SamplerSpec("DDIM", sample_ddim, ("ddim",), schedule="DDIM", noise="rng", init="vp", eta_default=0.0,
                 linear_step=_ddim_step),
+    SamplerSpec("PLMS", sample_plms, ("plms",), schedule="DDIM", init="vp"),
     SamplerSpec("UniPC", sample_unipc, ("unipc",), init="vp"),
     SamplerSpec("LCM", sample_lcm, ("k_lcm",), noise="rng", linear_step=_lcm_step),
 ]}
