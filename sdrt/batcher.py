@@ -58,6 +58,11 @@ class BatcherClosed(RuntimeError):
     """The batcher was closed before the request ran."""
 
 
+class Interrupted(RuntimeError):
+    """The request was stopped by ``Batcher.interrupt`` or ``Batcher.skip`` (the web UI's
+    interrupt and skip buttons)."""
+
+
 @dataclass
 class Request(GenerationParams):
     """One image: the arguments of ``sdrt.GenerationParams`` (batch_size 1, one prompt) and a
@@ -116,10 +121,11 @@ class _Item:
     submitted: float
     deadline: float
     id: int = 0
+    interrupted: str | None = None   # why Batcher.interrupt/skip stopped it
 
     def gone(self, now: float) -> bool:
-        """Cancelled by its client or past its deadline: no longer worth computing."""
-        return self.future.abandoned or now > self.deadline
+        """Cancelled by its client, interrupted, or past its deadline: no longer worth computing."""
+        return self.future.abandoned or self.interrupted is not None or now > self.deadline
 
 
 class _Abort(Exception):
@@ -182,6 +188,8 @@ class Batcher:
                      for s in ("queue", "text_encoder", "loop", "unet", "vae", "total")},
             batches=0)
         self._progress = dict(step=0, steps=0, batch=0, started=None, job_no=0)
+        self._running: list[_Item] = []          # the batch being sampled (interrupt, skip)
+        self._live: list[_Item] = []             # taken from the queue, not finished
         self._threads = [threading.Thread(target=self._batch_loop, name="sdrt-batcher", daemon=True),
                          threading.Thread(target=self._reap_loop, name="sdrt-reaper", daemon=True)]
         if overlap:
@@ -242,6 +250,31 @@ class Batcher:
             p = dict(self._progress)
         p["queued"] = self.queue_length()
         return p
+
+    def interrupt(self) -> int:
+        """The web UI's interrupt: the running batch stops at its next step and every queued
+        request is dropped; their futures raise ``Interrupted``. Returns how many requests."""
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+            formed = [it for it in self._live if it not in self._running]    # batches waiting to run
+        for it in formed:
+            it.interrupted = "interrupted"
+        for it in queued:
+            it.interrupted = "interrupted"
+            if it.future.set_running_or_notify_cancel():
+                self._count("cancelled")
+                it.future.set_exception(Interrupted("interrupted before it ran"))
+        return len(queued) + len(formed) + self.skip()
+
+    def skip(self) -> int:
+        """The web UI's skip: the running batch stops at its next step (its futures raise
+        ``Interrupted``); the queue goes on. Returns how many requests were stopped."""
+        with self._cond:
+            running = list(self._running)
+        for it in running:
+            it.interrupted = "skipped"
+        return len(running)
 
     def close(self, cancel_pending: bool = True, wait: bool = True) -> None:
         """Stop accepting requests; queued ones fail with BatcherClosed (or run, with
@@ -360,6 +393,8 @@ class Batcher:
             items = self._start(items)
             if not items:
                 continue
+            with self._cond:
+                self._live.extend(items)
             batch = self._encode(items)
             if self._overlap:
                 self._ready.put(batch)
@@ -405,6 +440,8 @@ class Batcher:
                 return
             batch = self._encode(live)           # re-plan without the dropped requests
         items = batch.items
+        with self._cond:
+            self._running = list(items)
         try:
             if batch.error is not None:
                 raise batch.error
@@ -421,6 +458,10 @@ class Batcher:
                     self._run(self._encode([it]))
             return
         finally:
+            with self._cond:
+                self._running = []
+                done = {id(it) for it in batch.items}
+                self._live = [it for it in self._live if id(it) not in done]
             with self._stats_lock:
                 self._progress.update(step=0, steps=0, batch=0, started=None)
         with self._stats_lock:
@@ -458,9 +499,15 @@ class Batcher:
 
     def _drop(self, items: list[_Item], when: str) -> None:
         """Finish requests that are gone: cancelled ones, or timed out ``when``."""
+        with self._cond:
+            gone = {id(it) for it in items}
+            self._live = [it for it in self._live if id(it) not in gone]
         for it in items:
             if it.future.abandoned:
                 self._cancelled(it)
+            elif it.interrupted is not None:
+                self._count("cancelled")
+                it.future.set_exception(Interrupted(f"{it.interrupted} {when}"))
             else:
                 self._fail(it, TimeoutError(f"request timed out {when}"), outcome="timeout")
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from .. import infotext
 from .._version import __version__
-from ..batcher import Batcher, BatcherBusy, BatcherClosed, Request
+from ..batcher import Batcher, BatcherBusy, BatcherClosed, Interrupted, Request
 from ..conditioning import EMPHASIS
 from ..params import GenerationParams, image_seeds, scalar_type
 from ..pipeline import Pipeline
@@ -402,7 +402,12 @@ class ServerState:
             using.__exit__(None, None, None)
 
     async def _answer(self, body: Txt2Img, futures, meta, pipe: Pipeline, disconnected) -> dict:
-        gathered = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+        async def settle(f):          # an interrupted image is left out of the answer, as the web UI does
+            try:
+                return await asyncio.wrap_future(f)
+            except Interrupted as e:
+                return e
+        gathered = asyncio.gather(*[settle(f) for f in futures])
         watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
         try:
             if watcher is not None:
@@ -418,14 +423,20 @@ class ServerState:
         finally:
             if watcher is not None:
                 watcher.cancel()
+        kept = [i for i, r in enumerate(results) if not isinstance(r, Interrupted)]
+        if len(kept) < len(results):
+            meta = dict(meta, first_seed=meta["seeds"][0], first_subseed=meta["subseeds"][0],
+                        seeds=[meta["seeds"][i] for i in kept], subseeds=[meta["subseeds"][i] for i in kept])
+            results = [results[i] for i in kept]
         images = [_png_base64(r.images[0], r.infotexts[0]) for r in results] if body.send_images else []
         infotexts = [r.infotexts[0] for r in results]
         c = pipe.components
         vae_info = pipe.vae_infotext(meta["opts"]["sd_vae"])
         info = {
-            "prompt": body.prompt, "all_prompts": [body.prompt] * len(futures),
-            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(futures),
-            "seed": meta["seeds"][0], "all_seeds": meta["seeds"], "subseed": meta["subseeds"][0],
+            "prompt": body.prompt, "all_prompts": [body.prompt] * len(results),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(results),
+            "seed": meta.get("first_seed", meta["seeds"][0] if meta["seeds"] else None), "all_seeds": meta["seeds"],
+            "subseed": meta.get("first_subseed", meta["subseeds"][0] if meta["subseeds"] else None),
             "all_subseeds": meta["subseeds"], "subseed_strength": body.subseed_strength,
             "width": body.width, "height": body.height, "sampler_name": meta["sampler"],
             "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": meta["batch_size"],
@@ -696,6 +707,18 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
             body = dict(body, sd_model_checkpoint=checkpoint.title)
         state.options.update(body)
         state.other_options.update(others)
+        return None
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        for entry in list(state.pool.loaded.values()):
+            entry.batcher.interrupt()
+        return None
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():
+        for entry in list(state.pool.loaded.values()):
+            entry.batcher.skip()
         return None
 
     @app.get("/sdapi/v1/progress")
