@@ -119,6 +119,8 @@ class GenerationParams:
     inpaint_full_res_padding: int = param(0, "inpainting: pixels around the masked area (with inpaint_full_res)",
                                           flags=("--only-masked-padding",))
     mask_round: bool = param(True, "inpainting: round the latent mask to 0/1", cli=False)
+    tiling: bool = param(False, "seamless tiling: circular padding in the UNet's and VAE's convolutions (the web UI's "
+                         "Tiling)", webui="tiling")
     # hires fix (sdrt.hires): txt2img, then img2img of the upscaled result at a larger size
     enable_hr: bool = param(False, "hires fix: a second pass at a larger size", flags=("--hires",), webui="enable_hr")
     hr_scale: float = param(2.0, "hires fix: the second pass's size as a multiple of the first's",

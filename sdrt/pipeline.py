@@ -191,6 +191,9 @@ class Pipeline:
             raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
+        if job.params.tiling and getattr(self.backend, "set_tiling", None) is None:
+            raise ValueError(f"tiling runs on backend 'torch' in this release, not on the "
+                             f"{type(self.backend).__name__} (its engines were built with zero padding)")
         if c.inpainting and type(self.backend).__name__ != "TorchBackend":
             raise ValueError(f"model {c.name!r} is an inpainting model (9 input channels: latents, mask, masked-image "
                              f"latents); in this release it runs on backend 'torch', not on the "
@@ -331,6 +334,7 @@ class Pipeline:
         self._apply_loras("unet", job)
         if self._vae_state is not None:          # also for the model's own: the previous job's goes
             self._vae_state.apply(job.params.vae)
+        self._set_tiling(job)
         if job.hires is not None:
             return self._sample_hires(job, cond, callback)
         if (job.img2img or self.components.inpainting) and job.init_latents is None and job.image_cond is None:
@@ -342,6 +346,12 @@ class Pipeline:
             if unsupported_reason(job, cond) is None:
                 return self._sample_static(job, cond, callback)
         return self._sample_eager(job, cond, callback)
+
+    def _set_tiling(self, job: Job) -> None:
+        """Circular padding on (tiling) or off for this job (``TorchBackend.set_tiling``)."""
+        set_tiling = getattr(self.backend, "set_tiling", None)
+        if set_tiling is not None:               # (Pipeline.validate refused tiling on the others)
+            set_tiling(job.params.tiling)
 
     def _sample_hires(self, job: Job, cond: Conditioning, callback=None) -> Decoded:
         """The hires fix (``sdrt.hires``): the first pass, its latents (``Latent*``) or 8-bit images
@@ -585,7 +595,7 @@ class Pipeline:
         latent_shape, gen = self._noise(job)
         distinct, index = plan_contexts(cond.conds, cond.uncond, n_steps, be.device, be.dtype)
         key = (job.batch_size, latent_shape, spec.name, sig.tobytes(), job.eta, tuple(index),
-               tuple(distinct[0].shape), len(distinct))
+               tuple(distinct[0].shape), len(distinct), bool(job.params.tiling))
         if key in self.loops.refused:
             return self._sample_eager(job, cond, callback)
         loop = self.loops.get(key, lambda: StaticLoop(
@@ -642,6 +652,7 @@ class Pipeline:
             "ENSD": p.eta_noise_seed_delta if p.eta_noise_seed_delta and spec.noise == "rng" else None,
             "RNG": RNG_INFOTEXT[p.rng],
             "Emphasis": p.emphasis if p.emphasis != "Original" else None,
+            "Tiling": True if p.tiling else None,
             **(job.hires.infotext if job.hires else {}),
             "Lora hashes": self._lora_state.hashes(job.loras) if job.loras else None,
             "TI hashes": self.embeddings.hashes(sorted(job.embeddings_used))

@@ -124,7 +124,7 @@ def test_options_keeps_the_web_uis_other_options(client):
     ('{"prompt": "x", "seed": 99999999999}', 422, "seed must be in"),
     ('{"prompt": "x", "cfg_scale": "NaN"}', 422, "cfg_scale must be a finite number"),
     ('{"prompt": "x", "enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"}', 422, "hr_upscaler 'R-ESRGAN 4x\\+' is unknown"),
-    ('{"prompt": "x", "tiling": true}', 422, "tiling=True is not supported"),
+    ('{"prompt": "x", "restore_faces": true}', 422, "restore_faces=True is not supported"),
     ('{"prompt": "x", "alwayson_scripts": {"controlnet": {}}}', 422, "alwayson_scripts"),
     ('{"prompt": "x", "override_settings": {"sd_vae": "x.pt"}}', 422, "VAE 'x.pt' was not found"),
     ('{"prompt": "x", "override_settings": {"sd_model_checkpoint": "other.safetensors"}}', 422, "not one this server offers"),

@@ -284,6 +284,19 @@ class TorchBackend:
             return self.unet_module(sample.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
                                     **kwargs)[0]
 
+    def set_tiling(self, enabled: bool) -> bool:
+        """Circular padding in every convolution of the UNet and the VAE (the web UI's
+        ``apply_circular``): images that tile seamlessly. Returns whether it changed (captured
+        CUDA graphs of the other mode are then invalid)."""
+        mode = "circular" if enabled else "zeros"
+        changed = False
+        for module in (self._eager_unet, self.vae):
+            for m in module.modules():
+                if isinstance(m, torch.nn.Conv2d) and m.padding_mode != mode:
+                    m.padding_mode = mode
+                    changed = True
+        return changed
+
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> the VAE posterior's moments (B, 2C, h, w): mean then

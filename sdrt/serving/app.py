@@ -66,7 +66,6 @@ class _WebUIOnly(BaseModel):
     scheduler: str | None = None
     n_iter: int = 1
     restore_faces: bool | None = None
-    tiling: bool | None = None
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_noise: float = 1.0
@@ -123,7 +122,7 @@ OPTION_FIELDS = {f.metadata["webui_option"]: f for f in GenerationParams.fields(
 # field -> value sdrt implements; any other value is refused with a clear message
 UNSUPPORTED_IMG2IMG = {"latent_mask": (None, ""), "image_cfg_scale": (None, 1.0, 1.5)}
 WHY_UNSUPPORTED = {"latent_mask": " (a separate latent mask)", "image_cfg_scale": " (instruct-pix2pix models)"}
-UNSUPPORTED = {"restore_faces": (None, False), "tiling": (None, False),
+UNSUPPORTED = {"restore_faces": (None, False),
                "script_name": (None, ""), "alwayson_scripts": ({},), "s_churn": 0.0, "s_tmin": 0.0,
                "s_noise": 1.0, "save_images": False, "styles": (None, [])}
 OPTION_KEYS = ("sd_model_checkpoint", *OPTION_FIELDS)

@@ -1,0 +1,60 @@
+"""Tiling (the web UI's circular padding): the UNet becomes shift-equivariant with wrap-around,
+images carry "Tiling: True", both loops agree, and the compiled backends refuse it by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdrt
+from sdrt.params import GenerationParams
+
+ARGS = dict(prompt="a brick wall", steps=4, seed=2, width=64, height=64, sampler="Euler")
+
+
+def test_circular_padding_makes_the_unet_wrap_around(torch_pipe):
+    be = torch_pipe.backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, 8, 8), generator=g)
+    t = torch.full((2,), 500.0)
+    ctx = torch.randn((2, 77, 32), generator=g)
+
+    def shifted_gap():
+        a = be.unet(torch.roll(x, 2, dims=3), t, ctx)
+        b = torch.roll(be.unet(x, t, ctx), 2, dims=3)
+        return (a - b).abs().max().item()
+    try:
+        assert be.set_tiling(True) and not be.set_tiling(True)
+        tiled = shifted_gap()
+    finally:
+        be.set_tiling(False)
+    assert tiled < 1e-4 < shifted_gap()          # wraps around with tiling, not without
+
+
+def test_tiling_in_both_loops_and_the_infotext(torch_pipe):
+    plain = torch_pipe(**ARGS)
+    torch_pipe.set_fast_path(False)
+    tiled = torch_pipe(tiling=True, **ARGS)
+    try:
+        torch_pipe.set_fast_path()
+        fast = torch_pipe(tiling=True, **ARGS)
+        fast_plain = torch_pipe(**ARGS)
+        assert len(torch_pipe.loops) == 2                   # one graph per padding mode
+    finally:
+        torch_pipe.set_fast_path(False)
+    assert "Tiling: True" in tiled.infotexts[0] and "Tiling" not in plain.infotexts[0]
+    assert np.abs(tiled.pixels - fast.pixels).max() < 1e-4 and np.abs(plain.pixels - fast_plain.pixels).max() < 1e-4
+    assert np.abs(tiled.pixels - plain.pixels).max() > 1e-3
+    assert all(m.padding_mode == "zeros" for m in torch_pipe.components.unet.modules()
+               if isinstance(m, torch.nn.Conv2d))           # the next job without tiling put it back
+
+
+def test_compiled_backends_refuse_tiling(torch_pipe, trt_engines):
+    import tensorrt_fake as fake
+
+    from sdrt.backends import tensorrt_backend as tb
+    backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, trt_engines,
+                                 trt=fake.module(), arch="sm_90", log=lambda m: None)
+    pipe = sdrt.Pipeline(torch_pipe.components, backend)
+    with pytest.raises(ValueError, match="tiling runs on backend 'torch'"):
+        pipe.validate(GenerationParams(tiling=True, **ARGS))
