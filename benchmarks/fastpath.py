@@ -57,6 +57,23 @@ def _diffusers_pipe(components, device, dtype):
 _PEERS: dict = {}
 
 
+def _noise(components, size: int, batch: int) -> torch.Tensor:
+    """The initial noise every variant and peer starts from: image i from seed 1 + i (CPU)."""
+    f = components.latent_factor
+    return torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
+                        for i in range(batch)])
+
+
+def _time_diffusers(pipe, latents: torch.Tensor, steps: int, size: int, device) -> tuple[float, np.ndarray]:
+    """(seconds, images (B, H, W, 3) float32) of one diffusers generation from ``latents``."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = pipe([PROMPT] * latents.shape[0], num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+               latents=latents, output_type="np").images
+    sync(device)
+    return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
+
+
 def compiled_peer(model: str, device, dtype: str, mode: str):
     """The peer a user would put beside sdrt on a GPU: diffusers' pipeline with the recipe its
     docs give (``docs/source/en/optimization/fp16.md``): its own copy of the UNet in
@@ -92,20 +109,12 @@ def peer_in_process(model="random:sd15", size=512, steps=50, batches=(1, 4), dev
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     eager = _diffusers_pipe(components, device, torch_dtype)
     peer = compiled_peer(model, device, dtype, mode)
-    f = components.latent_factor
     out = {}
     for batch in batches:
-        noise = torch.stack([torch.randn((4, size // f, size // f),
-                                         generator=torch.Generator().manual_seed(1 + i)) for i in range(batch)])
+        noise = _noise(components, size, batch)
 
         def run(pipe):
-            lat = noise.to(device, torch_dtype)
-            sync(device)
-            t0 = time.perf_counter()
-            img = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
-                       latents=lat, output_type="np").images
-            sync(device)
-            return time.perf_counter() - t0, np.asarray(img, dtype=np.float32)
+            return _time_diffusers(pipe, noise.to(device, torch_dtype), steps, size, device)
         t0 = time.perf_counter()
         run(peer)
         warm = time.perf_counter() - t0
@@ -222,19 +231,11 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported
                 errors["diffusers-compiled"] = f"{type(e).__name__}: {e}"
                 log(f"diffusers-compiled: FAILED: {errors['diffusers-compiled']}")
-        f = components.latent_factor
-        noise = torch.stack([torch.randn((4, size // f, size // f), generator=torch.Generator().manual_seed(1 + i))
-                             for i in range(batch)])
+        noise = _noise(components, size, batch)
 
         def run_peer(ref):
             backend.enable_kv_cache(False)      # the modules are shared: diffusers' own processors
-            lat = noise.to(device, torch_dtype)
-            sync(device)
-            t0 = time.perf_counter()
-            out = ref([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
-                      latents=lat, output_type="np").images
-            sync(device)
-            return time.perf_counter() - t0, np.asarray(out, dtype=np.float32)
+            return _time_diffusers(ref, noise.to(device, torch_dtype), steps, size, device)
 
         for name in list(variants):         # warm-up at full length: captures the graphs
             try:

@@ -67,7 +67,7 @@ class CaptureFailed(RuntimeError):
     capture, for one); the pipeline runs that configuration on the eager loop instead."""
 
 
-def unsupported_reason(job, cond) -> str | None:
+def unsupported_reason(job, cond, v_prediction: bool = False) -> str | None:
     """Why a job (``Pipeline.validate``) with its conditioning (``Pipeline.encode``) cannot run
     on the static loop (None when it can)."""
     if job.sampler.linear_step is None:
@@ -75,8 +75,8 @@ def unsupported_reason(job, cond) -> str | None:
                 f"runs on the eager loop (static loop: {', '.join(STEP_SAMPLERS)})")
     if not cond.plain:
         return "AND prompts (several weighted conditionings per image) run on the eager loop"
-    if getattr(job, "inpainting", None):
-        return "inpainting (the per-step mask blend) runs on the eager loop"
+    if getattr(job, "inpainting", None) and v_prediction:
+        return "inpainting with a v-prediction model runs on the eager loop (the static loop blends noise predictions)"
     if getattr(job, "image_cond", None) is not None:
         return "9-channel inpainting models (the masked-image input) run on the eager loop"
     return None
@@ -92,7 +92,7 @@ class StaticLoop:
 
     def __init__(self, backend, schedule, spec: SamplerSpec, sigmas, eta, batch: int, latent_shape,
                  context_index: list[int], context_shape, n_contexts: int, use_kernel: bool = True,
-                 capture: bool | None = None, cuda=None):
+                 capture: bool | None = None, cuda=None, inpaint: bool = False):
         self.backend, self.device = backend, backend.device
         self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
@@ -118,6 +118,10 @@ class StaticLoop:
             self.t.copy_(torch.tensor(ts, dtype=torch.float32)[:, None].expand(len(ts), stride))
             shape = (batch, *self.latent_shape)
             self.x0 = torch.zeros(shape, device=dev)              # initial latents (input)
+            # inpainting (inputs): the init latents and the latent mask's complement (1 = keep)
+            self.inpaint = bool(inpaint)
+            self.init = torch.zeros(shape, device=dev) if inpaint else None
+            self.keep = torch.zeros(shape, device=dev) if inpaint else None
             self.x = torch.zeros(shape, device=dev)
             self.d_prev = torch.zeros(shape, device=dev)
             self.x_in = torch.zeros((2 * batch, *self.latent_shape), device=dev, dtype=dt)
@@ -158,6 +162,8 @@ class StaticLoop:
         k = 0
         for i in range(self.steps):
             out = self.backend.unet(self.x_in, self.t[i, :2 * b], self.contexts[self.context_index[i]])
+            if self.inpaint:
+                out = self._blend(out, float(self.sigmas[i]))
             noise = None
             if self.draws[i]:
                 noise, k = self.noise[k], k + 1
@@ -166,8 +172,20 @@ class StaticLoop:
             if callback is not None:
                 callback(i + 1, self.steps)
 
+    def _blend(self, out: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Inpainting's per-step blend of the denoised prediction (D = m D + (1 - m) init), done on
+        the noise prediction of both CFG rows before the fused step (eps' = m eps + (1 - m)(x -
+        init) / sigma: the CFG combination of the rows then gives the blended prediction)."""
+        keep = self.keep
+        correction = (self.x - self.init) * keep / sigma
+        blended = out.float() * (1.0 - keep).repeat(2, 1, 1, 1) + correction.repeat(2, 1, 1, 1)
+        return blended.to(out.dtype)
+
     def _decode(self) -> None:
-        decoded = self.backend.decode(self.x / self.latent_divisor)
+        latents = self.x / self.latent_divisor
+        if self.inpaint:                   # and once more after the last step, as the eager loop
+            latents = latents * (1.0 - self.keep) + self.init * self.keep
+        decoded = self.backend.decode(latents)
         pix = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
         if self.pixels is None:   # first (eager or warm-up) run: output buffers of the right size
             self.pixels = torch.empty_like(pix, memory_format=torch.contiguous_format)
@@ -200,7 +218,8 @@ class StaticLoop:
         self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
                       for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
 
-    def set_inputs(self, x0: torch.Tensor, noise: list[torch.Tensor], contexts: list[torch.Tensor], scales) -> None:
+    def set_inputs(self, x0: torch.Tensor, noise: list[torch.Tensor], contexts: list[torch.Tensor], scales,
+                   inpaint: tuple | None = None) -> None:
         """Copy one generation's inputs into the static buffers (asynchronous on a GPU)."""
         if tuple(x0.shape) != tuple(self.x0.shape):
             raise ValueError(f"initial latents {tuple(x0.shape)} do not match this loop's {tuple(self.x0.shape)}")
@@ -216,13 +235,20 @@ class StaticLoop:
                 raise ValueError(f"context {tuple(ctx.shape)} does not match the buffer {tuple(buf.shape)}")
             buf.copy_(ctx, non_blocking=True)
         self.scale.copy_(torch.as_tensor(scales, dtype=torch.float32), non_blocking=True)
+        if self.inpaint:
+            if inpaint is None:
+                raise ValueError("this loop inpaints: give the init latents and the latent mask")
+            init, mask = inpaint
+            self.init.copy_(init, non_blocking=True)
+            self.keep.copy_(1.0 - mask)
 
     @torch.inference_mode()
-    def run(self, x0, noise, contexts, scales, callback=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    def run(self, x0, noise, contexts, scales, callback=None, inpaint=None) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray, float]:
         """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,),
         seconds of the VAE decode). A replayed graph runs the loop and the decode as one: there
         the decode's seconds are reported as 0 (the loop's time includes them)."""
-        self.set_inputs(x0, noise, contexts, scales)
+        self.set_inputs(x0, noise, contexts, scales, inpaint)
         if self._graph is not None and self._backend_state() != self._state:
             # another loop or an eager call re-shaped an engine's context since the capture:
             # replaying would be undefined behaviour (TensorRT), so capture again

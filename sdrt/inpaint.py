@@ -77,27 +77,24 @@ def crop_region(mask: Image.Image, pad: int = 0) -> tuple[int, int, int, int] | 
     return (max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.width), min(y2 + pad, mask.height)) if pad else box
 
 
+def _grow(a1: int, a2: int, diff: int, limit: int) -> tuple[int, int]:
+    """One side of ``expand_crop_region``: grow [a1, a2) by ``diff``, centred, then shifted back inside [0, limit]."""
+    a1 -= diff // 2
+    a2 += diff - diff // 2
+    if a2 >= limit:
+        a1, a2 = a1 - (a2 - limit), limit
+    if a1 < 0:
+        a1, a2 = 0, a2 - a1
+    return a1, min(a2, limit)
+
+
 def expand_crop_region(region, width: int, height: int, image_width: int, image_height: int):
     """The web UI's ``expand_crop_region``: widen the box to the output's aspect ratio, inside the image."""
     x1, y1, x2, y2 = region
     if (x2 - x1) / (y2 - y1) > width / height:
-        diff = int((x2 - x1) / (width / height) - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1, y2 = y1 - (y2 - image_height), image_height
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, image_height)
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / (width / height) - (y2 - y1)), image_height)
     else:
-        diff = int((y2 - y1) * (width / height) - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1, x2 = x1 - (x2 - image_width), image_width
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, image_width)
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * (width / height) - (x2 - x1)), image_width)
     return x1, y1, x2, y2
 
 

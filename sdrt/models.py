@@ -28,27 +28,16 @@ _TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_bl
 _TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
 
-RANDOM_MODELS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        seed=0, family="sd1",
-        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                  block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-                  attention_head_dim=4,
+_TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=_TINY_VAE, text=_TINY_TEXT,
-    ),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+RANDOM_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(seed=0, family="sd1", unet=_TINY_UNET, vae=_TINY_VAE, text=_TINY_TEXT),
     "sd15": dict(seed=0, **FAMILIES["sd1"], family="sd1"),
     # the inpainting variant at test size: the UNet takes latents, mask and masked-image latents
-    "tiny-inpaint": dict(
-        seed=0, family="sd1",
-        unet=dict(sample_size=8, in_channels=9, out_channels=4, layers_per_block=1,
-                  block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-                  attention_head_dim=4,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=_TINY_VAE, text=_TINY_TEXT,
-    ),
+    "tiny-inpaint": dict(seed=0, family="sd1", unet=dict(_TINY_UNET, in_channels=9), vae=_TINY_VAE, text=_TINY_TEXT),
     # SD 2.x's layout at test size: OpenCLIP-style text encoder (gelu, pads with 0), linear projections
     "sd2-tiny": dict(
         seed=0, family="sd2",

@@ -343,7 +343,8 @@ class Pipeline:
             job.encode_seconds = time.perf_counter() - t0
         if self.fast_path is not None:
             from .fastpath import unsupported_reason
-            if unsupported_reason(job, cond) is None:
+            v_pred = self.components.noise_schedule.prediction_type == "v_prediction"
+            if unsupported_reason(job, cond, v_prediction=v_pred) is None:
                 return self._sample_static(job, cond, callback)
         return self._sample_eager(job, cond, callback)
 
@@ -594,13 +595,14 @@ class Pipeline:
         t0 = time.perf_counter()
         latent_shape, gen = self._noise(job)
         distinct, index = plan_contexts(cond.conds, cond.uncond, n_steps, be.device, be.dtype)
+        inpaint = bool(job.inpainting)
         key = (job.batch_size, latent_shape, spec.name, sig.tobytes(), job.eta, tuple(index),
-               tuple(distinct[0].shape), len(distinct), bool(job.params.tiling))
+               tuple(distinct[0].shape), len(distinct), bool(job.params.tiling), inpaint)
         if key in self.loops.refused:
             return self._sample_eager(job, cond, callback)
         loop = self.loops.get(key, lambda: StaticLoop(
             be, self.components.noise_schedule, spec, sig, job.eta, job.batch_size, latent_shape, index,
-            tuple(distinct[0].shape), len(distinct), **self.fast_path))
+            tuple(distinct[0].shape), len(distinct), inpaint=inpaint, **self.fast_path))
         first = gen.next().float()
         x0 = self._start(job, first, sig) / loop.init_scale if job.img2img else first
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
@@ -609,7 +611,8 @@ class Pipeline:
         else:
             noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
         try:
-            pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback)
+            pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback,
+                                                   inpaint=(job.init_latents, job.latent_mask) if inpaint else None)
         except CaptureFailed as e:        # once per configuration: it runs eagerly from now on
             logger.warning("%s; this configuration (%s, %d steps, batch %d) runs on the eager loop from now on",
                            e, spec.name, n_steps, job.batch_size)
