@@ -312,7 +312,6 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
         batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
     images = inpainting = hires = None
     if p.enable_hr and p.init_images is None:
-        from .hires import plan_hires
         hires = plan_hires(p, width, height, latent_factor)
     if p.init_images is not None:              # one image serves the batch; several set its size
         images, batch = _init_images(p, batch, width, height)
@@ -372,6 +371,63 @@ def _init_images(p: GenerationParams, batch: int, width: int, height: int) -> tu
     if len(images) == 1:
         return images * batch, batch
     return images, len(images)
+
+
+def plan_hires(p, width: int, height: int, latent_factor: int) -> "HiresPlan":  # noqa: F821 - sdrt.hires
+    """The second pass of a txt2img ``GenerationParams`` with ``enable_hr`` (ValueError naming
+    the argument)."""
+    from .hires import UPSCALERS, HiresPlan
+    f = latent_factor
+    rx = int_arg("hr_resize_x", p.hr_resize_x, 0, MAX_SIDE)
+    ry = int_arg("hr_resize_y", p.hr_resize_y, 0, MAX_SIDE)
+    info: dict = {}
+    truncate = (0, 0)
+    if rx == 0 and ry == 0:
+        scale = float_arg("hr_scale", p.hr_scale, 1.0, 8.0)
+        to = (int(width * scale), int(height * scale))
+        info["Hires upscale"] = p.hr_scale
+    else:
+        info["Hires resize"] = f"{rx}x{ry}"
+        if ry == 0:
+            to = (rx, rx * height // width)
+        elif rx == 0:
+            to = (ry * width // height, ry)
+        else:
+            if width / height < rx / ry:
+                to = (rx, rx * height // width)
+            else:
+                to = (ry * width // height, ry)
+            truncate = ((to[0] - rx) // f, (to[1] - ry) // f)
+    to = (to[0] // f * f, to[1] // f * f)
+    size = (to[0] - truncate[0] * f, to[1] - truncate[1] * f)
+    if min(size) < f or max(size) > MAX_SIDE:
+        raise ValueError(f"hires fix: the second pass would be {size[0]}x{size[1]}; it must be within "
+                         f"{f}..{MAX_SIDE} pixels a side")
+    if p.hr_upscaler not in UPSCALERS:
+        raise ValueError(f"hr_upscaler {p.hr_upscaler!r} is unknown; valid: {', '.join(UPSCALERS)} (ESRGAN-family "
+                         "upscalers are not in sdrt)")
+    steps = int_arg("hr_second_pass_steps", p.hr_second_pass_steps, 0, MAX_STEPS) or p.steps
+    float_arg("denoising_strength", p.denoising_strength, 0.0, 1.0)
+    if p.denoising_strength <= 0:
+        raise ValueError("hires fix: denoising_strength must be > 0 (the second pass plans steps / strength)")
+    sampler = schedule = None
+    if p.hr_sampler_name not in (None, "", "Use same sampler"):
+        sampler = resolve_sampler(p.hr_sampler_name, p.hr_scheduler or "Automatic")[0].name
+    if p.hr_scheduler not in (None, "", "Use same scheduler"):
+        schedule = normalize_schedule(resolve_sampler(sampler or p.sampler, p.hr_scheduler)[1])
+    if p.hr_second_pass_steps:
+        info["Hires steps"] = p.hr_second_pass_steps
+    info["Hires upscaler"] = p.hr_upscaler
+    if sampler is not None:
+        info["Hires sampler"] = sampler
+    if schedule is not None:
+        info["Hires schedule type"] = schedule
+    if p.hr_prompt:
+        info["Hires prompt"] = p.hr_prompt
+    if p.hr_negative_prompt:
+        info["Hires negative prompt"] = p.hr_negative_prompt
+    return HiresPlan(upscale_to=to, size=size, truncate=truncate, upscaler=p.hr_upscaler, steps=steps,
+                     sampler=sampler, schedule=schedule, infotext=info)
 
 
 def _inpainting(p: GenerationParams, images: list, width: int, height: int) -> tuple[list, list]:

@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdrt.hires import plan_hires
-from sdrt.params import GenerationParams
+from sdrt.params import GenerationParams, plan_hires
 
 ARGS = dict(prompt="a cat", steps=6, seed=3, width=64, height=64, sampler="Euler", rng="cpu")
 
