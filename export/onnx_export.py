@@ -138,7 +138,7 @@ def sample_inputs(components, spec: NetworkSpec) -> tuple:
             return ids, torch.randn(2, 77, int(encoder.config.hidden_size), generator=g)
         return (ids,)
     if spec.name == "unet":
-        args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
+        args = (torch.randn(2, dims.unet_in_channels, 8, 8, generator=g), torch.tensor([999.0, 999.0]),
                 torch.randn(2, 77, dims.hidden, generator=g))
         if dims.sdxl:
             args += (torch.randn(2, dims.pooled, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))

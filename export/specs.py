@@ -199,6 +199,7 @@ class ModelDims:
     sdxl: bool = False
     hidden_1: int = 0         # SDXL: the first encoder's width C1 (the second's is hidden - hidden_1)
     pooled: int = 0           # SDXL: the pooled text width P
+    unet_in_channels: int = 4  # 9 for inpainting models (latents, mask, masked-image latents)
 
 
 def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -221,8 +222,8 @@ def profile_shapes(network: str, profile: Profile, dims: ModelDims) -> dict[str,
             values.update(N=(1 if i == 0 else 2 * b[i] * k[i]), C=dims.hidden, C1=dims.hidden_1 or dims.hidden,
                           C2=dims.hidden - dims.hidden_1)
         for t in specs[network].inputs:
-            shape = tuple(values[d] if isinstance(d, str) else (dims.latent_channels if d == 4 else d)
-                          for d in t.dims)
+            four = dims.unet_in_channels if (network, t.name) == ("unet", "sample") else dims.latent_channels
+            shape = tuple(values[d] if isinstance(d, str) else (four if d == 4 else d) for d in t.dims)
             out.setdefault(t.name, [None, None, None])[i] = shape
     return {name: tuple(v) for name, v in out.items()}
 
@@ -231,8 +232,9 @@ def model_dims(components) -> ModelDims:
     tcfg = components.text_encoder.config
     if not components.is_sdxl:
         return ModelDims(components.latent_factor, components.latent_channels, int(tcfg.hidden_size),
-                         int(tcfg.num_hidden_layers))
+                         int(tcfg.num_hidden_layers), unet_in_channels=int(components.unet.config.in_channels))
     t2 = components.text_encoder_2.config
     return ModelDims(components.latent_factor, components.latent_channels,
                      int(tcfg.hidden_size) + int(t2.hidden_size), int(tcfg.num_hidden_layers), sdxl=True,
-                     hidden_1=int(tcfg.hidden_size), pooled=int(t2.projection_dim))
+                     hidden_1=int(tcfg.hidden_size), pooled=int(t2.projection_dim),
+                     unet_in_channels=int(components.unet.config.in_channels))

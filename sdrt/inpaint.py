@@ -159,7 +159,8 @@ def prepare(image: Image.Image, mask: Image.Image, width: int, height: int, *, r
         image = resize_image(2, image.crop(region), width, height)
     if fill_mode != 1:                # the web UI fills for the latent modes too (the edges, the 9-channel input)
         image = fill(image, latent_mask)
-    return Inpainting(image=image, mask=latent_mask, overlay=overlay, paste_to=paste_to, crop=region is not None)
+    return Inpainting(image=image, mask=latent_mask.convert("L"), overlay=overlay, paste_to=paste_to,
+                      crop=region is not None)
 
 
 def latent_mask(mask: Image.Image, size: tuple[int, int], round_: bool = True) -> np.ndarray:

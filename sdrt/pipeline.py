@@ -194,10 +194,6 @@ class Pipeline:
         if job.params.tiling and getattr(self.backend, "set_tiling", None) is None:
             raise ValueError(f"tiling runs on backend 'torch' in this release, not on the "
                              f"{type(self.backend).__name__} (its engines were built with zero padding)")
-        if c.inpainting and type(self.backend).__name__ != "TorchBackend":
-            raise ValueError(f"model {c.name!r} is an inpainting model (9 input channels: latents, mask, masked-image "
-                             f"latents); in this release it runs on backend 'torch', not on the "
-                             f"{type(self.backend).__name__}")
         self._extra_networks(job)
         self._check_vae(job)
         check = getattr(self.backend, "check_request", None)

@@ -272,7 +272,8 @@ def compute_with(components, backend, frozen: bool = False) -> None:
     EXECUTORS.update({
         "text_encoder": (text, lambda s: {"hidden_states": (layers, s["input_ids"][0], 77, hidden)}),
         "unet": (lambda sample, timestep, encoder_hidden_states: {
-            "out_sample": backend.unet(sample, timestep, encoder_hidden_states)}, lambda s: {"out_sample": s["sample"]}),
+            "out_sample": backend.unet(sample, timestep, encoder_hidden_states)},
+            lambda s: {"out_sample": (s["sample"][0], channels, *s["sample"][2:])}),
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
         "vae_encoder": (lambda image: {"moments": backend.encode_image(image)},
@@ -327,7 +328,7 @@ def _compute_sdxl(components, backend) -> None:
         "text_encoder": (text(0), lambda s: {"hidden_states": (s["input_ids"][0], 77, widths[0])}),
         "text_encoder_2": (text(1), lambda s: {"hidden_states": (s["input_ids"][0], 77, widths[1]),
                                                "text_embeds": (s["input_ids"][0], pooled)}),
-        "unet": (unet, lambda s: {"out_sample": s["sample"]}),
+        "unet": (unet, lambda s: {"out_sample": (s["sample"][0], channels, *s["sample"][2:])}),
         "vae_decoder": (lambda latent: {"image": backend.decode(latent)},
                         lambda s: {"image": (s["latent"][0], 3, s["latent"][2] * f, s["latent"][3] * f)}),
         "vae_encoder": (lambda image: {"moments": backend.encode_image(image)},

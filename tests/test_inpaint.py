@@ -181,17 +181,18 @@ def test_nine_channel_models_get_the_mask_and_the_masked_image(inpaint_model):
     assert seen[-1].shape[1] == 9 and (seen[-1][:, 4] == 1).all()              # txt2img: all masked
 
 
-def test_nine_channel_models_stay_on_the_torch_backend(tiny, tmp_path):
-    from sdrt.models import load_model
-    components = load_model("random:tiny-inpaint")
-    from sdrt.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    class Stub(OnnxRuntimeBackend):
-        def __init__(self):         # no build: only the refusal is checked
-            pass
-    pipe = sdrt.Pipeline(components, Stub())
-    with pytest.raises(ValueError, match="runs on backend 'torch'"):
-        pipe.validate(GenerationParams(**ARGS))
+@pytest.mark.slow
+def test_nine_channel_models_on_onnxruntime(inpaint_model, tmp_path):
+    """The exported UNet takes the model's 9 input channels and gives 4: inpainting and txt2img
+    with an inpainting model on ONNX Runtime equal the torch backend."""
+    from sdrt.export import Profile, build_onnxruntime
+    build_onnxruntime(inpaint_model.components, tmp_path, profile=Profile(batch=(1, 1, 1), height=(64, 64, 64),
+                                                                          width=(64, 64, 64), windows=(1, 1, 1)),
+                      log=lambda m: None)
+    ort = sdrt.Pipeline.from_pretrained("random:tiny-inpaint", backend="onnxruntime", engine_dir=str(tmp_path))
+    for args in (dict(ARGS, init_images=_image(seed=10), mask=_left_mask()), ARGS,      # only masked (the default)
+                 dict(ARGS, init_images=_image(seed=10), mask=_left_mask(), inpaint_full_res=False)):
+        assert np.abs(ort(**args).pixels - inpaint_model(**args).pixels).max() < 1e-3
 
 
 def test_cli_inpainting(tmp_path):
@@ -241,3 +242,11 @@ def test_inpainting_on_the_tensorrt_fake(torch_pipe, trt_engines):
     pipe = sdrt.Pipeline(torch_pipe.components, backend)
     args = dict(ARGS, init_images=_image(seed=9), mask=_left_mask())
     assert np.abs(pipe(**args).pixels - torch_pipe(**args).pixels).max() < 1e-4
+
+
+def test_tensorrt_profiles_give_the_unet_its_nine_channels(inpaint_model):
+    from sdrt.export.specs import Profile, model_dims, profile_shapes
+    shapes = profile_shapes("unet", Profile(batch=(1, 1, 2), height=(64, 64, 96), width=(64, 64, 96),
+                                            windows=(1, 1, 1)), model_dims(inpaint_model.components))
+    assert [s[1] for s in shapes["sample"]] == [9, 9, 9]
+    assert shapes["sample"][2] == (4, 9, 12, 12)

@@ -185,8 +185,10 @@ class OnnxRuntimeBackend:
         if key not in self._bindings:
             sess = self.sessions["unet"]
             io = sess.io_binding()
-            out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            io.bind_output("out_sample", self.device.type, self.device.index or 0, np.float32, shape, out.data_ptr())
+            out_shape = (shape[0], self.components.latent_channels, *shape[2:])   # 9 in, 4 out: inpainting models
+            out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+            io.bind_output("out_sample", self.device.type, self.device.index or 0, np.float32, out_shape,
+                           out.data_ptr())
             self._bindings[key] = (io, out)
         io, out = self._bindings[key]
         self._bind(io, "sample", sample)
