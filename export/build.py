@@ -283,13 +283,15 @@ logger = logging.getLogger("sdrt.export")
 
 def build_onnxruntime(components, engine_dir, precision: str = "float32", profile: Profile | None = None,
                       networks=None, force: bool = False, log: Log | None = None, target: str = "cpu",
-                      on_stage: Callable[[str, str], None] | None = None, winograd: bool = True) -> dict:
+                      on_stage: Callable[[str, str], None] | None = None, winograd: bool = True,
+                      tiling: bool | None = None) -> dict:
     """Export, optimise and save each network into ``engine_dir``; skip the ones whose recorded
     artifact matches (and, when ``profile`` is given, was built for that profile; None accepts
     the recorded one and builds new artifacts for the model's default profile). ``winograd``:
     for the CPU target in float32, rewrite the 3x3 convolutions that run at least 8x8 at the
-    profile's smallest request as Winograd GEMMs (``export/winograd.py``). Returns the
-    manifest."""
+    profile's smallest request as Winograd GEMMs (``export/winograd.py``). ``tiling``: the UNet
+    and the VAE exported with circular padding (seamless tiles; such a folder makes only tiling
+    images); None keeps what the folder records. Returns the manifest."""
     log = log or logger.info
     from .specs import default_profile
 
@@ -312,8 +314,9 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
         # CUDA session applies its own optimisations when it starts.
         optimization = ("diffusion-fusions" if target == "cuda" else "ort-extended") + \
             ("+fp16" if precision == "float16" else "")
+        tiling = bool(manifest.get("tiling", False)) if tiling is None else bool(tiling)
         manifest.update(format=FORMAT, model=components.name, model_hash=components.model_hash,
-                        backend="onnxruntime", precision=precision)
+                        backend="onnxruntime", precision=precision, tiling=tiling)
         for name in networks:
             # the text encoder has no convolution: its key (and artifact) does not depend on the rewrite
             rewrite = winograd and target == "cpu" and precision == "float32" and name in CONVOLUTIONAL
@@ -322,7 +325,8 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
             half = precision == "float16" and not (components.is_sdxl and name in FLOAT32_NETWORKS)
             key = artifact_key(components.model_hash, name, "onnxruntime", precision,
                                optimization + (f"+{winograd_describe()}" if rewrite else "")
-                               + ("" if half or precision == "float32" else "+vae-float32"), target,
+                               + ("" if half or precision == "float32" else "+vae-float32")
+                               + ("+circular-padding" if tiling and name in CONVOLUTIONAL else ""), target,
                                sdxl=components.is_sdxl)
             entry = manifest["networks"].get(name)
             check = check_artifact(engine_dir, entry, key)
@@ -336,7 +340,7 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
             stage = _Stages(name, on_stage)
             with staging(engine_dir, name) as work:       # built aside, renamed into place when done
                 path = work / f"{name}.onnx"
-                with stage("export"):
+                with stage("export"), circular_padding(components, tiling and name in CONVOLUTIONAL):
                     export_onnx(components, name, path)
                 fused, rewritten = {}, {}
                 with stage("optimise"):
@@ -369,6 +373,23 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
             log(f"{name}: built in {sum(stages.values()):.1f} s ({sum(x['size'] for x in files) / 2**20:.1f} MiB)")
         write_manifest(engine_dir, manifest)
         return manifest
+
+
+@contextlib.contextmanager
+def circular_padding(components, enabled: bool = True):
+    """While inside, every convolution of the UNet and the VAE pads circularly (tiling), as the
+    torch backend's ``set_tiling`` does; their own modes come back afterwards."""
+    import torch
+    convs = [m for net in (components.unet, components.vae) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)] if enabled else []
+    before = [m.padding_mode for m in convs]
+    try:
+        for m in convs:
+            m.padding_mode = "circular"
+        yield
+    finally:
+        for m, mode in zip(convs, before):
+            m.padding_mode = mode
 
 
 class _Stages:

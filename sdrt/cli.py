@@ -50,6 +50,8 @@ def _build(args) -> int:
     from .export.specs import default_networks, default_profile, network_specs
     from .models import load_model
 
+    if args.tiling and args.backend != "onnxruntime":
+        raise ValueError("--tiling: engine folders with circular padding are built for onnxruntime in this release")
     if args.backend == "tensorrt":
         from .export.tensorrt import require_tensorrt
         require_tensorrt()         # before loading weights: a clear message naming the package
@@ -85,7 +87,7 @@ def _build(args) -> int:
     else:
         manifest = build_onnxruntime(components, args.out, precision=args.dtype, profile=profile, networks=networks,
                                      force=args.force, log=lambda m: print(f"  {m}", flush=True), on_stage=on_stage,
-                                     target=args.target or "cpu", winograd=args.winograd)
+                                     target=args.target or "cpu", winograd=args.winograd, tiling=args.tiling)
     _print_table(manifest, networks)
     return 0
 
@@ -216,6 +218,8 @@ def _add_build(sub) -> None:
                    "text encoder(s), unet, vae_decoder)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.add_argument("--refit", action="store_true", help="tensorrt: refittable engines (LoRA merged by refit)")
+    b.add_argument("--tiling", action="store_true", help="onnxruntime: circular padding in the UNet and VAE "
+                   "(seamless tiles; the folder then makes only tiling images)")
     b.add_argument("--no-winograd", dest="winograd", action="store_false",
                    help="onnxruntime, cpu, float32: keep every convolution direct (by default the 3x3 ones that run "
                         "at least 8x8 at --min become Winograd GEMMs: faster, larger artifact)")

@@ -191,9 +191,12 @@ class Pipeline:
             raise RuntimeError("this Pipeline was closed (Pipeline.close); load it again to generate")
         c = self.components
         job = validate(params, c.latent_factor, c.text_encoder.config.num_hidden_layers)
-        if job.params.tiling and getattr(self.backend, "set_tiling", None) is None:
-            raise ValueError(f"tiling runs on backend 'torch' in this release, not on the "
-                             f"{type(self.backend).__name__} (its engines were built with zero padding)")
+        check_tiling = getattr(self.backend, "check_tiling", None)
+        if check_tiling is not None:            # a compiled folder is built with or without circular padding
+            check_tiling(job.params.tiling)
+        elif job.params.tiling and getattr(self.backend, "set_tiling", None) is None:
+            raise ValueError(f"tiling runs on backends 'torch' and 'onnxruntime' (sdrt build --tiling) in this "
+                             f"release, not on the {type(self.backend).__name__}")
         self._extra_networks(job)
         self._check_vae(job)
         check = getattr(self.backend, "check_request", None)

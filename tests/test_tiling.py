@@ -56,5 +56,25 @@ def test_compiled_backends_refuse_tiling(torch_pipe, trt_engines):
     backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, trt_engines,
                                  trt=fake.module(), arch="sm_90", log=lambda m: None)
     pipe = sdrt.Pipeline(torch_pipe.components, backend)
-    with pytest.raises(ValueError, match="tiling runs on backend 'torch'"):
+    with pytest.raises(ValueError, match="not on the TensorRTBackend"):
         pipe.validate(GenerationParams(tiling=True, **ARGS))
+
+
+@pytest.mark.slow
+def test_onnxruntime_folder_built_with_circular_padding(torch_pipe, tmp_path):
+    """`sdrt build --tiling`: the exported UNet and VAE pad circularly (the same images as the
+    torch backend's tiling); such a folder refuses images without tiling, and the others refuse
+    tiling, by name."""
+    from sdrt.cli import main
+    from sdrt.export import read_manifest
+    assert main(["build", "random:tiny", "--out", str(tmp_path / "tiled"), "--tiling", "--min", "1x64x64",
+                 "--opt", "1x64x64", "--max", "1x64x64", "--max-windows", "1"]) == 0
+    assert read_manifest(tmp_path / "tiled")["tiling"] is True
+    ort = sdrt.Pipeline.from_pretrained("random:tiny", backend="onnxruntime", engine_dir=str(tmp_path / "tiled"))
+    want = torch_pipe(tiling=True, **ARGS).pixels
+    assert np.abs(ort(tiling=True, **ARGS).pixels - want).max() < 1e-3
+    img2img = dict(ARGS, tiling=True, init_images=torch_pipe(**ARGS).images[0], denoising_strength=0.5)
+    assert np.abs(ort(**img2img).pixels - torch_pipe(**img2img).pixels).max() < 1e-3     # the encoder too
+    with pytest.raises(ValueError, match="built with circular padding"):
+        ort.validate(GenerationParams(**ARGS))
+    assert main(["build", "random:tiny", "--backend", "tensorrt", "--out", str(tmp_path / "t"), "--tiling"]) != 0

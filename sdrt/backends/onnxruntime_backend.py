@@ -50,6 +50,7 @@ class OnnxRuntimeBackend:
         manifest = build_onnxruntime(components, self.engine_dir, precision=precision, networks=networks,
                                      log=log, target=device.type)
         self.profile = Profile.from_json(manifest["networks"]["unet"]["profile"])
+        self.tiling = bool(manifest.get("tiling", False))     # built with circular padding (sdrt build --tiling)
         self.size_multiple = int(manifest["networks"]["unet"].get("size_multiple", components.size_multiple))
         self._paths = {name: str(self.engine_dir / manifest["networks"][name]["file"]) for name in networks}
         self._providers = providers
@@ -97,7 +98,8 @@ class OnnxRuntimeBackend:
             from sdrt.export import build_onnxruntime
             build_log(f"building {graph} ({purpose}) in {self.engine_dir}")
             manifest = build_onnxruntime(self.components, self.engine_dir, precision=self._precision,
-                                         networks=(graph,), log=build_log, target=self.device.type)
+                                         networks=(graph,), log=build_log, target=self.device.type,
+                                         tiling=self.tiling)
             self._paths[graph] = str(self.engine_dir / manifest["networks"][graph]["file"])
             self.sessions[graph] = self._session(graph)
         return self.sessions[graph]
@@ -136,6 +138,13 @@ class OnnxRuntimeBackend:
             self._synced[network] = uses
             if network == "unet":
                 self._bindings.clear()            # IOBindings belong to a session
+
+    def check_tiling(self, enabled: bool) -> None:
+        """A folder built with circular padding makes only tiling images, and one without only others."""
+        if bool(enabled) != self.tiling:
+            raise ValueError(f"tiling={bool(enabled)}, but the engine folder {self.engine_dir} was built "
+                             + ("with" if self.tiling else "without") + " circular padding; build one "
+                             + ("without" if self.tiling else "with") + " `sdrt build --tiling` for these images")
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""
