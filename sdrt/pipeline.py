@@ -336,7 +336,8 @@ class Pipeline:
         self._set_tiling(job)
         if job.hires is not None:
             return self._sample_hires(job, cond, callback)
-        if (job.img2img or self.components.inpainting) and job.init_latents is None and job.image_cond is None:
+        if ((job.init_images is not None and job.init_latents is None)
+                or (self.components.inpainting and job.image_cond is None)):
             t0 = time.perf_counter()
             self.prepare_latents(job)
             job.encode_seconds = time.perf_counter() - t0
@@ -458,7 +459,9 @@ class Pipeline:
         c, p, be = self.components, job.params, self.backend
         f = c.latent_factor
         h, w = p.height // f, p.width // f
-        init = self.encode_images(job) if job.img2img else None
+        init = job.init_latents            # given: the hires fix's latent path
+        if init is None and job.init_images is not None:
+            init = self.encode_images(job)
         mask = None
         if job.inpainting:
             mask = torch.stack([torch.from_numpy(latent_mask(item.mask, (w, h), p.mask_round))
@@ -480,7 +483,7 @@ class Pipeline:
         from .images import to_tensor_array
         c, p, be = self.components, job.params, self.backend
         b, f = job.batch_size, c.latent_factor
-        if job.img2img:
+        if job.init_images is not None:
             source = torch.stack([torch.from_numpy(to_tensor_array(im)) for im in job.init_images])
         else:
             source = torch.zeros((b, 3, p.height, p.width))

@@ -250,3 +250,12 @@ def test_tensorrt_profiles_give_the_unet_its_nine_channels(inpaint_model):
                                             windows=(1, 1, 1)), model_dims(inpaint_model.components))
     assert [s[1] for s in shapes["sample"]] == [9, 9, 9]
     assert shapes["sample"][2] == (4, 9, 12, 12)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_with_an_inpainting_model(inpaint_model, upscaler):
+    """Both passes give a 9-channel model its extra input (the second pass fully masked with a
+    latent upscaler, the upscaled image's with a pixel one)."""
+    r = inpaint_model(**ARGS, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=2,
+                      denoising_strength=0.5)
+    assert r.images[0].size == (96, 96)

@@ -87,7 +87,7 @@ def export_graphs(components, folder: Path, log=print) -> dict[str, Path]:
     for name in NETWORKS:
         path = Path(folder) / f"{name}.onnx"
         if not path.is_file():
-            log(f"openvino peer: exporting {name} to {path}")
+            log(f"plain ONNX: exporting {name} to {path}")
             export_onnx(components, name, path)
         paths[name] = path
     return paths
