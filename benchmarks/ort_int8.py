@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         extra = {}
         if args.winograd_int8:
             wq = Path(tmp) / "unet-winograd-int8.onnx"
-            import onnx   # the ORT-optimised graph has contrib operators shape inference cannot type
+            import onnx  # the ORT-optimised graph has contrib operators shape inference cannot type
             quantize_dynamic(be._paths["unet"], str(wq), weight_type=QuantType.QInt8, op_types_to_quantize=args.ops,
                              use_external_data_format=True,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
