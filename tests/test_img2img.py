@@ -123,16 +123,10 @@ def test_a_seed_repeats_and_the_batch_rule(tiny):
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
 def test_static_loop_equals_the_eager_loop(torch_pipe, sampler):
+    from loops import eager_and_static
     args = dict(ARGS, sampler=sampler, schedule="Automatic", init_images=_image(seed=4), denoising_strength=0.6)
-    torch_pipe.set_fast_path(False)
-    eager = torch_pipe(**args).pixels
-    try:
-        torch_pipe.set_fast_path()
-        static = torch_pipe(**args).pixels
-        assert len(torch_pipe.loops) == 1
-    finally:
-        torch_pipe.set_fast_path(False)
-    assert np.abs(static - eager).max() < 1e-4
+    eager, static, built = eager_and_static(torch_pipe, **args)
+    assert built == 1 and np.abs(static - eager).max() < 1e-4
 
 
 def test_resize_modes_follow_the_web_ui():
