@@ -46,6 +46,7 @@ class BuildOptions:
     workspace_bytes: int = 4 << 30        # MemoryPoolType.WORKSPACE limit
     refit: bool = False                   # refittable weights (LoRA later)
     timing_cache: str | None = None       # file read before and written after the build
+    tiling: bool = False                  # circular padding in the UNet and VAE (seamless tiles only)
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -249,7 +250,16 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
     recording in the manifest the key (weights hash, spec, precision, options), the profile and
     the target (architecture, TensorRT version). Up-to-date engines are kept."""
     log = log or logging.getLogger("sdrt.export").info
-    from .build import artifact_key, check_artifact, file_record, key_digest, open_folder, write_manifest
+    from .build import (
+        CONVOLUTIONAL,
+        artifact_key,
+        check_artifact,
+        circular_padding,
+        file_record,
+        key_digest,
+        open_folder,
+        write_manifest,
+    )
     from .onnx_export import export_onnx, to_float16
     from .specs import FLOAT32_NETWORKS, default_networks, default_profile, network_specs
 
@@ -270,12 +280,13 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
         optimization = (f"trt-{options.precision.value}-O{options.optimization_level}"
                         + ("-refit" if options.refit else ""))
         manifest.update(model=components.name, model_hash=components.model_hash, backend="tensorrt",
-                        precision=options.precision.value, target=where)
+                        precision=options.precision.value, target=where, tiling=bool(options.tiling))
         for name in networks:
             # SDXL's VAE overflows float16 (NaN images): it is built float32 in an fp16 folder
             half = options.precision is Precision.FP16 and not (components.is_sdxl and name in FLOAT32_NETWORKS)
             key = artifact_key(components.model_hash, name, "tensorrt", options.precision.value,
-                               optimization + ("-vae-fp32" if options.precision is Precision.FP16 and not half else ""),
+                               optimization + ("-vae-fp32" if options.precision is Precision.FP16 and not half else "")
+                               + ("-circular-padding" if options.tiling and name in CONVOLUTIONAL else ""),
                                f"{arch}/trt-{where['tensorrt']}", sdxl=components.is_sdxl)
             entry = manifest["networks"].get(name)
             check = check_artifact(engine_dir, entry, key)
@@ -286,7 +297,8 @@ def build_tensorrt(components, engine_dir, profile: Profile | None = None, optio
                 log(f"{name}: rebuilding: {check.reason}")
             onnx_path = engine_dir / "onnx" / f"{name}.onnx"
             t0 = time.perf_counter()
-            export_onnx(components, name, onnx_path)
+            with circular_padding(components, options.tiling and name in CONVOLUTIONAL):
+                export_onnx(components, name, onnx_path)
             if half:      # strong typing: the graph carries the precision
                 to_float16(onnx_path, name)
             t1 = time.perf_counter()

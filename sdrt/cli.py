@@ -50,8 +50,6 @@ def _build(args) -> int:
     from .export.specs import default_networks, default_profile, network_specs
     from .models import load_model
 
-    if args.tiling and args.backend != "onnxruntime":
-        raise ValueError("--tiling: engine folders with circular padding are built for onnxruntime in this release")
     if args.backend == "tensorrt":
         from .export.tensorrt import require_tensorrt
         require_tensorrt()         # before loading weights: a clear message naming the package
@@ -80,7 +78,7 @@ def _build(args) -> int:
         from .export.tensorrt import BuildOptions, build_tensorrt
         precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
         manifest = build_tensorrt(components, args.out, profile=profile, networks=networks, force=args.force,
-                                  options=BuildOptions(precision=precision, refit=args.refit,
+                                  options=BuildOptions(precision=precision, refit=args.refit, tiling=args.tiling,
                                                        timing_cache=str(Path(args.out) / "timing.cache")),
                                   target=args.target or "native", log=lambda m: print(f"  {m}", flush=True),
                                   on_progress=lambda phase, i, n: print(f"  {phase}: {i}/{n}", flush=True))
@@ -218,8 +216,8 @@ def _add_build(sub) -> None:
                    "text encoder(s), unet, vae_decoder)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.add_argument("--refit", action="store_true", help="tensorrt: refittable engines (LoRA merged by refit)")
-    b.add_argument("--tiling", action="store_true", help="onnxruntime: circular padding in the UNet and VAE "
-                   "(seamless tiles; the folder then makes only tiling images)")
+    b.add_argument("--tiling", action="store_true", help="circular padding in the UNet and VAE (seamless tiles; the "
+                   "folder then makes only tiling images)")
     b.add_argument("--no-winograd", dest="winograd", action="store_false",
                    help="onnxruntime, cpu, float32: keep every convolution direct (by default the 3x3 ones that run "
                         "at least 8x8 at --min become Winograd GEMMs: faster, larger artifact)")

@@ -195,8 +195,8 @@ class Pipeline:
         if check_tiling is not None:            # a compiled folder is built with or without circular padding
             check_tiling(job.params.tiling)
         elif job.params.tiling and getattr(self.backend, "set_tiling", None) is None:
-            raise ValueError(f"tiling runs on backends 'torch' and 'onnxruntime' (sdrt build --tiling) in this "
-                             f"release, not on the {type(self.backend).__name__}")
+            raise ValueError(f"tiling needs backend 'torch', or an engine folder built with `sdrt build --tiling`; "
+                             f"the {type(self.backend).__name__} has neither")
         self._extra_networks(job)
         self._check_vae(job)
         check = getattr(self.backend, "check_request", None)

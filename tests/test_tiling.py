@@ -49,15 +49,40 @@ def test_tiling_in_both_loops_and_the_infotext(torch_pipe):
                if isinstance(m, torch.nn.Conv2d))           # the next job without tiling put it back
 
 
-def test_compiled_backends_refuse_tiling(torch_pipe, trt_engines):
+def test_tensorrt_folders_built_with_and_without_circular_padding(torch_pipe, trt_engines, tmp_path):
+    """`sdrt build --backend tensorrt --tiling` (fake TensorRT): the UNet and VAE are exported with
+    the wrap-around padding in the graph, the folder records it (manifest, artifact keys) and
+    accepts only tiling requests; a plain folder refuses tiling by name. (The fake's engines compute
+    with the torch modules, so what the real engines compute from the graph is not checked here:
+    ONNX Runtime's is, against torch, in the test above.)"""
     import tensorrt_fake as fake
 
     from sdrt.backends import tensorrt_backend as tb
+    from sdrt.export import read_manifest
+    from sdrt.export.tensorrt import BuildOptions, build_tensorrt
     backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, trt_engines,
                                  trt=fake.module(), arch="sm_90", log=lambda m: None)
     pipe = sdrt.Pipeline(torch_pipe.components, backend)
-    with pytest.raises(ValueError, match="not on the TensorRTBackend"):
+    with pytest.raises(ValueError, match="built without circular padding"):
         pipe.validate(GenerationParams(tiling=True, **ARGS))
+    tiled = tmp_path / "tiled"
+    build_tensorrt(torch_pipe.components, tiled, profile=fake.PROFILE,
+                   options=BuildOptions(precision="fp32", tiling=True), trt=fake.module(), arch="sm_90",
+                   log=lambda m: None)
+    manifest = read_manifest(tiled)
+    assert manifest["tiling"] is True
+    assert "-circular-padding" in manifest["networks"]["unet"]["key"]["optimization"]
+    assert "-circular-padding" not in manifest["networks"]["text_encoder"]["key"]["optimization"]
+    onnx = __import__("onnx").load(str(tiled / "onnx" / "unet.onnx"), load_external_data=False)
+    plain = __import__("onnx").load(str(trt_engines / "onnx" / "unet.onnx"), load_external_data=False)
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)       # noqa: E731
+    assert ops(onnx) != ops(plain)                                # the wrap-around padding is in the graph
+    tiled_backend = tb.TensorRTBackend(torch_pipe.components, torch.device("cpu"), torch.float32, tiled,
+                                       trt=fake.module(), arch="sm_90", log=lambda m: None)
+    tiled_pipe = sdrt.Pipeline(torch_pipe.components, tiled_backend)
+    tiled_pipe.validate(GenerationParams(tiling=True, **ARGS))
+    with pytest.raises(ValueError, match="built with circular padding"):
+        tiled_pipe.validate(GenerationParams(**ARGS))
 
 
 @pytest.mark.slow
@@ -77,4 +102,4 @@ def test_onnxruntime_folder_built_with_circular_padding(torch_pipe, tmp_path):
     assert np.abs(ort(**img2img).pixels - torch_pipe(**img2img).pixels).max() < 1e-3     # the encoder too
     with pytest.raises(ValueError, match="built with circular padding"):
         ort.validate(GenerationParams(**ARGS))
-    assert main(["build", "random:tiny", "--backend", "tensorrt", "--out", str(tmp_path / "t"), "--tiling"]) != 0
+

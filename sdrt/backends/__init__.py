@@ -163,6 +163,15 @@ def check_profile_request(profile, size_multiple: int, engine_dir, batch_size: i
                          "rebuild with `sdrt build ... --min/--max` to cover it")
 
 
+def check_folder_tiling(enabled: bool, built: bool, engine_dir) -> None:
+    """A compiled folder built with circular padding (``sdrt build --tiling``) makes only tiling
+    images, and one without it only others: the request is refused, naming the flag."""
+    if bool(enabled) != bool(built):
+        raise ValueError(f"tiling={bool(enabled)}, but the engine folder {engine_dir} was built "
+                         + ("with" if built else "without") + " circular padding; build one "
+                         + ("without" if built else "with") + " `sdrt build --tiling` for these images")
+
+
 def check_profile_windows(profile, engine_dir, windows: int) -> None:
     lo, _, hi = profile.windows
     if not lo <= windows <= hi:

@@ -15,7 +15,15 @@ import torch
 from ..conditioning import added_pooled_dim
 from ..paths import default_engine_dir
 from ..tokenizer import MAX_LENGTH
-from . import AddedInputs, build_log, check_profile_request, check_profile_windows, check_text_input, token_embeddings
+from . import (
+    AddedInputs,
+    build_log,
+    check_folder_tiling,
+    check_profile_request,
+    check_profile_windows,
+    check_text_input,
+    token_embeddings,
+)
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -140,11 +148,7 @@ class OnnxRuntimeBackend:
                 self._bindings.clear()            # IOBindings belong to a session
 
     def check_tiling(self, enabled: bool) -> None:
-        """A folder built with circular padding makes only tiling images, and one without only others."""
-        if bool(enabled) != self.tiling:
-            raise ValueError(f"tiling={bool(enabled)}, but the engine folder {self.engine_dir} was built "
-                             + ("with" if self.tiling else "without") + " circular padding; build one "
-                             + ("without" if self.tiling else "with") + " `sdrt build --tiling` for these images")
+        check_folder_tiling(enabled, self.tiling, self.engine_dir)
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         """Raise before any network runs when the request lies outside the built profile."""

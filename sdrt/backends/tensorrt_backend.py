@@ -217,10 +217,12 @@ class TensorRTBackend:
         missing = [n for n in networks if not check_artifact(
             self.engine_dir, manifest.get("networks", {}).get(n),
             manifest.get("networks", {}).get(n, {}).get("key", {})).ok]
+        self.tiling = bool(manifest.get("tiling", False))      # built with circular padding (--tiling)
         if missing:
             log(f"building TensorRT engines for {', '.join(missing)} in {self.engine_dir}")
             with on_device(device):
-                manifest = build_tensorrt(components, self.engine_dir, options=BuildOptions(precision=precision),
+                manifest = build_tensorrt(components, self.engine_dir,
+                                          options=BuildOptions(precision=precision, tiling=self.tiling),
                                           networks=networks, target=arch, trt=trt, arch=arch, log=log)
         unet_entry = manifest["networks"]["unet"]
         self.profile = Profile.from_json(unet_entry["profile"])
@@ -307,7 +309,8 @@ class TensorRTBackend:
                 self._build["log"](f"building {graph} ({purpose}) in {self.engine_dir}")
                 with on_device(self.device):
                     manifest = build_tensorrt(self.components, self.engine_dir, profile=self.profile,
-                                              options=BuildOptions(precision=self._build["precision"]),
+                                              options=BuildOptions(precision=self._build["precision"],
+                                                                   tiling=self.tiling),
                                               networks=(graph,), target=self._build["arch"], trt=self.trt,
                                               arch=self._build["arch"], log=self._build["log"])
             with on_device(self.device):
@@ -377,6 +380,10 @@ class TensorRTBackend:
             engine.close()
         self.engines = {}
         self.scratch = self.text_scratch = None
+
+    def check_tiling(self, enabled: bool) -> None:
+        from . import check_folder_tiling
+        check_folder_tiling(enabled, self.tiling, self.engine_dir)
 
     def check_request(self, batch_size: int, height: int, width: int) -> None:
         check_profile_request(self.profile, self.size_multiple, self.engine_dir, batch_size, height, width)
