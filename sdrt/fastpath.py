@@ -77,8 +77,6 @@ def unsupported_reason(job, cond, v_prediction: bool = False) -> str | None:
         return "AND prompts (several weighted conditionings per image) run on the eager loop"
     if getattr(job, "inpainting", None) and v_prediction:
         return "inpainting with a v-prediction model runs on the eager loop (the static loop blends noise predictions)"
-    if getattr(job, "image_cond", None) is not None:
-        return "9-channel inpainting models (the masked-image input) run on the eager loop"
     return None
 
 
@@ -92,7 +90,7 @@ class StaticLoop:
 
     def __init__(self, backend, schedule, spec: SamplerSpec, sigmas, eta, batch: int, latent_shape,
                  context_index: list[int], context_shape, n_contexts: int, use_kernel: bool = True,
-                 capture: bool | None = None, cuda=None, inpaint: bool = False):
+                 capture: bool | None = None, cuda=None, inpaint: bool = False, image_cond_channels: int = 0):
         self.backend, self.device = backend, backend.device
         self.cuda = cuda or torch.cuda       # the CUDA graph API (tests pass a recording fake)
         self.batch, self.latent_shape = batch, tuple(latent_shape)
@@ -122,6 +120,12 @@ class StaticLoop:
             self.inpaint = bool(inpaint)
             self.init = torch.zeros(shape, device=dev) if inpaint else None
             self.keep = torch.zeros(shape, device=dev) if inpaint else None
+            # 9-channel inpainting models: their extra input (mask, masked-image latents) per image,
+            # appended to the UNet's input rows at every step
+            k = int(image_cond_channels)
+            self.image_cond = torch.zeros((batch, k, *self.latent_shape[1:]), device=dev) if k else None
+            self.x_unet = (torch.zeros((2 * batch, self.latent_shape[0] + k, *self.latent_shape[1:]), device=dev,
+                                       dtype=dt) if k else None)
             self.x = torch.zeros(shape, device=dev)
             self.d_prev = torch.zeros(shape, device=dev)
             self.x_in = torch.zeros((2 * batch, *self.latent_shape), device=dev, dtype=dt)
@@ -159,9 +163,17 @@ class StaticLoop:
         self.x.copy_(self.x0).mul_(self.init_scale)
         self.x_in[:b].copy_(self.x * self.c_in0)
         self.x_in[b:].copy_(self.x_in[:b])
+        c = self.latent_shape[0]
+        if self.x_unet is not None:       # the extra channels: the same for the cond and uncond rows
+            self.x_unet[:b, c:].copy_(self.image_cond)
+            self.x_unet[b:, c:].copy_(self.image_cond)
         k = 0
         for i in range(self.steps):
-            out = self.backend.unet(self.x_in, self.t[i, :2 * b], self.contexts[self.context_index[i]])
+            x_unet = self.x_in
+            if self.x_unet is not None:
+                self.x_unet[:, :c].copy_(self.x_in)
+                x_unet = self.x_unet
+            out = self.backend.unet(x_unet, self.t[i, :2 * b], self.contexts[self.context_index[i]])
             if self.inpaint:
                 out = self._blend(out, float(self.sigmas[i]))
             noise = None
@@ -219,7 +231,7 @@ class StaticLoop:
                       for name, t in (("pixels", self.pixels), ("images", self.images), ("finite", self.finite))}
 
     def set_inputs(self, x0: torch.Tensor, noise: list[torch.Tensor], contexts: list[torch.Tensor], scales,
-                   inpaint: tuple | None = None) -> None:
+                   inpaint: tuple | None = None, image_cond: torch.Tensor | None = None) -> None:
         """Copy one generation's inputs into the static buffers (asynchronous on a GPU)."""
         if tuple(x0.shape) != tuple(self.x0.shape):
             raise ValueError(f"initial latents {tuple(x0.shape)} do not match this loop's {tuple(self.x0.shape)}")
@@ -241,14 +253,18 @@ class StaticLoop:
             init, mask = inpaint
             self.init.copy_(init, non_blocking=True)
             self.keep.copy_(1.0 - mask)
+        if self.image_cond is not None:
+            if image_cond is None or tuple(image_cond.shape) != tuple(self.image_cond.shape):
+                raise ValueError(f"this loop's model takes image conditioning {tuple(self.image_cond.shape)}")
+            self.image_cond.copy_(image_cond, non_blocking=True)
 
     @torch.inference_mode()
-    def run(self, x0, noise, contexts, scales, callback=None, inpaint=None) -> tuple[np.ndarray, np.ndarray,
-                                                                                     np.ndarray, float]:
+    def run(self, x0, noise, contexts, scales, callback=None, inpaint=None,
+            image_cond=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """One generation: (pixels float32 (B, H, W, 3), images uint8 (B, H, W, 3), finite (B,),
         seconds of the VAE decode). A replayed graph runs the loop and the decode as one: there
         the decode's seconds are reported as 0 (the loop's time includes them)."""
-        self.set_inputs(x0, noise, contexts, scales, inpaint)
+        self.set_inputs(x0, noise, contexts, scales, inpaint, image_cond)
         if self._graph is not None and self._backend_state() != self._state:
             # another loop or an eager call re-shaped an engine's context since the capture:
             # replaying would be undefined behaviour (TensorRT), so capture again

@@ -598,13 +598,14 @@ class Pipeline:
         latent_shape, gen = self._noise(job)
         distinct, index = plan_contexts(cond.conds, cond.uncond, n_steps, be.device, be.dtype)
         inpaint = bool(job.inpainting)
+        extra = 0 if job.image_cond is None else int(job.image_cond.shape[1])
         key = (job.batch_size, latent_shape, spec.name, sig.tobytes(), job.eta, tuple(index),
-               tuple(distinct[0].shape), len(distinct), bool(job.params.tiling), inpaint)
+               tuple(distinct[0].shape), len(distinct), bool(job.params.tiling), inpaint, extra)
         if key in self.loops.refused:
             return self._sample_eager(job, cond, callback)
         loop = self.loops.get(key, lambda: StaticLoop(
             be, self.components.noise_schedule, spec, sig, job.eta, job.batch_size, latent_shape, index,
-            tuple(distinct[0].shape), len(distinct), inpaint=inpaint, **self.fast_path))
+            tuple(distinct[0].shape), len(distinct), inpaint=inpaint, image_cond_channels=extra, **self.fast_path))
         first = gen.next().float()
         x0 = self._start(job, first, sig) / loop.init_scale if job.img2img else first
         if spec.noise == "brownian":      # the increments between each drawing step's sigmas
@@ -614,7 +615,8 @@ class Pipeline:
             noise = [gen.next().float() for _ in range(sum(loop.draws))]     # the eager loop's order
         try:
             pixels, images, finite, vae = loop.run(x0, noise, distinct, job.cfg_scales, callback,
-                                                   inpaint=(job.init_latents, job.latent_mask) if inpaint else None)
+                                                   inpaint=(job.init_latents, job.latent_mask) if inpaint else None,
+                                                   image_cond=job.image_cond)
         except CaptureFailed as e:        # once per configuration: it runs eagerly from now on
             logger.warning("%s; this configuration (%s, %d steps, batch %d) runs on the eager loop from now on",
                            e, spec.name, n_steps, job.batch_size)

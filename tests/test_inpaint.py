@@ -253,3 +253,13 @@ def test_hires_fix_with_an_inpainting_model(inpaint_model, upscaler):
     r = inpaint_model(**ARGS, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=2,
                       denoising_strength=0.5)
     assert r.images[0].size == (96, 96)
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "txt2img"])
+def test_nine_channel_models_on_the_static_loop(inpaint_model, kind):
+    from loops import eager_and_static
+    args = dict(ARGS, sampler="DPM++ 2M")
+    if kind == "inpaint":
+        args.update(init_images=_image(seed=11), mask=_left_mask(), mask_blur=2)
+    eager, static, built = eager_and_static(inpaint_model, **args)
+    assert built == 1 and np.abs(eager - static).max() < 1e-4
