@@ -228,3 +228,39 @@ def test_cli_img2img(tmp_path):
     assert "Denoising strength: 0.5" in Image.open(out).info["parameters"]
     assert main(["generate", "a lighthouse", "--model", "random:tiny", "--init-image", str(tmp_path / "nope.png"),
                  "-o", str(tmp_path / "x.png")]) != 0
+
+
+@pytest.mark.slow
+def test_sdxl_img2img_equals_diffusers_and_every_workflow_runs():
+    """SDXL: img2img equals diffusers' StableDiffusionXLImg2ImgPipeline at the strength that runs
+    the same steps (size conditioning at the output size, zeros for the empty negative prompt);
+    inpainting keeps the pixels outside the mask, also on the static loop; the hires fix and
+    tiling run."""
+    import diffusers
+
+    from sdrt.bench.harness import _BETAS
+    pipe = sdrt.Pipeline.from_pretrained("random:sdxl-tiny")
+    c = pipe.components
+    params = GenerationParams(init_images=_image(), denoising_strength=0.75, **{**ARGS, "prompt": "a cat"})
+    latents = pipe.encode_images(pipe.validate(params))
+    ours = pipe(params).pixels
+    sched = diffusers.EulerDiscreteScheduler(**_BETAS, use_karras_sigmas=True, timestep_spacing="linspace")
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched, requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True)
+    ref.set_progress_bar_config(disable=True)
+    out = ref("a cat", image=latents, strength=0.8, num_inference_steps=20, guidance_scale=7.0,
+              generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert np.abs(out - ours).max() < 1e-4
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (0, 0, 32, 64))
+    args = dict(ARGS, steps=4, init_images=_image(seed=2), mask=mask, mask_blur=0, inpaint_full_res=False)
+    from loops import eager_and_static
+    eager, static, built = eager_and_static(pipe, **args)
+    src = np.asarray(_image(seed=2), dtype=np.float32) / 255.0
+    assert built == 1 and np.abs(eager - static).max() < 1e-4
+    assert np.array_equal(np.asarray(pipe(**args).images[0])[:, 32:], np.asarray(_image(seed=2))[:, 32:])
+    assert np.abs(eager[0][:, :32] - src[:, :32]).mean() > 0.01
+    assert pipe(**dict(ARGS, steps=3), enable_hr=True, hr_scale=1.5, denoising_strength=0.5).images[0].size == (96, 96)
+    assert "Tiling: True" in pipe(**dict(ARGS, steps=2), tiling=True).infotexts[0]
