@@ -263,3 +263,18 @@ def test_nine_channel_models_on_the_static_loop(inpaint_model, kind):
         args.update(init_images=_image(seed=11), mask=_left_mask(), mask_blur=2)
     eager, static, built = eager_and_static(inpaint_model, **args)
     assert built == 1 and np.abs(eager - static).max() < 1e-4
+
+
+def test_the_batcher_merges_inpainting_requests_with_their_own_masks(tiny):
+    """Two requests with different images and masks share a batch and each gets the image it
+    gets alone (per-image init latents, latent masks and overlays)."""
+    reqs = [sdrt.Request("a cat", seed=s, init_images=_image(seed=s), mask=_left_mask(cut=c), mask_blur=0,
+                         inpaint_full_res=False, **{k: v for k, v in ARGS.items() if k not in ("prompt", "seed")})
+            for s, c in ((1, 24), (2, 40))]
+    with sdrt.Batcher(tiny, max_batch_size=2, max_wait=0.5) as b:
+        futures = [b.submit(r) for r in reqs]
+        got = [f.result(timeout=120) for f in futures]
+        assert b.metrics["batch_size"].count == 1            # one batch of two
+    for r, g in zip(reqs, got):
+        alone = tiny(r)
+        assert np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(g.images[0], dtype=int)).max() <= 1
