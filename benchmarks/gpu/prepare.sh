@@ -9,6 +9,11 @@
 #   unet_graph compile --inductor conv_1x1_as_mm=True coordinate_descent_tuning=True epilogue_fusion=False
 # (compile at batch 1 and 4, about 70 s each; the inductor settings' compile alone took 215 s),
 # plus about 30 s to start. Give SUITE_TIMEOUT so the GPU tests keep their time within the call.
+# On 2026-11-30 (H200, 15 minutes of device time): compile_batch1 55 s, compile_batch4 64 s, each
+# compiled end-to-end section about 35 s, fp8_check 10 s, fp8_batch4 100 s (compiles the float8
+# copy), and the compiled peer's own process needs about 3 minutes (load, compile at 1 and 4):
+# run the peer (--peer-compile reduce-overhead --only peer) and SDXL (--only sdxl) in calls of
+# their own rather than after everything else.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .cache/gpu-wheels
