@@ -62,6 +62,9 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
     ),
     "sdxl": dict(seed=0, **FAMILIES["sdxl"], family="sdxl"),
 }
+# SDXL's inpainting variant at test size (9 input channels)
+RANDOM_MODELS["sdxl-tiny-inpaint"] = dict(RANDOM_MODELS["sdxl-tiny"],
+                                          unet=dict(RANDOM_MODELS["sdxl-tiny"]["unet"], in_channels=9))
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -278,3 +278,17 @@ def test_the_batcher_merges_inpainting_requests_with_their_own_masks(tiny):
     for r, g in zip(reqs, got):
         alone = tiny(r)
         assert np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(g.images[0], dtype=int)).max() <= 1
+
+
+
+def test_sdxl_inpainting_model():
+    """SDXL's 9-channel variant: the extra input next to the pooled text and size conditioning,
+    on both loops; the pixels outside the mask are the original's."""
+    from loops import eager_and_static
+    pipe = sdrt.Pipeline.from_pretrained("random:sdxl-tiny-inpaint")
+    args = dict(ARGS, steps=4, init_images=_image(seed=12), mask=_left_mask(), mask_blur=0, inpaint_full_res=False)
+    eager, static, built = eager_and_static(pipe, **args)
+    assert built == 1 and np.abs(eager - static).max() < 1e-4
+    out = np.asarray(pipe(**args).images[0])
+    assert np.array_equal(out[:, 32:], np.asarray(_image(seed=12))[:, 32:])
+    assert pipe(**dict(ARGS, steps=2)).images[0].size == (64, 64)          # txt2img, fully masked
