@@ -50,26 +50,39 @@ def test_the_web_uis_step_rule(steps, strength, fix, planned, run):
         img2img_steps(20, 0.0, True)
 
 
-def test_same_as_diffusers_img2img_at_the_strength_that_runs_the_same_steps(tiny):
-    """The web UI at strength 0.75 (20 steps) runs the last 16 steps: diffusers at 0.8 runs those;
-    diffusers at 0.75 runs 15 and gives another image. The init latent sdrt sampled is given to
-    diffusers as latents, and its noise comes from the same CPU generator."""
+def _ours_and_diffusers(pipe):
+    """sdrt's img2img at strength 0.75 (20 Karras steps), and a function giving diffusers' img2img
+    pipeline (SD or SDXL) at a strength, from the init latent sdrt sampled (given as latents) and
+    the same CPU generator for the noise."""
     import diffusers
 
     from sdrt.bench.harness import _BETAS
-    c = tiny.components
+    c = pipe.components
     params = GenerationParams(init_images=_image(), denoising_strength=0.75, **{**ARGS, "prompt": "a cat"})
-    latents = tiny.encode_images(tiny.validate(params))
-    ours = tiny(params).pixels
+    latents = pipe.encode_images(pipe.validate(params))
+    ours = pipe(params).pixels
     sched = diffusers.EulerDiscreteScheduler(**_BETAS, use_karras_sigmas=True, timestep_spacing="linspace")
-    ref = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if c.is_sdxl:
+        ref = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched, requires_aesthetics_score=False,
+            force_zeros_for_empty_prompt=True)
+    else:
+        ref = diffusers.StableDiffusionImg2ImgPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
 
     def run(strength):
         return ref("a cat", image=latents, strength=strength, num_inference_steps=20, guidance_scale=7.0,
                    generator=torch.Generator().manual_seed(3), output_type="np").images
+    return ours, run
+
+
+def test_same_as_diffusers_img2img_at_the_strength_that_runs_the_same_steps(tiny):
+    """The web UI at strength 0.75 (20 steps) runs the last 16 steps: diffusers at 0.8 runs those;
+    diffusers at 0.75 runs 15 and gives another image."""
+    ours, run = _ours_and_diffusers(tiny)
     assert np.abs(run(0.8) - ours).max() < 1e-4
     assert np.abs(run(0.75) - ours).max() > 1e-2
 
@@ -236,23 +249,9 @@ def test_sdxl_img2img_equals_diffusers_and_every_workflow_runs():
     the same steps (size conditioning at the output size, zeros for the empty negative prompt);
     inpainting keeps the pixels outside the mask, also on the static loop; the hires fix and
     tiling run."""
-    import diffusers
-
-    from sdrt.bench.harness import _BETAS
     pipe = sdrt.Pipeline.from_pretrained("random:sdxl-tiny")
-    c = pipe.components
-    params = GenerationParams(init_images=_image(), denoising_strength=0.75, **{**ARGS, "prompt": "a cat"})
-    latents = pipe.encode_images(pipe.validate(params))
-    ours = pipe(params).pixels
-    sched = diffusers.EulerDiscreteScheduler(**_BETAS, use_karras_sigmas=True, timestep_spacing="linspace")
-    ref = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=sched, requires_aesthetics_score=False,
-        force_zeros_for_empty_prompt=True)
-    ref.set_progress_bar_config(disable=True)
-    out = ref("a cat", image=latents, strength=0.8, num_inference_steps=20, guidance_scale=7.0,
-              generator=torch.Generator().manual_seed(3), output_type="np").images
-    assert np.abs(out - ours).max() < 1e-4
+    ours, run = _ours_and_diffusers(pipe)
+    assert np.abs(run(0.8) - ours).max() < 1e-4
     mask = Image.new("L", (64, 64))
     mask.paste(255, (0, 0, 32, 64))
     args = dict(ARGS, steps=4, init_images=_image(seed=2), mask=mask, mask_blur=0, inpaint_full_res=False)
