@@ -186,14 +186,14 @@ _PEER_RESULT = "PEER-RESULT "
 
 
 def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", dtype="float32",
-               repeat=3, variants=None, diffusers_ref=True, tune=None, peer_compile=None, log=print) -> dict:
+               repeat=3, variants=None, diffusers_ref=True, tune=None, log=print) -> dict:
     """Total seconds per generation of each variant (Euler, uniform schedule, CFG 7), medians of
     ``repeat`` interleaved runs, with UNet iterations per second and the max abs pixel difference
     against the eager loop's image. ``tune``: TorchBackend.tune options for every variant (the
     weight layout and cuDNN's autotuning reach diffusers' run too: the modules are shared; the
-    SDPA order only sdrt's); they are reset afterwards. The peers run in the same rotation:
-    diffusers eager (``diffusers_ref``) and, with ``peer_compile`` (a torch.compile mode),
-    diffusers compiled (``compiled_peer``); each peer's UNet alone is timed too (CUDA events)."""
+    SDPA order only sdrt's); they are reset afterwards. diffusers eager (``diffusers_ref``) runs
+    in the same rotation, its UNet alone timed too. The compiled peer never runs here: its CUDA
+    graph trees would invalidate the graphs sdrt captured in this process (``peer_subprocess``)."""
     import sdrt
     from sdrt.backends import create_backend
 
@@ -225,12 +225,6 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         if diffusers_ref:
             peers["diffusers"] = _diffusers_pipe(components, device, torch_dtype)
-        if peer_compile:
-            try:
-                peers["diffusers-compiled"] = compiled_peer(model, device, dtype, peer_compile)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported
-                errors["diffusers-compiled"] = f"{type(e).__name__}: {e}"
-                log(f"diffusers-compiled: FAILED: {errors['diffusers-compiled']}")
         noise = _noise(components, size, batch)
 
         def run_peer(ref):
@@ -248,7 +242,7 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
                 del runs[name]
         for name, ref in list(peers.items()):
             try:
-                run_peer(ref)                   # the compiled peer compiles and captures here
+                run_peer(ref)
                 runs[name] = []
                 log(f"{name}: warmed up")
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, the others still run
@@ -271,17 +265,14 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
                 log(f"{name}: run {i + 1}/{repeat}: {t:.3f} s")
         base = statistics.median(runs["eager"])
         dref = statistics.median(runs["diffusers"]) if "diffusers" in peers else None
-        best_peer = min((statistics.median(runs[p]) for p in peers), default=None)
         rows = {}
         for name, ts in runs.items():
             med = statistics.median(ts)
             rows[name] = dict(median_s=med, min_s=min(ts), runs=ts, it_per_s=steps / med,
                               speedup_vs_eager=base / med, speedup_vs_diffusers=(dref / med) if dref else None,
-                              speedup_vs_best_peer=(best_peer / med) if best_peer else None,
                               max_abs_diff_vs_eager=float(np.abs(pixels[name] - pixels["eager"]).max()))
             log(f"{name:18s} {med:8.3f} s  {steps / med:7.2f} it/s  x{base / med:.3f} vs eager"
                 + (f"  x{dref / med:.3f} vs diffusers" if dref else "")
-                + (f"  x{best_peer / med:.3f} vs best peer" if best_peer else "")
                 + f"  max|diff| {rows[name]['max_abs_diff_vs_eager']:.2e}")
         if not components.is_sdxl:
             x, t, ctx = _unet_inputs(components, backend, size, batch)
@@ -296,7 +287,7 @@ def end_to_end(model="random:sd15", size=256, steps=10, batch=1, device="cpu", d
     kv_layers = sum(isinstance(m, Attention) and m.is_cross_attention for m in components.unet.modules())
     return dict(model=model, size=size, steps=steps, batch=batch, device=str(device), dtype=dtype, repeat=repeat,
                 sampler="Euler", schedule="Uniform", rows=rows, kv_layers=kv_layers, tune=tune or {}, errors=errors,
-                peers=list(peers), peer_compile=peer_compile)
+                peers=list(peers))
 
 
 def _unet_inputs(components, be, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

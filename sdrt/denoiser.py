@@ -87,7 +87,9 @@ class CFGDenoiser:
         if image_cond is not None:             # constant: written once, the rows in the UNet batch's order
             self._x_in[:, latent_shape[0]:] = image_cond.to(dev)[self._source].to(backend.dtype)
         self._channels = latent_shape[0]
-        self.blend = None if blend is None else (blend[0].to(dev).float(), blend[1].to(dev).float())
+        # (the init latents where they are kept, the repaint mask): made once for every step
+        self.blend = None if blend is None else ((blend[0].to(dev).float() * (1.0 - blend[1].to(dev).float())),
+                                                 blend[1].to(dev).float())
         self._t = torch.empty((len(source),), device=dev, dtype=torch.float32)
         self.contexts, index = plan_contexts(conds, uncond, max_calls, backend.device, backend.dtype)
         self._contexts = [self.contexts[i] for i in index]     # per model call
@@ -108,8 +110,8 @@ class CFGDenoiser:
         else:
             denoised = x - guided * sigma
         if self.blend is not None:
-            init, mask = self.blend
-            denoised = init * (1.0 - mask) + denoised * mask
+            kept, mask = self.blend
+            denoised = torch.addcmul(kept, denoised, mask)
         return denoised
 
     def _combine(self, out: torch.Tensor) -> torch.Tensor:

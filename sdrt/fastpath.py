@@ -118,8 +118,13 @@ class StaticLoop:
             self.x0 = torch.zeros(shape, device=dev)              # initial latents (input)
             # inpainting (inputs): the init latents and the latent mask's complement (1 = keep)
             self.inpaint = bool(inpaint)
+            # and, derived once per generation, the mask for the CFG rows and the step's scratch
             self.init = torch.zeros(shape, device=dev) if inpaint else None
             self.keep = torch.zeros(shape, device=dev) if inpaint else None
+            rows = (2 * batch, *self.latent_shape)
+            self.repaint_rows = torch.zeros(rows, device=dev) if inpaint else None
+            self._diff = torch.zeros(shape, device=dev) if inpaint else None
+            self._blended = torch.zeros(rows, device=dev) if inpaint else None
             # 9-channel inpainting models: their extra input (mask, masked-image latents) per image,
             # appended to the UNet's input rows at every step
             k = int(image_cond_channels)
@@ -188,15 +193,18 @@ class StaticLoop:
         """Inpainting's per-step blend of the denoised prediction (D = m D + (1 - m) init), done on
         the noise prediction of both CFG rows before the fused step (eps' = m eps + (1 - m)(x -
         init) / sigma: the CFG combination of the rows then gives the blended prediction)."""
-        keep = self.keep
-        correction = (self.x - self.init) * keep / sigma
-        blended = out.float() * (1.0 - keep).repeat(2, 1, 1, 1) + correction.repeat(2, 1, 1, 1)
-        return blended.to(out.dtype)
+        b = self.batch
+        torch.sub(self.x, self.init, out=self._diff).mul_(self.keep).div_(sigma)
+        blended = self._blended
+        blended.copy_(out).mul_(self.repaint_rows)
+        blended[:b].add_(self._diff)
+        blended[b:].add_(self._diff)
+        return out.copy_(blended)          # in the UNet's output, consumed by the step right after
 
     def _decode(self) -> None:
         latents = self.x / self.latent_divisor
         if self.inpaint:                   # and once more after the last step, as the eager loop
-            latents = latents * (1.0 - self.keep) + self.init * self.keep
+            latents = latents * self.repaint_rows[:self.batch] + self.init * self.keep
         decoded = self.backend.decode(latents)
         pix = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
         if self.pixels is None:   # first (eager or warm-up) run: output buffers of the right size
@@ -253,6 +261,9 @@ class StaticLoop:
             init, mask = inpaint
             self.init.copy_(init, non_blocking=True)
             self.keep.copy_(1.0 - mask)
+            b = self.batch
+            self.repaint_rows[:b].copy_(mask)
+            self.repaint_rows[b:].copy_(mask)
         if self.image_cond is not None:
             if image_cond is None or tuple(image_cond.shape) != tuple(self.image_cond.shape):
                 raise ValueError(f"this loop's model takes image conditioning {tuple(self.image_cond.shape)}")

@@ -50,9 +50,9 @@ def load_image(value, name: str = "image", mask: bool = False, allow_path: bool 
                              f"{value.shape}")
         image = Image.fromarray(value)
     else:
-        if allow_path and (isinstance(value, os.PathLike) or (
-                isinstance(value, str) and len(value) < 4096 and not value.startswith("data:")
-                and Path(value).is_file())):
+        is_path = isinstance(value, os.PathLike) or (isinstance(value, str) and len(value) < 4096
+                                                     and not value.startswith("data:") and Path(value).is_file())
+        if allow_path and is_path:
             data = Path(value).read_bytes()
         elif isinstance(value, str):
             data = _decode_text(value, name)

@@ -205,14 +205,19 @@ class Pipeline:
             if job.hires is not None:           # the second pass's size too, before the first runs
                 check(job.batch_size, job.hires.size[1], job.hires.size[0])
         if job.sigmas is None:
-            spec, p = job.sampler, job.params
-            steps, t_enc = (img2img_steps(p.steps, p.denoising_strength, p.img2img_fix_steps) if job.img2img
-                            else (job.steps, None))
-            job.sigmas = get_sigmas(p.schedule, steps, c.noise_schedule, default=spec.schedule,
-                                    discard_penultimate=spec.discard_penultimate)
-            if t_enc is not None:               # img2img runs the schedule's last t_enc + 1 steps
-                job.sigmas = img2img_sigmas(job.sigmas, t_enc)
+            self._plan_sigmas(job)
         return job
+
+    def _plan_sigmas(self, job: Job) -> None:
+        """The job's sigmas: the schedule for its steps; img2img runs its last t_enc + 1
+        (``sdrt.img2img``)."""
+        spec, p = job.sampler, job.params
+        steps, t_enc = (img2img_steps(p.steps, p.denoising_strength, p.img2img_fix_steps) if job.img2img
+                        else (job.steps, None))
+        job.sigmas = get_sigmas(p.schedule, steps, self.components.noise_schedule, default=spec.schedule,
+                                discard_penultimate=spec.discard_penultimate)
+        if t_enc is not None:
+            job.sigmas = img2img_sigmas(job.sigmas, t_enc)
 
     def _extra_networks(self, job: Job) -> None:
         """The prompts' ``<lora:...>`` tags: removed from the text, the first prompt's set kept for
@@ -392,16 +397,12 @@ class Pipeline:
                            schedule=plan.schedule or p.schedule, enable_hr=False, img2img_fix_steps=True,
                            init_images=init_images, mask=None, resize_mode=0, batch_size=job.batch_size,
                            sigmas=None)
-        hr = validate(params, self.components.latent_factor, self.components.text_encoder.config.num_hidden_layers)
+        hr = self.validate(params)
         hr.hires_base = job.steps
-        if init_latents is not None:
+        if init_latents is not None:            # the latent path: img2img from latents, planned again as such
             hr.init_latents = init_latents.float()
             hr.edit_steps = plan.steps
-        self._extra_networks(hr)
-        spec, q = hr.sampler, hr.params
-        steps, t_enc = img2img_steps(q.steps, q.denoising_strength, True)
-        hr.sigmas = img2img_sigmas(get_sigmas(q.schedule, steps, self.components.noise_schedule, default=spec.schedule,
-                                              discard_penultimate=spec.discard_penultimate), t_enc)
+            self._plan_sigmas(hr)
         return hr
 
     def _sample_eager(self, job: Job, cond: Conditioning, callback=None) -> Decoded:

@@ -248,7 +248,6 @@ def main(argv=None) -> int:
             for name, row in e2e["rows"].items():
                 lines.append(f"    {name:22s} {row['median_s']:7.3f} s {row['it_per_s']:7.1f} it/s "
                              f"x{row['speedup_vs_diffusers'] or 0:.2f} vs diffusers  "
-                             f"x{row.get('speedup_vs_best_peer') or 0:.2f} vs best peer  "
                              f"max|diff| {row['max_abs_diff_vs_eager']:.1e}"
                              + (f"  UNet alone {1e3 * row['unet_alone_s']:.2f} ms" if "unet_alone_s" in row else ""))
             best = e2e["rows"].get("static-kernel+kv")

@@ -299,8 +299,8 @@ class TensorRTBackend:
         return engine
 
     def _extra_engine(self, graph: str, purpose: str) -> "_Engine":
-        """A network the loop does not need, built into the engine folder on first use (its
-        scratch memory is the caller's to set)."""
+        """A network the loop does not need, built into the engine folder on first use, with
+        scratch memory of its own (the text encoders' variants share theirs instead)."""
         if graph not in self.engines:
             from sdrt.export.build import read_manifest
             from sdrt.export.tensorrt import BuildOptions, build_tensorrt
@@ -314,9 +314,11 @@ class TensorRTBackend:
                                               networks=(graph,), target=self._build["arch"], trt=self.trt,
                                               arch=self._build["arch"], log=self._build["log"])
             with on_device(self.device):
-                self.engines[graph] = _Engine(self.trt, self.runtime, graph,
-                                              self.engine_dir / manifest["networks"][graph]["file"],
-                                              self.device, self.components.is_sdxl)
+                engine = _Engine(self.trt, self.runtime, graph, self.engine_dir / manifest["networks"][graph]["file"],
+                                 self.device, self.components.is_sdxl)
+            if not graph.endswith("_embeds"):
+                engine.set_scratch(aligned_empty((engine.scratch_bytes,), torch.uint8, self.device))
+            self.engines[graph] = engine
         return self.engines[graph]
 
     # ------------------------------------------------------------------ LoRA by refit
@@ -460,8 +462,5 @@ class TensorRTBackend:
         b, _, h, w = images.shape
         self.check_request(b, h, w)
         e = self._extra_engine("vae_encoder", "img2img: the VAE encoder")
-        if e.scratch_bytes > getattr(self, "_encoder_scratch", torch.empty(0)).numel():
-            self._encoder_scratch = aligned_empty((e.scratch_bytes,), torch.uint8, self.device)
-            e.set_scratch(self._encoder_scratch)
         moments = self._enqueue(e, "loop", image=images.to(self.device, e.dtypes["image"]).contiguous())["moments"]
         return moments.float()

@@ -308,7 +308,8 @@ class ServerState:
                 common.update(self._inpainting_fields(body))
         reqs = [Request(seed=s, subseed=ss, **common, **({"init_images": images[k % len(images)]} if images else {}))
                 for k, (s, ss) in enumerate(zip(seeds, subseeds))]
-        self.check_budget(reqs[0], n, pipe)
+        # the text and step bounds; the images are processed once, when the batcher takes each request
+        self.check_budget(reqs[0].replace(init_images=None, mask=None), n, pipe)
         return reqs, dict(sampler=spec.name, schedule=schedule, seeds=seeds, subseeds=subseeds, opts=opts,
                           batch_size=batch_size)
 
