@@ -310,6 +310,8 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
                   int_arg("seed_resize_from height", resize[1], 0, MAX_SIDE))
     if isinstance(p.prompt, (list, tuple)):      # a list of prompts sets the batch size
         batch = int_arg("number of prompts", len(p.prompt), 1, MAX_BATCH)
+    float_arg("denoising_strength", p.denoising_strength, 0.0, 1.0)
+    float_arg("initial_noise_multiplier", p.initial_noise_multiplier, 0.0, 10.0)
     images = inpainting = hires = None
     if p.enable_hr and p.init_images is None:
         hires = plan_hires(p, width, height, latent_factor)
@@ -327,8 +329,6 @@ def validate(p: GenerationParams, latent_factor: int, text_layers: int) -> Job:
         scales = [float_arg("cfg_scale", v) for v in p.cfg_scale]
     else:
         scales = [float_arg("cfg_scale", p.cfg_scale)] * batch
-    float_arg("denoising_strength", p.denoising_strength, 0.0, 1.0)
-    float_arg("initial_noise_multiplier", p.initial_noise_multiplier, 0.0, 10.0)
     seeds, subseeds = image_seeds(p.seed, p.subseed, batch, strength)
     sigmas = None
     if p.sigmas is not None:
@@ -407,8 +407,7 @@ def plan_hires(p, width: int, height: int, latent_factor: int) -> "HiresPlan":  
         raise ValueError(f"hr_upscaler {p.hr_upscaler!r} is unknown; valid: {', '.join(UPSCALERS)} (ESRGAN-family "
                          "upscalers are not in sdrt)")
     steps = int_arg("hr_second_pass_steps", p.hr_second_pass_steps, 0, MAX_STEPS) or p.steps
-    float_arg("denoising_strength", p.denoising_strength, 0.0, 1.0)
-    if p.denoising_strength <= 0:
+    if p.denoising_strength <= 0:        # (its range: validate)
         raise ValueError("hires fix: denoising_strength must be > 0 (the second pass plans steps / strength)")
     sampler = schedule = None
     if p.hr_sampler_name not in (None, "", "Use same sampler"):

@@ -482,8 +482,7 @@ class Pipeline:
         """A 9-channel model's extra input (B, 1 + C, h, w): the mask (1 = repaint) at the latent
         size, then the latents of the image with the masked area removed (all of it without a mask)."""
         from .images import to_tensor_array
-        c, p, be = self.components, job.params, self.backend
-        b, f = job.batch_size, c.latent_factor
+        p, b = job.params, job.batch_size
         if job.init_images is not None:
             source = torch.stack([torch.from_numpy(to_tensor_array(im)) for im in job.init_images])
         else:
@@ -496,14 +495,7 @@ class Pipeline:
         else:
             cond_mask = torch.ones((b, 1, source.shape[2], source.shape[3]))
         masked = source * (1.0 - cond_mask)
-        scale = float(getattr(c.vae.config, "scaling_factor", 0.18215))
-        latents = []
-        for i in range(b):
-            moments = be.encode_image(masked[i:i + 1].to(be.device))
-            eps = ImageRNG((c.latent_channels, moments.shape[2], moments.shape[3]),
-                           [(job.seeds[i] + ENCODE_SEED_OFFSET + 1) % 2 ** 32], source=p.rng, device=be.device,
-                           latent_factor=f).next()
-            latents.append(sample_latents(moments, eps, scale))
+        latents = self._sample_encoded(job, list(masked), ENCODE_SEED_OFFSET + 1)
         lat = torch.cat(latents)
         small = torch.nn.functional.interpolate(cond_mask, size=latent_size).to(lat.device)
         return torch.cat([small, lat], dim=1).float()
@@ -514,22 +506,36 @@ class Pipeline:
         seed + ``ENCODE_SEED_OFFSET`` (``sdrt.img2img``); in resize mode 3 encoded at its own size
         (rounded down to the latent factor) and resized bilinearly to the output's latent size."""
         from .images import LANCZOS, to_tensor_array
-        c, p, be = self.components, job.params, self.backend
+        c, p = self.components, job.params
         f = c.latent_factor
-        out = []
-        for i, image in enumerate(job.init_images):
+        pixels = []
+        for image in job.init_images:
             if p.resize_mode == 3 and (image.width % f or image.height % f):
                 image = image.resize((max(f, image.width // f * f), max(f, image.height // f * f)), resample=LANCZOS)
-            pixels = torch.from_numpy(to_tensor_array(image))[None]
-            moments = be.encode_image(pixels.to(be.device))
-            shape = (c.latent_channels, moments.shape[2], moments.shape[3])
-            eps = ImageRNG(shape, [(job.seeds[i] + ENCODE_SEED_OFFSET) % 2 ** 32], source=p.rng, device=be.device,
-                           latent_factor=f).next()
-            latent = sample_latents(moments, eps, float(getattr(c.vae.config, "scaling_factor", 0.18215)))
+            pixels.append(torch.from_numpy(to_tensor_array(image)))
+        out = []
+        for latent in self._sample_encoded(job, pixels, ENCODE_SEED_OFFSET):
             if latent.shape[2:] != (p.height // f, p.width // f):
                 latent = torch.nn.functional.interpolate(latent, size=(p.height // f, p.width // f), mode="bilinear")
             out.append(latent)
         return torch.cat(out).float()
+
+    def _sample_encoded(self, job: Job, pixels: list, seed_offset: int) -> list:
+        """Each image (3, H, W) in [-1, 1] encoded by the VAE (in one call when they share a size)
+        and a scaled latent (1, C, h, w) sampled from its posterior with noise from its image's
+        seed + ``seed_offset`` (``sdrt.img2img``)."""
+        c, p, be = self.components, job.params, self.backend
+        if len({tuple(t.shape) for t in pixels}) == 1:
+            moments = be.encode_image(torch.stack(pixels).to(be.device)).split(1)
+        else:
+            moments = [be.encode_image(t[None].to(be.device)) for t in pixels]
+        scale = float(getattr(c.vae.config, "scaling_factor", 0.18215))
+        out = []
+        for i, m in enumerate(moments):
+            eps = ImageRNG((c.latent_channels, m.shape[2], m.shape[3]), [(job.seeds[i] + seed_offset) % 2 ** 32],
+                           source=p.rng, device=be.device, latent_factor=c.latent_factor).next()
+            out.append(sample_latents(m, eps, scale))
+        return out
 
     def decode(self, latents: torch.Tensor) -> Decoded:
         """Stage 4: latents (B, C, h, w) -> pixels and uint8 images on the host."""
