@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 pip install "torch==2.13.0"
 # the CLIP BPE vocabulary ships in this wheel; its dependencies (torchvision) would break torch
 pip install --no-deps "open_clip_torch==3.3.0"
+# the interrogator's term lists (artists, flavors, ...) ship in this wheel; only its data files are
+# read (its dependencies would pull torchvision and download models at run time)
+pip install --no-deps "clip-interrogator==0.6.0"
 if [ "${1:-}" = "test" ]; then
   # k-diffusion's own dependencies include training packages; the parity tests need only these
   pip install --no-deps "k-diffusion==0.1.1.post1"

@@ -9,6 +9,7 @@ from ._version import __version__
 
 # Engine, EngineBusy, EngineClosed: the batcher's first-release names (deprecated)
 from .batcher import Batcher, BatcherBusy, BatcherClosed, Engine, EngineBusy, EngineClosed, Interrupted, Request
+from .interrogator import Interrogator
 from .params import GenerationParams
 from .pipeline import Pipeline
 from .result import GenerationResult
@@ -16,4 +17,4 @@ from .result import GenerationResult
 find_export_in_source_tree()     # sdrt.export from an uninstalled source tree (see sdrt._tree)
 
 __all__ = ["Pipeline", "GenerationParams", "GenerationResult", "Batcher", "Request", "BatcherBusy",
-           "BatcherClosed", "Engine", "EngineBusy", "EngineClosed", "Interrupted", "__version__"]
+           "BatcherClosed", "Engine", "EngineBusy", "EngineClosed", "Interrupted", "Interrogator", "__version__"]

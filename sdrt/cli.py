@@ -1,4 +1,5 @@
-"""The ``sdrt`` command line: ``sdrt generate``, ``sdrt build``, ``sdrt bench``, ``sdrt info``."""
+"""The ``sdrt`` command line: ``sdrt generate``, ``sdrt build``, ``sdrt bench``, ``sdrt serve``,
+``sdrt interrogate``, ``sdrt info``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,30 @@ def _generate(args) -> int:
     t = result.timings
     print(f"text encoder {t['text_encoder']:.3f} s, denoising {t['loop']:.3f} s, "
           f"vae {t['vae']:.3f} s, total {t['total']:.3f} s")
+    return 0
+
+
+def _interrogate(args) -> int:
+    import time
+
+    from .interrogator import InterrogateOptions, Interrogator
+
+    options = InterrogateOptions(num_beams=args.beams, min_length=args.min_length, max_length=args.max_length,
+                                 dict_limit=args.dict_limit, return_ranks=args.ranks)
+    t0 = time.perf_counter()
+    it = Interrogator.from_pretrained(args.model, clip=args.clip, blip=args.blip, backend=args.backend,
+                                      device=args.device, engine_dir=args.engine_dir, lists=args.lists,
+                                      options=options)
+    loaded = time.perf_counter() - t0
+    try:
+        for image in args.images:
+            print(it.interrogate(image, mode=args.mode), flush=True)
+    finally:
+        it.close()
+    if not args.quiet:
+        t = it.timings
+        print(f"load {loaded:.2f} s, caption {t.get('caption', 0.0):.3f} s, ranking {t['rank']:.3f} s, "
+              f"total {t['total']:.3f} s (last image)", file=sys.stderr)
     return 0
 
 
@@ -254,12 +279,40 @@ def _add_serve(sub) -> None:
     s.set_defaults(func=_serve)
 
 
+def _add_interrogate(sub) -> None:
+    from .interrogator import MODES
+    i = sub.add_parser("interrogate", help="an image back to a prompt: BLIP's caption and CLIP's ranked terms")
+    i.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s); one prompt per line on stdout")
+    i.add_argument("--mode", default="classic", choices=MODES,
+                   help="classic: the web UI's Interrogate CLIP (caption, top term per list); fast, best, negative: "
+                        "clip-interrogator's modes")
+    i.add_argument("--model", default="random:interrogator-tiny",
+                   help="a folder with clip/ and blip/ (transformers' layout), or random:interrogator-tiny, "
+                        "random:interrogator")
+    i.add_argument("--clip", default=None, help="a CLIP folder (overrides the model's): ViT-L/14 for SD 1.x, "
+                   "OpenCLIP ViT-H for SD 2.x, ViT-bigG for SDXL")
+    i.add_argument("--blip", default=None, help="a BLIP captioning folder (overrides the model's)")
+    i.add_argument("--lists", default=None, help="a folder of term lists (*.txt, one term per line; NAME.topN.txt "
+                   "takes N terms); default: the clip-interrogator package's")
+    i.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--engine-dir", default=None, help="onnxruntime: the engine folder (default: in the cache)")
+    i.add_argument("--beams", type=int, default=1, help="BLIP's beams (the web UI's interrogate_clip_num_beams)")
+    i.add_argument("--min-length", type=int, default=24, help="shortest caption in tokens, its prompt included")
+    i.add_argument("--max-length", type=int, default=48, help="longest caption in tokens, its prompt included")
+    i.add_argument("--dict-limit", type=int, default=1500,
+                   help="classic: rank only each list's first N terms (the web UI's default; 0: all)")
+    i.add_argument("--ranks", action="store_true", help="classic: write (term:score) with the softmax score")
+    i.add_argument("-q", "--quiet", action="store_true", help="no timings on stderr")
+    i.set_defaults(func=_interrogate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="what the library reports on stderr (on-demand builds, benchmark progress)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_build, _add_bench, _add_serve):
+    for add in (_add_generate, _add_build, _add_bench, _add_serve, _add_interrogate):
         add(sub)
     i = sub.add_parser("info", help="what an engine folder holds")
     i.add_argument("dir")

@@ -6,7 +6,7 @@
 Routes (the web UI's names and JSON shapes, so existing clients such as ``webuiapi`` work):
 ``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models``,
 ``GET|POST /sdapi/v1/options``, ``GET /sdapi/v1/progress``, ``GET /sdapi/v1/scripts``,
-``POST /sdapi/v1/png-info``, the resource lists clients read on start (``/upscalers``,
+``POST /sdapi/v1/png-info``, ``POST /sdapi/v1/interrogate``, the resource lists clients read on start (``/upscalers``,
 ``/embeddings``, ``/cmd-flags``, ``/sd-vae``, ...; empty where sdrt has none), plus ``GET /health``
 and ``GET /metrics`` (Prometheus text format).
 
@@ -544,6 +544,37 @@ def _png_info(data: str) -> dict:
     return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
 
 
+class InterrogateRequest(BaseModel):
+    image: str = ""
+    model: str = "clip"
+
+
+class Interrogation:
+    """The server's interrogator (``ServerConfig.interrogator``), loaded on the first request, as
+    the web UI loads its models on first use; one interrogation at a time."""
+
+    def __init__(self, config: ServerConfig):
+        import threading
+        self.config, self.lock, self.interrogator = config, threading.Lock(), None
+
+    def __call__(self, data: str, options: dict) -> str:
+        from ..images import load_image
+        from ..interrogator import InterrogateOptions, Interrogator
+        try:
+            image = load_image(data, "image", allow_path=False)
+            opts = InterrogateOptions().with_webui(options)
+        except (ValueError, TypeError) as e:
+            raise APIError(422, "ValueError", str(e)) from None
+        with self.lock:
+            if self.interrogator is None:
+                cfg = self.config
+                backend = cfg.backend if cfg.backend in ("torch", "onnxruntime") else "torch"
+                self.interrogator = Interrogator.from_pretrained(cfg.interrogator, backend=backend, device=cfg.device,
+                                                                 lists=cfg.interrogator_lists)
+            self.interrogator.options = opts
+            return self.interrogator.interrogate(image, mode="classic")
+
+
 class _ExtrasSettings(BaseModel):
     """The web UI's Extras request settings (upscaling; face restoration is not in sdrt)."""
 
@@ -789,6 +820,19 @@ def create_app(config: ServerConfig | None = None, state: ServerState | None = N
     @app.post("/sdapi/v1/png-info")
     async def png_info(body: PNGInfo):
         return _png_info(body.image)
+
+    interrogation = Interrogation(cfg)
+
+    @app.post("/sdapi/v1/interrogate")
+    async def interrogate(body: InterrogateRequest):
+        if body.model != "clip":       # the web UI's answer to a model it does not have (deepdanbooru: not in sdrt)
+            raise APIError(404, "HTTPException", "Model not found")
+        options = {**state.other_options}
+        try:
+            caption = await asyncio.to_thread(interrogation, body.image, options)
+        except ValueError as e:
+            raise APIError(422, "ValueError", str(e)) from None
+        return {"caption": caption}
 
     @app.get("/health")
     async def health():

@@ -55,3 +55,8 @@ class ServerConfig:
     api_auth: str | None = option(None, "HTTP Basic credentials user:pass[,user2:pass2] (the web UI's --api-auth): "
                                   "every route but /health needs them", metavar="USER:PASS")
     freeze_settings: bool = option(False, "refuse changes to the server's options (POST /sdapi/v1/options: 403)")
+    interrogator: str = option("random:interrogator-tiny", "the model POST /sdapi/v1/interrogate loads on first use: "
+                                                           "a folder with clip/ and blip/ (transformers' layout), or "
+                                                           "random:interrogator-tiny, random:interrogator")
+    interrogator_lists: str | None = option(None, "the interrogator's term lists, a folder of *.txt (the web UI's "
+                                                  "interrogate/ folder; default: the clip-interrogator package's)")

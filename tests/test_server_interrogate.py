@@ -1,0 +1,104 @@
+"""POST /sdapi/v1/interrogate: the web UI's request and answer, through the test client and the
+webuiapi client (a real HTTP server on a local port)."""
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: scripts/setup.sh test installs it")
+from fastapi.testclient import TestClient  # noqa: E402
+from interrogator_files import image, write_lists  # noqa: E402 - tests/ is on the path
+from test_server_img2img import _free_port  # noqa: E402
+
+import sdrt  # noqa: E402
+from sdrt.server import ServerConfig, ServerState, create_app  # noqa: E402
+
+
+def b64png(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def state(tiny, tmp_path_factory):
+    lists = write_lists(tmp_path_factory.mktemp("lists"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SDRT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    st = ServerState(ServerConfig(interrogator_lists=str(lists)), pipe=sdrt.Pipeline(tiny.components, tiny.backend))
+    yield st
+    st.engine.close()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def client(state):
+    with TestClient(create_app(state=state)) as c:
+        yield c
+
+
+def test_interrogate_answers_the_classic_prompt(client, state):
+    img = image(2)
+    r = client.post("/sdapi/v1/interrogate", json={"image": "data:image/png;base64," + b64png(img), "model": "clip"})
+    assert r.status_code == 200, r.text
+    caption = r.json()["caption"]
+    # the same prompt as the library's classic mode with the server's lists
+    lib = sdrt.Interrogator.from_pretrained("random:interrogator-tiny", lists=state.config.interrogator_lists)
+    assert caption == lib.interrogate(img, mode="classic")
+    assert r.json().keys() == {"caption"}
+
+
+def test_interrogate_follows_the_webuis_options(client):
+    img = b64png(image(3))
+    r = client.post("/sdapi/v1/options", json={"interrogate_return_ranks": True, "interrogate_clip_dict_limit": 3})
+    assert r.status_code == 200, r.text
+    try:
+        r = client.post("/sdapi/v1/interrogate", json={"image": img})
+        assert r.status_code == 200 and r.json()["caption"].count(":") == 5        # (term:score) per list
+    finally:
+        client.post("/sdapi/v1/options", json={"interrogate_return_ranks": False, "interrogate_clip_dict_limit": 1500})
+    r = client.post("/sdapi/v1/options", json={"interrogate_clip_num_beams": 0})
+    try:
+        r = client.post("/sdapi/v1/interrogate", json={"image": img})
+        assert r.status_code == 422 and "num_beams" in r.json()["detail"]
+    finally:
+        client.post("/sdapi/v1/options", json={"interrogate_clip_num_beams": 1})
+
+
+@pytest.mark.parametrize("body, status, text", [
+    ({"image": "bm90IGFuIGltYWdl"}, 422, "not a readable image"),
+    ({"image": ""}, 422, "image"),
+    ({"image": "/etc/hostname"}, 422, "not base64"),           # never a path on the server
+    ({"image": "AAAA", "model": "deepdanbooru"}, 404, "Model not found"),
+    ({"image": "AAAA", "model": "nothing"}, 404, "Model not found"),
+])
+def test_interrogate_refuses_bad_requests(client, body, status, text):
+    r = client.post("/sdapi/v1/interrogate", json=body)
+    assert r.status_code == status and text in r.json()["detail"], r.text
+
+
+@pytest.mark.slow
+def test_webuiapi_interrogate(state):
+    webuiapi = pytest.importorskip("webuiapi")
+    import uvicorn
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state=state), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        img = image(4)
+        r = api.interrogate(img)
+        lib = sdrt.Interrogator.from_pretrained("random:interrogator-tiny", lists=state.config.interrogator_lists)
+        assert r.info == lib.interrogate(img, mode="classic")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
