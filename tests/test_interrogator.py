@@ -320,3 +320,65 @@ def test_cli_interrogate(lists, tmp_path, capsys, monkeypatch):
     assert out.count(", ") >= 5
     assert main(["interrogate", str(tmp_path / "missing.png"), "--lists", str(lists), "-q"]) == 2
     assert "nor an existing file" in capsys.readouterr().err
+
+
+def test_tensorrt_profiles_build_on_the_fake_and_run_at_their_ends(models, tmp_path):
+    """Each interrogator graph (as exported, before ONNX Runtime's optimisations) builds with the
+    declared profile on the TensorRT fake (inputs named as the spec, min <= opt <= max), every
+    profile shape fits the graph's ranks and fixed dimensions, and ONNX Runtime runs the graph at
+    the profile's smallest and largest shapes."""
+    import onnx
+    import onnxruntime as ort
+    import tensorrt_fake as fake
+
+    from sdrt.export.interrogator import export_graph, tensorrt_shapes
+    from sdrt.export.tensorrt import BuildOptions, build_engine
+
+    shapes = tensorrt_shapes(models)
+    for name, inputs in shapes.items():
+        path = export_graph(models, name, tmp_path / f"{name}.onnx")
+        plan = build_engine(fake.module(), path, name, inputs, BuildOptions(precision="fp32"))
+        assert plan.startswith(b"fake-plan|")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dims = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for end in (0, 2):
+            feed = {}
+            for input_name, triple in inputs.items():
+                shape = triple[end]
+                assert len(shape) == len(dims[input_name])
+                assert all(d is None or d == s for d, s in zip(dims[input_name], shape)), (name, input_name)
+                feed[input_name] = (np.ones(shape, np.int64) if input_name == "input_ids"
+                                    else np.zeros(shape, np.float32))
+            out = session.run(None, feed)[0]
+            assert out.shape[0] == next(iter(inputs.values()))[end][0]
+
+
+def test_a_folder_in_transformers_layout_loads_the_same_model(models, tmp_path):
+    root = tmp_path / "interrogator"
+    models.clip.save_pretrained(root / "clip")
+    models.clip_tokenizer.save_pretrained(root / "clip")
+    models.blip.save_pretrained(root / "blip")
+    models.blip_tokenizer.save_pretrained(root / "blip")
+    loaded = load_models(root)
+    assert loaded.name == str(root) and loaded.clip_size == models.clip_size
+    assert loaded.model_hash == load_models(root).model_hash              # from the files, stable
+    img = image(11)
+    a, b = (create_towers("torch", m, "cpu") for m in (models, loaded))
+    np.testing.assert_array_equal(a.clip_image(models.clip_pixels(img)), b.clip_image(loaded.clip_pixels(img)))
+    assert loaded.blip_tokenizer("a picture of ").input_ids == models.blip_tokenizer("a picture of ").input_ids
+    assert loaded.blip_tokenizer.bos_token_id == models.blip_tokenizer.bos_token_id
+    # the two folders apart; a CLIP folder without tokenizer files gets the CLIP vocabulary
+    for p in (root / "clip").glob("*"):
+        if p.name not in ("config.json",) and p.suffix not in (".safetensors", ".bin"):
+            p.unlink()
+    apart = load_models(None, clip=root / "clip", blip=root / "blip")
+    assert apart.clip_tokenizer("a cat").input_ids == models.clip_tokenizer("a cat").input_ids
+    with pytest.raises(ValueError, match="no config.json"):
+        load_models(None, clip=tmp_path, blip=root / "blip")
+    (root / "blip" / "tokenizer.json").unlink()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        if (root / "blip" / name).is_file():
+            (root / "blip" / name).unlink()
+    with pytest.raises(ValueError, match="tokenizer files"):
+        load_models(None, clip=root / "clip", blip=root / "blip")

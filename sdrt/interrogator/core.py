@@ -16,7 +16,7 @@ lengths from the web UI's options). Rankings are exact top-k over cached feature
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,10 @@ from .towers import create_towers
 MODES = ("classic", "fast", "best", "negative")
 CAPTION_PROMPT = "a picture of "        # the web UI's BLIP prompt, cut from the caption
 MAX_TOKENS = 75                         # CLIP's text window without its start and end tokens
+# the web UI's option names -> InterrogateOptions fields
+WEBUI_OPTIONS = {"interrogate_clip_num_beams": "num_beams", "interrogate_clip_min_length": "min_length",
+                 "interrogate_clip_max_length": "max_length", "interrogate_clip_dict_limit": "dict_limit",
+                 "interrogate_return_ranks": "return_ranks", "interrogate_clip_skip_categories": "skip_categories"}
 
 
 @dataclass
@@ -55,10 +59,6 @@ class InterrogateOptions:
     flavor_intermediate_count: int = 2048    # clip-interrogator: candidates the chains search
     min_flavors: int = 8
     max_flavors: int = 32
-    webui_names: dict = field(default_factory=lambda: {
-        "interrogate_clip_num_beams": "num_beams", "interrogate_clip_min_length": "min_length",
-        "interrogate_clip_max_length": "max_length", "interrogate_clip_dict_limit": "dict_limit",
-        "interrogate_return_ranks": "return_ranks", "interrogate_clip_skip_categories": "skip_categories"})
 
     def validate(self) -> "InterrogateOptions":
         checks = (("num_beams", 1, 16), ("min_length", 1, 512), ("max_length", 2, 512), ("dict_limit", 0, 10**7),
@@ -74,7 +74,7 @@ class InterrogateOptions:
     def with_webui(self, options: dict) -> "InterrogateOptions":
         """A copy with the web UI's option values (unknown keys are ignored)."""
         import dataclasses
-        changes = {self.webui_names[k]: v for k, v in options.items() if k in self.webui_names}
+        changes = {WEBUI_OPTIONS[k]: v for k, v in options.items() if k in WEBUI_OPTIONS}
         if "skip_categories" in changes:
             changes["skip_categories"] = tuple(changes["skip_categories"] or ())
         return dataclasses.replace(self, **changes).validate()
@@ -189,7 +189,8 @@ class Interrogator:
         return [(table.labels[i], float(sims[i])) for i in order]
 
     def similarities(self, features: np.ndarray, texts) -> np.ndarray:
-        return self.text_features(texts) @ features.astype(np.float32)
+        """Cosine similarities of ``texts`` (encoded in batches of the cache's size) to ``features``."""
+        return self.cache.compute(list(texts)) @ features.astype(np.float32)
 
     # ------------------------------------------------------------------ modes
 

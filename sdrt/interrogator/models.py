@@ -187,15 +187,19 @@ def _folder_hash(folder: Path) -> str:
     return h.hexdigest()[:10]
 
 
+def _has_tokenizer(folder: Path, files: tuple[str, ...]) -> bool:
+    return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in files)
+
+
 def _load_clip(folder: Path):
     from transformers import CLIPModel, CLIPTokenizer
 
     if not (folder / "config.json").is_file():
         raise ModelError(f"{str(folder)!r} is not a CLIP model in transformers' layout (no config.json)")
     clip = _prepare(CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=None))
-    try:
+    if _has_tokenizer(folder, ("vocab.json", "merges.txt")):
         tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError):     # no tokenizer files: every OpenAI/OpenCLIP CLIP has this vocabulary
+    else:       # no tokenizer files (transformers would make an empty one): every OpenAI/OpenCLIP CLIP has this vocabulary
         tok = clip_tokenizer()
     mean, std = CLIP_MEAN, CLIP_STD
     pre = folder / "preprocessor_config.json"
@@ -211,10 +215,12 @@ def _load_blip(folder: Path):
     if not (folder / "config.json").is_file():
         raise ModelError(f"{str(folder)!r} is not a BLIP model in transformers' layout (no config.json)")
     blip = _prepare(BlipForConditionalGeneration.from_pretrained(str(folder), local_files_only=True))
+    if not _has_tokenizer(folder, ("vocab.txt",)):
+        raise ModelError(f"{str(folder)!r}: BLIP's tokenizer files (tokenizer.json or vocab.txt) are missing")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{str(folder)!r}: BLIP's tokenizer files are missing or unreadable ({e})") from None
+        raise ModelError(f"{str(folder)!r}: BLIP's tokenizer files are unreadable ({e})") from None
     return blip, tok
 
 
