@@ -18,9 +18,9 @@ import sdrt  # noqa: E402
 from sdrt.server import ServerConfig, ServerState, create_app  # noqa: E402
 
 
-def b64png(img) -> str:
+def _b64(img, fmt="PNG") -> str:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -43,7 +43,7 @@ def client(state):
 
 def test_interrogate_answers_the_classic_prompt(client, state):
     img = image(2)
-    r = client.post("/sdapi/v1/interrogate", json={"image": "data:image/png;base64," + b64png(img), "model": "clip"})
+    r = client.post("/sdapi/v1/interrogate", json={"image": "data:image/png;base64," + _b64(img), "model": "clip"})
     assert r.status_code == 200, r.text
     caption = r.json()["caption"]
     # the same prompt as the library's classic mode with the server's lists
@@ -53,7 +53,7 @@ def test_interrogate_answers_the_classic_prompt(client, state):
 
 
 def test_interrogate_follows_the_webuis_options(client):
-    img = b64png(image(3))
+    img = _b64(image(3))
     r = client.post("/sdapi/v1/options", json={"interrogate_return_ranks": True, "interrogate_clip_dict_limit": 3})
     assert r.status_code == 200, r.text
     try:
@@ -71,6 +71,8 @@ def test_interrogate_follows_the_webuis_options(client):
 
 @pytest.mark.parametrize("body, status, text", [
     ({"image": "bm90IGFuIGltYWdl"}, 422, "not a readable image"),
+    ({"image": _b64(image(0, 1, 1))}, 422, "too small"),
+    ({"image": _b64(image(0).convert("CMYK"), "JPEG")}, 422, "pixel format"),
     ({"image": ""}, 422, "image"),
     ({"image": "/etc/hostname"}, 422, "not base64"),           # never a path on the server
     ({"image": "AAAA", "model": "deepdanbooru"}, 404, "Model not found"),
