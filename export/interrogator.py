@@ -1,11 +1,17 @@
 """The interrogator's networks as export specs, graph modules and an engine folder: CLIP's image
-and text towers (projected features), BLIP's vision encoder and its text decoder (the next
-token's logits over the whole prefix: no key/value cache, captions are at most a few dozen
-tokens). Built like the diffusion networks (``build.py``: keyed artifacts, manifest, staging,
-lock), and declared for TensorRT by their profiles (``tensorrt_shapes``).
+and text towers (projected features), BLIP's vision encoder, the cross-attention keys and
+values of its decoder (once per image) and one decoder step over a key/value cache. Built like
+the diffusion networks (``build.py``: keyed artifacts, manifest, staging, lock), and declared
+for TensorRT by their profiles (``tensorrt_shapes``).
+
+Symbolic dimensions: ``B`` images, ``S`` image size, ``D`` CLIP's feature width, ``N`` texts,
+``T`` tokens (CLIP: up to 77, the longest text of a batch: see ``ClipTextGraph``; BLIP: new
+tokens), ``P``/``C`` BLIP's image tokens and width, ``K`` beams, ``L`` decoder layers, ``H``
+heads, ``E`` head width, ``R`` cached tokens, ``V`` vocabulary.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -30,15 +36,18 @@ from .specs import NetworkSpec, TensorSpec, spec_fingerprint
 
 CLIP_IMAGE = NetworkSpec("clip_image", inputs=(TensorSpec("pixel_values", ("B", 3, "S", "S")),),
                          outputs=(TensorSpec("image_embeds", ("B", "D")),))
-CLIP_TEXT = NetworkSpec("clip_text", inputs=(TensorSpec("input_ids", ("N", 77), "int64"),),
+CLIP_TEXT = NetworkSpec("clip_text", inputs=(TensorSpec("input_ids", ("N", "T"), "int64"),),
                         outputs=(TensorSpec("text_embeds", ("N", "D")),))
 BLIP_VISION = NetworkSpec("blip_vision", inputs=(TensorSpec("pixel_values", ("B", 3, "S", "S")),),
                           outputs=(TensorSpec("image_embeds", ("B", "P", "C")),))
-BLIP_DECODER = NetworkSpec("blip_decoder",
-                           inputs=(TensorSpec("input_ids", ("K", "T"), "int64"),
-                                   TensorSpec("image_embeds", ("K", "P", "C"))),
-                           outputs=(TensorSpec("logits", ("K", "V")),))
-INTERROGATOR_NETWORKS = {s.name: s for s in (CLIP_IMAGE, CLIP_TEXT, BLIP_VISION, BLIP_DECODER)}
+BLIP_CROSS = NetworkSpec("blip_cross", inputs=(TensorSpec("image_embeds", (1, "P", "C")),),
+                         outputs=(TensorSpec("cross", ("L", 2, 1, "H", "P", "E")),))
+BLIP_STEP = NetworkSpec("blip_step",
+                        inputs=(TensorSpec("input_ids", ("K", "T"), "int64"),
+                                TensorSpec("past", ("L", 2, "K", "H", "R", "E")),
+                                TensorSpec("cross", ("L", 2, 1, "H", "P", "E"))),
+                        outputs=(TensorSpec("logits", ("K", "V")), TensorSpec("present", ("L", 2, "K", "H", "RT", "E"))))
+INTERROGATOR_NETWORKS = {s.name: s for s in (CLIP_IMAGE, CLIP_TEXT, BLIP_VISION, BLIP_CROSS, BLIP_STEP)}
 FORMAT = 1
 
 
@@ -52,6 +61,10 @@ class ClipImageGraph(torch.nn.Module):
 
 
 class ClipTextGraph(torch.nn.Module):
+    """ids (N, T) -> projected features at each text's end token. CLIP's text tower is causal, so
+    a batch needs only its longest text's tokens (T <= 77), not 77: the end token's output does
+    not depend on what follows it (the term lists' texts are mostly under 10 tokens)."""
+
     def __init__(self, clip):
         super().__init__()
         self.clip = clip
@@ -69,25 +82,88 @@ class BlipVisionGraph(torch.nn.Module):
         return self.blip.vision_model(pixel_values=pixel_values)[0]
 
 
-class BlipDecoderGraph(torch.nn.Module):
-    """(ids (K, T), image embeddings (K, P, C)) -> the logits of the token after the last (K, V)."""
+def _heads(x, heads: int):
+    """(K, T, H*E) -> (K, H, T, E)"""
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+class BlipCrossGraph(torch.nn.Module):
+    """One image's tokens (1, P, C) -> every decoder layer's cross-attention keys and values
+    (L, 2, 1, H, P, E): computed once per caption instead of at every step."""
 
     def __init__(self, blip):
         super().__init__()
-        self.decoder = blip.text_decoder
+        self.layers = blip.text_decoder.bert.encoder.layer
+        self.heads = int(blip.config.text_config.num_attention_heads)
 
-    def forward(self, input_ids, image_embeds):
-        out = self.decoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                           encoder_hidden_states=image_embeds, use_cache=False, return_dict=True)
-        return out.logits[:, -1, :]
+    def forward(self, image_embeds):
+        out = []
+        for layer in self.layers:
+            att = layer.crossattention.self
+            out.append(torch.stack([_heads(att.key(image_embeds), self.heads),
+                                    _heads(att.value(image_embeds), self.heads)]))
+        return torch.stack(out)
+
+
+class BlipStepGraph(torch.nn.Module):
+    """One decoder call over a key/value cache: new tokens (K, T) after R cached ones (``past``,
+    (L, 2, K, H, R, E); R may be 0) and the image's cross keys/values -> the logits of the token
+    after the last (K, V) and the cache extended by the new tokens. The computation of
+    transformers' BLIP text decoder (BERT layers: self-attention, cross-attention, feed-forward,
+    each with a residual LayerNorm; absolute positions), written over its modules' weights."""
+
+    def __init__(self, blip):
+        super().__init__()
+        self.bert = blip.text_decoder.bert
+        self.head = blip.text_decoder.cls.predictions
+        self.heads = int(blip.config.text_config.num_attention_heads)
+
+    def _attend(self, q, k, v, mask=None):
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores + mask
+        ctx = scores.softmax(-1) @ v                                  # (K, H, T, E)
+        return ctx.transpose(1, 2).reshape(ctx.shape[0], ctx.shape[2], -1)
+
+    def forward(self, input_ids, past, cross):
+        emb = self.bert.embeddings
+        cached, new = past.shape[4], input_ids.shape[1]
+        positions = torch.arange(new, device=input_ids.device) + cached
+        h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions)[None])
+        # new token i sees every cached token and the new ones up to itself
+        rows = torch.arange(new, device=input_ids.device)[:, None] + cached
+        cols = torch.arange(cached + new, device=input_ids.device)[None, :]
+        mask = torch.where(cols <= rows, 0.0, torch.finfo(h.dtype).min).to(h.dtype)
+        present = []
+        for i, layer in enumerate(self.bert.encoder.layer):
+            sa = layer.attention.self
+            k = torch.cat([past[i, 0], _heads(sa.key(h), self.heads)], dim=2)
+            v = torch.cat([past[i, 1], _heads(sa.value(h), self.heads)], dim=2)
+            present.append(torch.stack([k, v]))
+            a = layer.attention.output
+            h = a.LayerNorm(a.dense(self._attend(_heads(sa.query(h), self.heads), k, v, mask)) + h)
+            ca = layer.crossattention
+            ctx = self._attend(_heads(ca.self.query(h), self.heads), cross[i, 0], cross[i, 1])
+            h = ca.output.LayerNorm(ca.output.dense(ctx) + h)
+            inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
+            h = layer.output.LayerNorm(layer.output.dense(inner) + h)
+        return self.head(h[:, -1]), torch.stack(present)
 
 
 def graph_module(models, name: str) -> torch.nn.Module:
     graphs = {"clip_image": lambda: ClipImageGraph(models.clip), "clip_text": lambda: ClipTextGraph(models.clip),
-              "blip_vision": lambda: BlipVisionGraph(models.blip), "blip_decoder": lambda: BlipDecoderGraph(models.blip)}
+              "blip_vision": lambda: BlipVisionGraph(models.blip), "blip_cross": lambda: BlipCrossGraph(models.blip),
+              "blip_step": lambda: BlipStepGraph(models.blip)}
     if name not in graphs:
         raise ValueError(f"interrogator network {name!r} is unknown; valid: {', '.join(graphs)}")
     return graphs[name]().eval()
+
+
+def decoder_dims(models) -> tuple[int, int, int]:
+    """(layers, heads, head width) of BLIP's text decoder: the cache's shape."""
+    cfg = models.blip.config.text_config
+    heads = int(cfg.num_attention_heads)
+    return int(cfg.num_hidden_layers), heads, int(cfg.hidden_size) // heads
 
 
 def sample_inputs(models, name: str) -> tuple:
@@ -95,13 +171,17 @@ def sample_inputs(models, name: str) -> tuple:
     if name == "clip_image":
         return (torch.randn(1, 3, models.clip_size, models.clip_size, generator=g),)
     if name == "clip_text":
-        return (torch.randint(0, int(models.clip.config.text_config.vocab_size), (2, 77), generator=g),)
+        return (torch.randint(0, int(models.clip.config.text_config.vocab_size), (2, 7), generator=g),)
     if name == "blip_vision":
         return (torch.randn(1, 3, models.blip_size, models.blip_size, generator=g),)
     with torch.no_grad():
         embeds = models.blip.vision_model(pixel_values=sample_inputs(models, "blip_vision")[0])[0]
-    ids = torch.randint(0, int(models.blip.config.text_config.vocab_size), (2, 5), generator=g)
-    return ids, embeds.expand(2, -1, -1).contiguous()
+        if name == "blip_cross":
+            return (embeds,)
+        cross = BlipCrossGraph(models.blip)(embeds)
+    layers, heads, width = decoder_dims(models)
+    ids = torch.randint(0, int(models.blip.config.text_config.vocab_size), (2, 2), generator=g)
+    return ids, torch.randn(layers, 2, 2, heads, 3, width, generator=g), cross
 
 
 def export_graph(models, name: str, path: Path, opset: int = OPSET) -> Path:
@@ -180,17 +260,21 @@ BEAMS = (1, 1, 8)
 
 def tensorrt_shapes(models, max_length: int = 64) -> dict[str, dict[str, tuple]]:
     """{network: {input: (min, opt, max) shape}}: one image for the towers and BLIP's encoder,
-    up to 1024 texts for CLIP's text tower, up to 8 beams of up to ``max_length`` tokens for the
-    decoder (BLIP's image tokens are fixed by its image size)."""
+    up to 1024 texts of up to 77 tokens for CLIP's text tower, up to 8 beams for the decoder
+    step, which takes the prompt (up to 16 tokens) over an empty cache, then one token over up
+    to ``max_length`` cached ones (an empty dimension: TensorRT supports them). BLIP's image
+    tokens are fixed by its image size."""
     cs, bs = models.clip_size, models.blip_size
     vcfg = models.blip.config.vision_config
-    tokens = (bs // int(vcfg.patch_size)) ** 2 + 1
-    width = int(vcfg.hidden_size)
-    one = ((1, 3, cs, cs),) * 3
+    tokens, width = (bs // int(vcfg.patch_size)) ** 2 + 1, int(vcfg.hidden_size)
+    layers, heads, head = decoder_dims(models)
+    cross = (layers, 2, 1, heads, tokens, head)
     return {
-        "clip_image": {"pixel_values": one},
-        "clip_text": {"input_ids": tuple((n, 77) for n in TEXT_BATCH)},
+        "clip_image": {"pixel_values": ((1, 3, cs, cs),) * 3},
+        "clip_text": {"input_ids": ((1, 1), (256, 8), (1024, 77))},
         "blip_vision": {"pixel_values": ((1, 3, bs, bs),) * 3},
-        "blip_decoder": {"input_ids": tuple((k, t) for k, t in zip(BEAMS, (1, 16, max_length))),
-                         "image_embeds": tuple((k, tokens, width) for k in BEAMS)},
+        "blip_cross": {"image_embeds": ((1, tokens, width),) * 3},
+        "blip_step": {"input_ids": ((1, 1), (1, 1), (BEAMS[2], 16)),
+                      "past": tuple((layers, 2, k, heads, r, head) for k, r in zip(BEAMS, (0, 16, max_length))),
+                      "cross": (cross,) * 3},
     }

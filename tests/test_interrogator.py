@@ -222,13 +222,20 @@ def test_package_lists_and_clip_interrogator_tables():
 
 
 def test_default_lists_classic_uses_the_webuis_four(models, tmp_path):
+    """The package's lists: the classic format ranks the four the web UI downloads (not the
+    negative terms), each over its first dict_limit terms."""
+    from sdrt.interrogator.terms import WEBUI_CATEGORIES
     it = Interrogator(models, create_towers("torch", models, "cpu"), None, cache_dir=tmp_path,
                       options=InterrogateOptions(dict_limit=40))
-    it.categories = ("mediums", "movements")          # keep the test fast: two of the web UI's four
-    out = it.interrogate(image(8))
-    assert out.count(", ") >= 2
-    from sdrt.interrogator.terms import WEBUI_CATEGORIES
-    assert "negative" not in WEBUI_CATEGORIES
+    assert it.categories == WEBUI_CATEGORIES == ("artists", "flavors", "mediums", "movements")
+    img = image(8)
+    caption, features = it.caption(img), it.image_features(img)
+    expected = caption
+    for name in WEBUI_CATEGORIES:
+        head = list(it.lists[name].items[:40])
+        sims = it.text_features(head).astype(np.float16).astype(np.float64) @ features     # as the cache keeps them
+        expected += ", " + head[int(np.argmax(sims))]
+    assert it.interrogate(img) == expected
 
 
 def _png(img, **kw):
@@ -307,7 +314,9 @@ def test_tensorrt_profiles_cover_what_runs(models, it):
         for lo, opt, hi in inputs.values():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     embeds = it.towers.blip_vision(models.blip_pixels(image(0)))
-    assert shapes["blip_decoder"]["image_embeds"][0][1:] == embeds.shape[1:]
+    assert shapes["blip_cross"]["image_embeds"][0][1:] == embeds.shape[1:]
+    cross = it.towers.blip_cross(embeds)
+    assert shapes["blip_step"]["cross"][0] == cross.shape
 
 
 def test_cli_interrogate(lists, tmp_path, capsys, monkeypatch):
@@ -350,8 +359,11 @@ def test_tensorrt_profiles_build_on_the_fake_and_run_at_their_ends(models, tmp_p
                 assert all(d is None or d == s for d, s in zip(dims[input_name], shape)), (name, input_name)
                 feed[input_name] = (np.ones(shape, np.int64) if input_name == "input_ids"
                                     else np.zeros(shape, np.float32))
-            out = session.run(None, feed)[0]
-            assert out.shape[0] == next(iter(inputs.values()))[end][0]
+            outputs = session.run(None, feed)
+            assert all(np.isfinite(o).all() for o in outputs)
+            if name == "blip_step":          # logits per beam; the cache grows by the new tokens
+                k, t = inputs["input_ids"][end]
+                assert outputs[0].shape[0] == k and outputs[1].shape[4] == inputs["past"][end][4] + t
 
 
 def test_a_folder_in_transformers_layout_loads_the_same_model(models, tmp_path):
@@ -382,3 +394,38 @@ def test_a_folder_in_transformers_layout_loads_the_same_model(models, tmp_path):
             (root / "blip" / name).unlink()
     with pytest.raises(ValueError, match="tokenizer files"):
         load_models(None, clip=root / "clip", blip=root / "blip")
+
+
+def test_short_batches_equal_77_token_features(it, models):
+    """Texts are encoded in length-sorted batches as long as their longest text: the same
+    features as CLIP's 77-token windows (padding after the end token changes nothing)."""
+    texts = ["a", "a red boat on a quiet lake at dawn", "cat", ", ".join(["golden hour"] * 40), "an oil painting"]
+    with torch.no_grad():
+        ids = models.clip_tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                                    return_tensors="pt").input_ids
+        ref = models.clip.text_projection(models.clip.text_model(input_ids=ids).pooler_output).numpy()
+    ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+    old = it.chunk
+    try:
+        it.chunk = 2                       # several batches of different lengths
+        np.testing.assert_allclose(it.text_features(texts), ref, atol=2e-6)
+    finally:
+        it.chunk = old
+
+
+def test_the_decoder_runs_only_new_tokens_after_the_prompt(it):
+    calls = []
+    step = it.towers.blip_step
+
+    def recording(ids, past, cross):
+        calls.append((ids.shape, past.shape[4]))
+        return step(ids, past, cross)
+    it.towers.blip_step = recording
+    try:
+        for beams in (1, 3):
+            calls.clear()
+            it.caption(image(12), num_beams=beams, min_length=10, max_length=16)
+            assert calls[0][1] == 0 and calls[0][0][1] == 4           # the prompt, over an empty cache
+            assert all(shape[1] == 1 and cached == 3 + i for i, (shape, cached) in enumerate(calls[1:], 1))
+    finally:
+        del it.towers.blip_step

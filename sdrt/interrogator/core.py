@@ -34,7 +34,7 @@ from .terms import (
     package_data,
     read_folder,
 )
-from .towers import create_towers
+from .towers import CachedDecoder, create_towers
 
 MODES = ("classic", "fast", "best", "negative")
 CAPTION_PROMPT = "a picture of "        # the web UI's BLIP prompt, cut from the caption
@@ -82,18 +82,25 @@ class InterrogateOptions:
 
 class Interrogator:
     """Image -> prompt. ``Interrogator.from_pretrained("random:interrogator-tiny")``, then
-    ``interrogate(image, mode="classic")``; ``caption(image)``, ``rank(image, list, top)``."""
+    ``interrogate(image, mode="classic")``; ``caption(image)``, ``image_features(image)``,
+    ``rank(features, table(name), top)``."""
 
     def __init__(self, models: InterrogatorModels, towers, lists: dict[str, TermList] | None = None,
-                 cache_dir=None, options: InterrogateOptions | None = None, chunk: int = 1024):
-        self.models, self.towers = models, towers
-        # the web UI's categories: every list of a folder it is given; of the package's lists, the
-        # four the web UI downloads into interrogate/ (not clip-interrogator's negative terms)
-        self.categories = tuple(lists) if lists is not None else WEBUI_CATEGORIES
-        self.lists = lists if lists is not None else read_folder(package_data())
+                 cache_dir=None, options: InterrogateOptions | None = None, chunk: int = 1024,
+                 categories=None):
+        """``lists``: the term lists by name (default: the clip-interrogator package's);
+        ``categories``: the lists the classic format ranks (default: every given list, as the web
+        UI ranks every file of its interrogate/ folder; of the package's lists, the four the web
+        UI downloads there, not clip-interrogator's negative terms)."""
+        if lists is None:
+            lists = read_folder(package_data())
+            categories = WEBUI_CATEGORIES if categories is None else categories
+        self.models, self.towers, self.lists = models, towers, lists
+        self.categories = tuple(lists) if categories is None else tuple(categories)
         self.options = (options or InterrogateOptions()).validate()
+        self.chunk = int(chunk)               # texts per text-tower call
         self.cache = FeatureCache(Path(cache_dir) if cache_dir else cache_root() / "interrogator",
-                                  models.clip_hash, self.text_features, chunk)
+                                  models.clip_hash, self.text_features)
         self._ci: dict[str, TermList] | None = None
         self.timings: dict[str, float] = {}
 
@@ -106,19 +113,34 @@ class Interrogator:
         ``backend``: "torch" or "onnxruntime" (its graphs built into ``engine_dir`` once).
         ``lists``: a folder of ``*.txt`` term lists (default: the clip-interrogator package's)."""
         term_lists = read_folder(lists if lists is not None else package_data())   # before loading weights
+        categories = None if lists is not None else WEBUI_CATEGORIES
         models = load_models(model, clip=clip, blip=blip)
-        self = cls(models, create_towers(backend, models, device, engine_dir), term_lists, cache_dir, options)
-        if lists is None:
-            self.categories = WEBUI_CATEGORIES
-        return self
+        return cls(models, create_towers(backend, models, device, engine_dir), term_lists, cache_dir, options,
+                   categories=categories)
 
     # ------------------------------------------------------------------ features
 
     def text_features(self, texts) -> np.ndarray:
-        """(N, D) normalised CLIP text features; texts longer than CLIP's window are cut as CLIP cuts them."""
-        ids = self.models.clip_tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
-                                         return_tensors="np").input_ids
-        return _normalise(self.towers.clip_text(ids.astype(np.int64)))
+        """(N, D) normalised CLIP text features; texts longer than CLIP's window are cut as CLIP
+        cuts them. Texts are encoded in batches of ``chunk`` of similar token counts, each batch
+        as long as its longest text (the tower is causal: the end token's output does not depend
+        on the padding after it), so short terms cost their own tokens, not 77."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, int(self.models.clip.config.projection_dim)), np.float32)
+        tok = self.models.clip_tokenizer
+        ids = tok(texts, max_length=77, truncation=True).input_ids
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        order = np.argsort([len(i) for i in ids], kind="stable")
+        out = np.empty((len(texts), int(self.models.clip.config.projection_dim)), np.float32)
+        for start in range(0, len(order), self.chunk):
+            rows = order[start:start + self.chunk]
+            width = max(len(ids[r]) for r in rows)
+            batch = np.full((len(rows), width), pad, np.int64)
+            for j, r in enumerate(rows):
+                batch[j, :len(ids[r])] = ids[r]
+            out[rows] = self.towers.clip_text(batch)
+        return _normalise(out)
 
     def image_features(self, image) -> np.ndarray:
         """(D,) normalised CLIP image features of ``image`` (anything ``sdrt.images.load_image`` reads)."""
@@ -155,21 +177,20 @@ class Interrogator:
                 max_length: int | None = None) -> str:
         """BLIP's caption as the web UI makes it: the decoder starts from "a picture of ",
         which is cut from the result; greedy for one beam, else beam search."""
-        o = self.options
-        num_beams = o.num_beams if num_beams is None else num_beams
-        min_length = o.min_length if min_length is None else min_length
-        max_length = o.max_length if max_length is None else max_length
+        import dataclasses
+        given = {"num_beams": num_beams, "min_length": min_length, "max_length": max_length}
+        o = dataclasses.replace(self.options, **{k: v for k, v in given.items() if v is not None}).validate()
+        num_beams, min_length, max_length = o.num_beams, o.min_length, o.max_length
         pil = load_image(image)
         tok = self.models.blip_tokenizer
         prompt = tok(CAPTION_PROMPT).input_ids
         prompt = [tok.bos_token_id] + list(prompt[1:-1])          # [DEC] a picture of (BLIP's generate)
         if max_length <= len(prompt):
             raise ValueError(f"max_length {max_length} leaves no token after the caption prompt ({len(prompt)} tokens)")
+        from sdrt.export.interrogator import decoder_dims
         embeds = self.towers.blip_vision(self.models.blip_pixels(pil))
         eos, pad = int(self.models.blip.config.text_config.sep_token_id), int(tok.pad_token_id)
-
-        def step(ids):
-            return self.towers.blip_decoder(ids, np.repeat(embeds, ids.shape[0], axis=0))
+        step = CachedDecoder(self.towers, self.towers.blip_cross(embeds), decoder_dims(self.models))
         if num_beams == 1:
             ids = greedy(step, prompt, eos, min_length, max_length)
         else:
@@ -189,8 +210,8 @@ class Interrogator:
         return [(table.labels[i], float(sims[i])) for i in order]
 
     def similarities(self, features: np.ndarray, texts) -> np.ndarray:
-        """Cosine similarities of ``texts`` (encoded in batches of the cache's size) to ``features``."""
-        return self.cache.compute(list(texts)) @ features.astype(np.float32)
+        """Cosine similarities of ``texts`` to ``features``."""
+        return self.text_features(texts) @ features.astype(np.float32)
 
     # ------------------------------------------------------------------ modes
 

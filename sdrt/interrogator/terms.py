@@ -115,9 +115,9 @@ class FeatureTable:
 class FeatureCache:
     """Computes and keeps each list's features for one CLIP model (``clip_hash``)."""
 
-    def __init__(self, root, clip_hash: str, encode, chunk: int = 1024):
+    def __init__(self, root, clip_hash: str, encode):
         self.folder = Path(root) / clip_hash
-        self.encode, self.chunk = encode, int(chunk)
+        self.encode = encode             # texts -> (N, D) normalised features
         self.features: dict[str, np.ndarray] = {}      # list content hash -> features
         self.built: list[str] = []           # the lists computed (not read) in this process
 
@@ -147,7 +147,7 @@ class FeatureCache:
         path = self.path(terms)
         features = self._read(path, terms) if path.is_file() else None
         if features is None:
-            features = self.compute(terms.items)
+            features = self.encode(terms.items)
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, features=features.astype(np.float16), digest=np.array(terms.digest))
@@ -156,7 +156,3 @@ class FeatureCache:
             self.built.append(terms.name)
             logger.info("%s: %d term features computed and saved to %s", terms.name, len(terms.items), path)
         return features
-
-    def compute(self, texts) -> np.ndarray:
-        out = [self.encode(list(texts[i:i + self.chunk])) for i in range(0, len(texts), self.chunk)]
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -2,9 +2,13 @@
 into an engine folder (``sdrt.export.interrogator``). Both take and give numpy arrays:
 
     clip_image(pixels (B, 3, S, S)) -> (B, D)      projected, not normalised
-    clip_text(ids (N, 77) int64)    -> (N, D)
+    clip_text(ids (N, T) int64)     -> (N, D)      T <= 77: the batch's longest text
     blip_vision(pixels)             -> (B, P, C)   BLIP's image tokens
-    blip_decoder(ids (K, T), image tokens (K, P, C)) -> (K, V) the next token's logits
+    blip_cross(image tokens (1, P, C)) -> (L, 2, 1, H, P, E) the decoder's cross-attention keys/values
+    blip_step(ids (K, T), past (L, 2, K, H, R, E), cross) -> (logits (K, V), present (L, 2, K, H, R+T, E))
+
+``CachedDecoder`` turns ``blip_step`` into what the searches call (the next token's logits of
+whole sequences), keeping each sequence's cache.
 """
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ class TorchTowers:
     def __init__(self, models, device: torch.device):
         from sdrt.export.interrogator import graph_module
         self.device = device
-        self.graphs = {n: graph_module(models, n).to(device) for n in
-                       ("clip_image", "clip_text", "blip_vision", "blip_decoder")}
+        from sdrt.export.interrogator import INTERROGATOR_NETWORKS
+        self.graphs = {n: graph_module(models, n).to(device) for n in INTERROGATOR_NETWORKS}
 
     def _run(self, name, *arrays):
         with torch.inference_mode():
             out = self.graphs[name](*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays))
+        if isinstance(out, tuple):
+            return tuple(o.float().cpu().numpy() for o in out)
         return out.float().cpu().numpy()
 
     def clip_image(self, pixels):
@@ -39,8 +45,11 @@ class TorchTowers:
     def blip_vision(self, pixels):
         return self._run("blip_vision", pixels)
 
-    def blip_decoder(self, ids, image_embeds):
-        return self._run("blip_decoder", ids, image_embeds)
+    def blip_cross(self, image_embeds):
+        return self._run("blip_cross", image_embeds)
+
+    def blip_step(self, ids, past, cross):
+        return self._run("blip_step", ids, past, cross)
 
 
 class OnnxRuntimeTowers:
@@ -70,9 +79,44 @@ class OnnxRuntimeTowers:
     def blip_vision(self, pixels):
         return self.sessions["blip_vision"].run(None, {"pixel_values": pixels.astype(np.float32)})[0]
 
-    def blip_decoder(self, ids, image_embeds):
-        return self.sessions["blip_decoder"].run(None, {"input_ids": ids.astype(np.int64),
-                                                        "image_embeds": image_embeds.astype(np.float32)})[0]
+    def blip_cross(self, image_embeds):
+        return self.sessions["blip_cross"].run(None, {"image_embeds": image_embeds.astype(np.float32)})[0]
+
+    def blip_step(self, ids, past, cross):
+        logits, present = self.sessions["blip_step"].run(None, {"input_ids": ids.astype(np.int64),
+                                                                "past": past.astype(np.float32),
+                                                                "cross": cross.astype(np.float32)})
+        return logits, present
+
+
+class CachedDecoder:
+    """The next token's logits of whole sequences (K, T), from one decoder step per call: a row
+    whose first T-1 tokens are a row of the previous call (the search extended it) reuses that
+    row's cache and runs only its last token; anything else (the first call) runs in full."""
+
+    def __init__(self, towers, cross: np.ndarray, dims: tuple[int, int, int]):
+        self.towers, self.cross = towers, cross
+        self.layers, self.heads, self.width = dims
+        self.rows: np.ndarray | None = None
+        self.cache: np.ndarray | None = None
+
+    def _parents(self, ids: np.ndarray) -> list[int] | None:
+        if self.rows is None or ids.shape[1] != self.rows.shape[1] + 1:
+            return None
+        index = {tuple(r): i for i, r in enumerate(self.rows.tolist())}
+        parents = [index.get(tuple(r)) for r in ids[:, :-1].tolist()]
+        return None if any(p is None for p in parents) else parents
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        parents = self._parents(ids)
+        if parents is None:
+            past = np.zeros((self.layers, 2, ids.shape[0], self.heads, 0, self.width), np.float32)
+            new = ids
+        else:
+            past, new = self.cache[:, :, parents], ids[:, -1:]
+        logits, self.cache = self.towers.blip_step(np.ascontiguousarray(new), np.ascontiguousarray(past), self.cross)
+        self.rows = ids.copy()
+        return logits
 
 
 def create_towers(backend: str, models, device, engine_dir=None):
