@@ -16,6 +16,16 @@ def default_engine_dir(components, *tags: str) -> Path:
     return cache_root() / "engines" / "-".join((components.model_hash, *tags))
 
 
+def package_folder(package: str) -> Path | None:
+    """The folder of an installed package whose data files sdrt reads, found without importing
+    it (open_clip's and clip_interrogator's imports would pull torchvision); None when absent."""
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def files_under(folder, suffixes) -> list[Path]:
     """The files under ``folder`` (recursively, sorted) whose extension is one of ``suffixes``: what
     the model, LoRA, embedding and VAE folders offer (nothing for no folder)."""

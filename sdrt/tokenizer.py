@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import os
 import weakref
 from dataclasses import dataclass
@@ -22,16 +21,17 @@ CHUNK = MAX_LENGTH - 2  # tokens of text per 77-token window
 
 
 def _bpe_vocab_path() -> Path:
+    from .paths import package_folder
     override = os.environ.get("SDRT_CLIP_BPE")
     if override:
         return Path(override)
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder("open_clip")
+    if folder is None:
         raise RuntimeError(
             "the CLIP vocabulary was not found: install it with "
             "`pip install --no-deps open_clip_torch==3.3.0` (only its data file is used), "
             "or point SDRT_CLIP_BPE at a bpe_simple_vocab_16e6.txt.gz")
-    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    return folder / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: scripts/setup.sh test installs it")
 from fastapi.testclient import TestClient  # noqa: E402
+from live_server import live_server  # noqa: E402 - tests/ is on the path
 
 import sdrt  # noqa: E402
 from sdrt.server import ServerConfig, ServerState, create_app  # noqa: E402
@@ -121,25 +119,10 @@ def test_a_tiny_image_is_refused_with_its_size(client):
     assert r.status_code == 422 and "1x1 is too small" in r.json()["detail"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_webuiapi_img2img(state):
     webuiapi = pytest.importorskip("webuiapi")
-    import uvicorn
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state=state), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with live_server(create_app(state=state)) as port:
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
         r = api.img2img(images=[_image(4)], prompt="a lighthouse", seed=9, denoising_strength=0.5,
                         sampler_name="Euler", **SMALL)
@@ -157,9 +140,6 @@ def test_webuiapi_img2img(state):
         hr = api.txt2img(prompt="a lighthouse", seed=1, enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
                          sampler_name="Euler", **SMALL)
         assert hr.image.size == (96, 96) and "Hires upscale: 1.5" in hr.image.info["parameters"]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_image_routes_take_larger_bodies(client):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: scripts/setup.sh test installs it")
 from fastapi.testclient import TestClient  # noqa: E402
 from interrogator_files import image, write_lists  # noqa: E402 - tests/ is on the path
-from test_server_img2img import _free_port  # noqa: E402
+from live_server import live_server  # noqa: E402
 
 import sdrt  # noqa: E402
 from sdrt.server import ServerConfig, ServerState, create_app  # noqa: E402
@@ -86,21 +84,9 @@ def test_interrogate_refuses_bad_requests(client, body, status, text):
 @pytest.mark.slow
 def test_webuiapi_interrogate(state):
     webuiapi = pytest.importorskip("webuiapi")
-    import uvicorn
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state=state), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with live_server(create_app(state=state)) as port:
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
         img = image(4)
         r = api.interrogate(img)
         lib = sdrt.Interrogator.from_pretrained("random:interrogator-tiny", lists=state.config.interrogator_lists)
         assert r.info == lib.interrogate(img, mode="classic")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -14,7 +14,6 @@ never used.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -44,16 +43,17 @@ class TermList:
 
 
 def package_data() -> Path:
-    """The folder of the ``clip-interrogator`` package's term lists."""
+    """The folder of the ``clip-interrogator`` package's term lists ($SDRT_INTERROGATOR_LISTS when set)."""
+    from ..paths import package_folder
     override = os.environ.get("SDRT_INTERROGATOR_LISTS")
     if override:
         return Path(override)
-    spec = importlib.util.find_spec("clip_interrogator")
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder("clip_interrogator")
+    if folder is None:
         raise ValueError("the interrogator's term lists were not found: install them with "
                          "`pip install --no-deps clip-interrogator==0.6.0` (only its data files are read), "
                          "or point SDRT_INTERROGATOR_LISTS (or lists=) at a folder of .txt files")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return folder / "data"
 
 
 def read_list(path: Path) -> TermList:
