@@ -278,6 +278,9 @@ def test_options_and_modes_are_checked(it):
     with pytest.raises(ValueError, match="min_length"):
         InterrogateOptions(min_length=50, max_length=40).validate()
     assert InterrogateOptions().with_webui({"interrogate_clip_num_beams": 3, "other": 1}).num_beams == 3
+    assert InterrogateOptions().with_webui({"interrogate_clip_skip_categories": ["a"]}).skip_categories == ("a",)
+    with pytest.raises(ValueError, match="skip_categories"):
+        InterrogateOptions().with_webui({"interrogate_clip_skip_categories": "movements"})
     with pytest.raises(ValueError, match="unknown"):
         it.table("nonexistent")
     with pytest.raises(ValueError, match="random:interrogator"):
@@ -429,3 +432,28 @@ def test_the_decoder_runs_only_new_tokens_after_the_prompt(it):
             assert all(shape[1] == 1 and cached == 3 + i for i, (shape, cached) in enumerate(calls[1:], 1))
     finally:
         del it.towers.blip_step
+
+
+def test_openclip_style_text_towers_batch_exactly(tmp_path):
+    """OpenCLIP's towers (SD 2.x's ViT-H, SDXL's bigG) as transformers folders: gelu, the legacy
+    end-token rule (pooling at the largest id), padding with id 0. Short batches stay exact."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from sdrt.tokenizer import OPENCLIP_PAD, clip_tokenizer
+    models = random_models("interrogator-tiny")
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=49408, max_position_embeddings=77, hidden_act="gelu",
+                                      eos_token_id=2, bos_token_id=0, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8, hidden_act="gelu"),
+                     projection_dim=24)
+    torch.manual_seed(3)
+    models.clip, models.clip_tokenizer = CLIPModel(cfg).eval(), clip_tokenizer(OPENCLIP_PAD)
+    it = Interrogator(models, create_towers("torch", models, "cpu"), {}, cache_dir=tmp_path, chunk=2)
+    texts = ["a", "a castle in the clouds, matte painting", "fog", "by an unknown artist"]
+    with torch.no_grad():
+        ids = models.clip_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert (ids == 0).any()                           # padded with 0, as OpenCLIP pads
+        ref = models.clip.text_projection(models.clip.text_model(input_ids=ids).pooler_output).numpy()
+    np.testing.assert_allclose(it.text_features(texts), ref / np.linalg.norm(ref, axis=-1, keepdims=True), atol=2e-6)
+    assert it.image_features(image(0)).shape == (24,)

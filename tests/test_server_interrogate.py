@@ -90,3 +90,17 @@ def test_webuiapi_interrogate(state):
         r = api.interrogate(img)
         lib = sdrt.Interrogator.from_pretrained("random:interrogator-tiny", lists=state.config.interrogator_lists)
         assert r.info == lib.interrogate(img, mode="classic")
+
+
+def test_a_misconfigured_interrogator_is_the_servers_error(tiny, tmp_path):
+    st = ServerState(ServerConfig(interrogator_lists=str(tmp_path / "missing")),
+                     pipe=sdrt.Pipeline(tiny.components, tiny.backend))
+    try:
+        with TestClient(create_app(state=st)) as c:
+            r = c.post("/sdapi/v1/interrogate", json={"image": _b64(image(1))})
+            assert r.status_code == 503 and "could not be loaded" in r.json()["detail"], r.text
+            r = c.post("/sdapi/v1/options", json={"interrogate_clip_skip_categories": "movements"})
+            r = c.post("/sdapi/v1/interrogate", json={"image": _b64(image(1))})
+            assert r.status_code == 422 and "skip_categories" in r.json()["detail"], r.text
+    finally:
+        st.engine.close()

@@ -67,6 +67,10 @@ class InterrogateOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"interrogation option {name} must be an integer in {lo}..{hi}, got {value!r}")
+        if not isinstance(self.skip_categories, (tuple, list)) or \
+                not all(isinstance(c, str) for c in self.skip_categories):
+            raise ValueError(f"interrogation option skip_categories must be a list of list names, "
+                             f"got {self.skip_categories!r}")
         if self.min_length > self.max_length:
             raise ValueError(f"interrogation min_length {self.min_length} exceeds max_length {self.max_length}")
         return self
@@ -75,8 +79,8 @@ class InterrogateOptions:
         """A copy with the web UI's option values (unknown keys are ignored)."""
         import dataclasses
         changes = {WEBUI_OPTIONS[k]: v for k, v in options.items() if k in WEBUI_OPTIONS}
-        if "skip_categories" in changes:
-            changes["skip_categories"] = tuple(changes["skip_categories"] or ())
+        if isinstance(changes.get("skip_categories"), list):
+            changes["skip_categories"] = tuple(changes["skip_categories"])
         return dataclasses.replace(self, **changes).validate()
 
 

@@ -569,8 +569,12 @@ class Interrogation:
             if self.interrogator is None:
                 cfg = self.config
                 backend = cfg.backend if cfg.backend in ("torch", "onnxruntime") else "torch"
-                self.interrogator = Interrogator.from_pretrained(cfg.interrogator, backend=backend, device=cfg.device,
-                                                                 lists=cfg.interrogator_lists)
+                try:
+                    self.interrogator = Interrogator.from_pretrained(cfg.interrogator, backend=backend,
+                                                                     device=cfg.device, lists=cfg.interrogator_lists)
+                except (ValueError, RuntimeError, OSError) as e:     # the server's configuration, not the request
+                    raise APIError(503, "InterrogatorUnavailable", f"the interrogator could not be loaded "
+                                                                   f"({cfg.interrogator}): {e}") from None
             self.interrogator.options = opts
             return self.interrogator.interrogate(image, mode="classic")
 
