@@ -7,7 +7,7 @@ for TensorRT by their profiles (``tensorrt_shapes``).
 Symbolic dimensions: ``B`` images, ``S`` image size, ``D`` CLIP's feature width, ``N`` texts,
 ``T`` tokens (CLIP: up to 77, the longest text of a batch: see ``ClipTextGraph``; BLIP: new
 tokens), ``P``/``C`` BLIP's image tokens and width, ``K`` beams, ``L`` decoder layers, ``H``
-heads, ``E`` head width, ``R`` cached tokens, ``V`` vocabulary.
+heads, ``E`` head width, ``R`` cached tokens (``RT``: R + T), ``V`` vocabulary.
 """
 from __future__ import annotations
 

@@ -106,7 +106,8 @@ class Interrogator:
         self.cache = FeatureCache(Path(cache_dir) if cache_dir else cache_root() / "interrogator",
                                   models.clip_hash, self.text_features)
         self._ci: dict[str, TermList] | None = None
-        self.timings: dict[str, float] = {}
+        self._merged_key, self._merged_table = None, None     # clip-interrogator's tables as one
+        self.timings: dict[str, float] = {}                   # seconds of the last interrogation
 
     @classmethod
     def from_pretrained(cls, model="random:interrogator-tiny", clip=None, blip=None, backend: str = "torch",
@@ -223,6 +224,7 @@ class Interrogator:
         if mode not in MODES:
             raise ValueError(f"interrogation mode {mode!r} is unknown; valid: {', '.join(MODES)}")
         pil = load_image(image)
+        self.timings = {}
         t0 = time.perf_counter()
         features = self.image_features(pil)
         if mode != "negative" and caption is None:
@@ -299,7 +301,7 @@ class Interrogator:
         if not best_prompt:
             sims = sign * self.similarities(features, phrases)
             best_prompt = phrases[int(np.argmax(sims))]
-            best_sim = float(sims.max())       # clip-interrogator 0.6 keeps this one unsigned (see docs)
+            best_sim = float(sims.max())       # signed; clip-interrogator 0.6 leaves it unsigned (docs/interrogator.md)
             phrases.remove(best_prompt)
         cur_prompt, cur_sim = best_prompt, best_sim
         for idx in range(max_count):
@@ -323,7 +325,7 @@ class Interrogator:
         names = ("ci-artists", "ci-flavors", "ci-mediums", "ci-movements", "ci-trendings")
         tables = [self.table(n) for n in names]
         key = tuple(id(t.features) for t in tables)
-        if getattr(self, "_merged_key", None) != key:
+        if self._merged_key != key:
             terms = TermList("ci-merged", tuple(label for t in tables for label in t.labels))
             self._merged_table = FeatureTable(terms, np.concatenate([t.features for t in tables]))
             self._merged_key = key

@@ -24,14 +24,20 @@ class TorchTowers:
     name = "torch"
 
     def __init__(self, models, device: torch.device):
-        from sdrt.export.interrogator import graph_module
+        from sdrt.export.interrogator import INTERROGATOR_NETWORKS, graph_module
         self.device = device
-        from sdrt.export.interrogator import INTERROGATOR_NETWORKS
         self.graphs = {n: graph_module(models, n).to(device) for n in INTERROGATOR_NETWORKS}
+        self._kept: tuple | None = None      # (array, its device copy): the cross keys/values of a caption
+
+    def _tensor(self, a) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            return a
+        t = torch.from_numpy(np.ascontiguousarray(a))       # a view of the array
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def _run(self, name, *arrays):
         with torch.inference_mode():
-            out = self.graphs[name](*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays))
+            out = self.graphs[name](*(self._tensor(a) for a in arrays))
         if isinstance(out, tuple):
             return tuple(o.float().cpu().numpy() for o in out)
         return out.float().cpu().numpy()
@@ -49,7 +55,10 @@ class TorchTowers:
         return self._run("blip_cross", image_embeds)
 
     def blip_step(self, ids, past, cross):
-        return self._run("blip_step", ids, past, cross)
+        # a caption passes the same cross keys/values at every step: on a GPU they are copied once
+        if self._kept is None or self._kept[0] is not cross:
+            self._kept = (cross, self._tensor(cross))
+        return self._run("blip_step", ids, past, self._kept[1])
 
 
 class OnnxRuntimeTowers:
