@@ -58,13 +58,13 @@ def median_time(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run_sdrt(models, backend: str, lists: Path, repeat: int, images) -> dict:
+def run_sdrt(models, backend: str, lists: Path, repeat: int, images, device: str = "cpu") -> dict:
     from sdrt.interrogator import Interrogator, read_folder
     from sdrt.interrogator.towers import create_towers
 
     work = Path(tempfile.mkdtemp(prefix=f"sdrt-interrogator-{backend}-"))
     t0 = time.perf_counter()
-    towers = create_towers(backend, models, "cpu", engine_dir=work / "engines")
+    towers = create_towers(backend, models, device, engine_dir=work / "engines")
     ready = time.perf_counter() - t0
     it = Interrogator(models, towers, read_folder(lists), cache_dir=work / "features")
     t0 = time.perf_counter()
@@ -96,17 +96,17 @@ def run_sdrt(models, backend: str, lists: Path, repeat: int, images) -> dict:
     return out
 
 
-def transformers_caption(models, images, repeat: int) -> dict:
+def transformers_caption(models, images, repeat: int, device: str = "cpu") -> dict:
     """transformers' BlipForConditionalGeneration.generate (its key/value cache) with the web UI's settings."""
     import torch
 
     from sdrt.interrogator import strip_prompt
     from sdrt.interrogator.core import CAPTION_PROMPT
     tok = models.blip_tokenizer
-    ids = torch.tensor([tok(CAPTION_PROMPT).input_ids])
+    ids = torch.tensor([tok(CAPTION_PROMPT).input_ids], device=device)
     times, captions = [], []
     for img in images:
-        pixels = torch.from_numpy(models.blip_pixels(img))
+        pixels = torch.from_numpy(models.blip_pixels(img)).to(device)
 
         def run():
             with torch.inference_mode():
@@ -117,6 +117,28 @@ def transformers_caption(models, images, repeat: int) -> dict:
         times.append(t)
         captions.append(caption)
     return {"caption_s": statistics.median(times), "captions": captions}
+
+
+def gpu_section(model: str = "random:interrogator", device: str = "cuda", terms: int = 2048, repeat: int = 3,
+                images: int = 2) -> dict:
+    """The GPU suite's interrogator section (benchmarks/gpu/run.py): sdrt's torch towers on
+    ``device`` (float32) against transformers' ``generate`` on the same modules: list features
+    per second, the caption, a classic interrogation."""
+    import torch
+
+    from sdrt.backends import sync
+    from sdrt.interrogator.models import load_models
+    torch.set_grad_enabled(False)
+    lists = cut_lists(Path(tempfile.mkdtemp(prefix="sdrt-lists-")), terms)
+    models = load_models(model)
+    pictures = [test_image(i) for i in range(images)]
+    out = run_sdrt(models, "torch", lists, repeat, pictures, device=device)
+    out.pop("features")
+    sync(device)
+    out["transformers_generate"] = transformers_caption(models, pictures, repeat, device=device)
+    out["caption_vs_transformers"] = out["transformers_generate"]["caption_s"] / out["caption_s"]
+    out["same_captions"] = [r["caption"] for r in out["images"]] == out["transformers_generate"]["captions"]
+    return out
 
 
 def peer(args) -> dict:

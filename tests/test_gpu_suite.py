@@ -169,3 +169,14 @@ def test_peer_subprocess_times_the_compiled_peer_apart(tmp_path):
     with pytest.raises(RuntimeError, match="exited 1"):
         fastpath.peer_subprocess(model="random:nonexistent", size=64, steps=2, batches=[1], device="cpu",
                                  dtype="float32", mode="default", repeat=1, timeout=300)
+
+
+def test_interrogator_section(fake_cuda, tmp_path, capsys):
+    import run
+    rc = run.main(["--quick", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), "--only", "interrogator"])
+    out = capsys.readouterr().out
+    record = json.loads(next(tmp_path.glob("gpu-fake-gpu-*.json")).read_text())
+    assert rc == 0, record["errors"]
+    it = record["sections"]["interrogator"]
+    assert it["terms_per_s"] > 0 and it["same_captions"] is True and it["caption_s"] > 0
+    assert "interrogator: list features" in out

@@ -13,10 +13,11 @@
 # compiled end-to-end section about 35 s, fp8_check 10 s, fp8_batch4 100 s (compiles the float8
 # copy), and the compiled peer's own process needs about 3 minutes (load, compile at 1 and 4):
 # run the peer (--peer-compile reduce-overhead --only peer) and SDXL (--only sdxl) in calls of
-# their own rather than after everything else.
+# their own rather than after everything else. The interrogator section (--only interrogator) needs
+# clip-interrogator's term lists (its wheel, data files only).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .cache/gpu-wheels
 pip download -q --no-deps -d .cache/gpu-wheels diffusers==0.42.1 torchsde==0.2.6 trampoline==0.1.2 \
-    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth lark
+    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth lark clip-interrogator==0.6.0
 ls .cache/gpu-wheels

@@ -27,7 +27,10 @@
    coordinate_descent_tuning=True), against eager;
 8. SDXL (random:sdxl, the real 2.6B-parameter UNet) at 1024x1024, 50 steps, batch 1, float16:
    diffusers' StableDiffusionXLPipeline, sdrt's eager loop and the static loop with the fused
-   kernel (and K/V once per conditioning) side by side (``--sdxl-size``, ``--no-sdxl``).
+   kernel (and K/V once per conditioning) side by side (``--sdxl-size``, ``--no-sdxl``);
+9. the interrogator (random:interrogator, float32): term-list features per second, the caption
+   against transformers' generate on the same modules, a classic interrogation
+   (benchmarks/interrogator.py; ``--no-interrogator``).
 
 Writes benchmarks/results/gpu-<card>-<date>.json and prints a summary table last.
 
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sdxl-size", type=int, default=1024, help="SDXL's end-to-end section: image size")
     ap.add_argument("--sdxl-steps", type=int, default=None, help="SDXL's steps (default: --steps)")
     ap.add_argument("--no-sdxl", dest="sdxl", action="store_false", help="leave out the SDXL section")
+    ap.add_argument("--no-interrogator", dest="interrogator", action="store_false",
+                    help="leave out the interrogator section")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -213,6 +218,11 @@ def main(argv=None) -> int:
             model=sdxl_model, size=args.sdxl_size, steps=args.sdxl_steps or args.steps, batch=1,
             variants=[v for v in variants if v in ("eager", "static-ops+kv", "static-kernel", "static-kernel+kv")],
             device=args.device, dtype=args.dtype, repeat=args.repeat, log=log))
+    if args.interrogator:
+        import interrogator as interrogator_bench  # benchmarks/interrogator.py
+        section("interrogator", lambda: interrogator_bench.gpu_section(
+            model="random:interrogator-tiny" if args.quick else "random:interrogator", device=args.device,
+            terms=64 if args.quick else 2048, repeat=args.repeat, images=1 if args.quick else 2))
     if inductor:                   # after everything else: its compile time is the least known
         b = max(args.batches)
         section(f"compile_inductor_batch{b}", lambda: fastpath.compiled_unet(
@@ -278,6 +288,11 @@ def main(argv=None) -> int:
             lines.append(f"  batch {b}, float8 linear layers (compile {q['compile']}): {fp8['it_per_s']:.1f} it/s, "
                          f"x{fp8['speedup']:.3f} end to end, x{fp8['unet_speedup']:.3f} UNet alone vs "
                          f"{args.dtype}; PSNR {fp8['psnr_db']:.1f} dB, max|diff| {fp8['max_abs_diff']:.1e}")
+    it = record["sections"].get("interrogator")
+    if it:
+        lines.append(f"  interrogator: list features {it['terms_per_s']:.0f} terms/s; caption {it['caption_s']:.3f} s "
+                     f"(transformers generate x{it['caption_vs_transformers']:.2f}, same captions: "
+                     f"{it['same_captions']}); classic {it['classic_total_s']:.3f} s")
     save()
     print("\n".join(lines + [f"errors: {record['errors']}" if record["errors"] else "no errors",
                              f"wrote {stem}.json in {record['wall_seconds']:.0f} s"]))
