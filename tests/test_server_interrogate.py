@@ -104,3 +104,10 @@ def test_a_misconfigured_interrogator_is_the_servers_error(tiny, tmp_path):
             assert r.status_code == 422 and "skip_categories" in r.json()["detail"], r.text
     finally:
         st.engine.close()
+
+
+def test_options_list_the_interrogators_defaults(client):
+    opts = client.get("/sdapi/v1/options").json()
+    assert opts["interrogate_clip_num_beams"] == 1 and opts["interrogate_clip_min_length"] == 24
+    assert opts["interrogate_clip_max_length"] == 48 and opts["interrogate_clip_dict_limit"] == 1500
+    assert opts["interrogate_return_ranks"] is False and opts["interrogate_clip_skip_categories"] == []

@@ -172,7 +172,12 @@ class ServerState:
         self.first = self.pool.first
         self.options = {"sd_model_checkpoint": self.first.title,
                         **{k: _option_value(f.name, f.default) for k, f in OPTION_FIELDS.items()}}
-        self.other_options: dict = {}          # web UI options sdrt does not implement: kept as set
+        # web UI options outside the generation arguments: kept as set; the interrogator reads its own
+        # (interrogate_*, with the web UI's defaults), the others have no effect
+        from ..interrogator.core import WEBUI_OPTIONS, InterrogateOptions
+        defaults = InterrogateOptions()
+        self.other_options: dict = {k: (list(v) if isinstance(v := getattr(defaults, f), tuple) else v)
+                                    for k, f in WEBUI_OPTIONS.items()}
         self.http = {}            # (path, status) -> count
         self.started = time.time()
 
