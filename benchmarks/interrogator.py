@@ -150,22 +150,17 @@ def peer(args) -> dict:
     from clip_interrogator import Interrogator as CI
     from transformers import BlipImageProcessor, BlipProcessor
 
+    from sdrt.export.interrogator import ClipImageGraph, ClipTextGraph
     from sdrt.interrogator.models import load_models
 
     models = load_models(args.model)
 
     class OpenClipLike(torch.nn.Module):
-        """transformers' CLIPModel as open_clip's encode_image / encode_text."""
+        """transformers' CLIPModel as open_clip's encode_image / encode_text (sdrt's own graphs)."""
 
         def __init__(self, clip):
             super().__init__()
-            self.clip = clip
-
-        def encode_image(self, pixels):
-            return self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels).pooler_output)
-
-        def encode_text(self, ids):
-            return self.clip.text_projection(self.clip.text_model(input_ids=ids).pooler_output)
+            self.encode_image, self.encode_text = ClipImageGraph(clip), ClipTextGraph(clip)
 
     s = models.blip_size
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": s, "width": s}),

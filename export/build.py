@@ -114,9 +114,11 @@ def folder_lock(engine_dir: Path):
 
 
 def artifact_key(model_hash: str, network: str, backend: str, precision: str, optimization: str,
-                 target: str, opset: int = OPSET, sdxl: bool = False) -> dict:
-    """Everything that makes an artifact, as recorded in the manifest."""
-    return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(network_specs(sdxl)[network]),
+                 target: str, opset: int = OPSET, sdxl: bool = False, spec=None) -> dict:
+    """Everything that makes an artifact, as recorded in the manifest. ``spec``: the network's
+    export spec when it is not a diffusion network (the interrogator's)."""
+    spec = spec or network_specs(sdxl)[network]
+    return {"model_hash": model_hash, "network": network, "spec": spec_fingerprint(spec),
             "backend": backend, "precision": precision, "target": target, "opset": opset,
             "optimization": optimization, "versions": package_versions(), "format": FORMAT}
 
@@ -200,6 +202,23 @@ def check_artifact(engine_dir: Path, entry: dict | None, key: dict) -> Check:
         if file_digest(p) != f["sha256"]:
             return Check(False, f"{f['name']} is corrupted (its hash differs from the manifest)")
     return Check(True)
+
+
+def staged_onnx(engine_dir: Path, name: str, make: Callable, on_stage=None) -> tuple[Path, list, dict, object]:
+    """Build the graph ``NAME.onnx`` (+ its data file) aside: ``make(path, stage)`` writes it at
+    ``path`` in a staging folder, timing its steps with ``stage("export")`` etc.; the files are
+    then renamed into ``engine_dir``. Returns (path, file records, seconds per stage, what
+    ``make`` returned)."""
+    stage = _Stages(name, on_stage)
+    with staging(engine_dir, name) as work:
+        path = work / f"{name}.onnx"
+        made = make(path, stage)
+        with stage("save"):
+            for p in files_of(path):
+                os.replace(p, Path(engine_dir) / p.name)
+            path = Path(engine_dir) / path.name
+            files = [file_record(p) for p in files_of(path)]
+    return path, files, stage.seconds, made
 
 
 def ort_offline_optimize(path: Path) -> str:
@@ -337,12 +356,10 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
                 log(f"{name}: rebuilding: {check.reason}")
             elif entry is not None and not force:
                 log(f"{name}: rebuilding for the profile {profile.describe()}")
-            stage = _Stages(name, on_stage)
-            with staging(engine_dir, name) as work:       # built aside, renamed into place when done
-                path = work / f"{name}.onnx"
+            def make(path, stage, name=name, rewrite=rewrite, half=half):   # built aside, renamed into place
+                fused, rewritten = {}, {}
                 with stage("export"), circular_padding(components, tiling and name in CONVOLUTIONAL):
                     export_onnx(components, name, path)
-                fused, rewritten = {}, {}
                 with stage("optimise"):
                     if rewrite:
                         rewritten = rewrite_file(path, smallest_inputs(model_dims(components), name, profile))
@@ -357,12 +374,8 @@ def build_onnxruntime(components, engine_dir, precision: str = "float32", profil
                             fused = {"failed": str(e)}
                     if half:
                         to_float16(path, name)
-                with stage("save"):
-                    for p in files_of(path):
-                        os.replace(p, engine_dir / p.name)
-                    path = engine_dir / path.name
-                    files = [file_record(p) for p in files_of(path)]
-            stages = stage.seconds
+                return fused, rewritten
+            path, files, stages, (fused, rewritten) = staged_onnx(engine_dir, name, make, on_stage)
             manifest["networks"][name] = {
                 "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
                 "profile": profile.to_json(), "size_multiple": components.size_multiple, "build_seconds": stages,

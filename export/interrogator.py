@@ -12,27 +12,23 @@ heads, ``E`` head width, ``R`` cached tokens (``RT``: R + T), ``V`` vocabulary.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .build import (
-    _Stages,
+    FORMAT,
+    artifact_key,
     check_artifact,
-    file_record,
     key_digest,
     open_folder,
     ort_offline_optimize,
-    package_versions,
-    staging,
+    staged_onnx,
     write_manifest,
 )
-from .onnx_export import OPSET, files_of, save_onnx
-from .specs import NetworkSpec, TensorSpec, spec_fingerprint
+from .onnx_export import OPSET, trace_to_onnx
+from .specs import NetworkSpec, TensorSpec
 
 CLIP_IMAGE = NetworkSpec("clip_image", inputs=(TensorSpec("pixel_values", ("B", 3, "S", "S")),),
                          outputs=(TensorSpec("image_embeds", ("B", "D")),))
@@ -48,7 +44,6 @@ BLIP_STEP = NetworkSpec("blip_step",
                                 TensorSpec("cross", ("L", 2, 1, "H", "P", "E"))),
                         outputs=(TensorSpec("logits", ("K", "V")), TensorSpec("present", ("L", 2, "K", "H", "RT", "E"))))
 INTERROGATOR_NETWORKS = {s.name: s for s in (CLIP_IMAGE, CLIP_TEXT, BLIP_VISION, BLIP_CROSS, BLIP_STEP)}
-FORMAT = 1
 
 
 class ClipImageGraph(torch.nn.Module):
@@ -185,28 +180,14 @@ def sample_inputs(models, name: str) -> tuple:
 
 
 def export_graph(models, name: str, path: Path, opset: int = OPSET) -> Path:
-    import onnx
-
-    spec = INTERROGATOR_NETWORKS[name]
-    module = graph_module(models, name)
-    path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, sample_inputs(models, name), str(raw), input_names=[t.name for t in spec.inputs],
-                              output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-        save_onnx(onnx.load(str(raw), load_external_data=True), path)
-    return path
+    return trace_to_onnx(graph_module(models, name), sample_inputs(models, name), INTERROGATOR_NETWORKS[name], path,
+                         opset)
 
 
 def _key(models, name: str, target: str) -> dict:
     weights = models.clip_hash if name.startswith("clip") else models.blip_hash
-    return {"model_hash": weights, "network": name, "spec": spec_fingerprint(INTERROGATOR_NETWORKS[name]),
-            "backend": "onnxruntime", "precision": "float32", "target": target, "opset": OPSET,
-            "optimization": "ort-extended" if target == "cpu" else "none", "versions": package_versions(),
-            "format": FORMAT}
+    return artifact_key(weights, name, "onnxruntime", "float32", "ort-extended" if target == "cpu" else "none", target,
+                        spec=INTERROGATOR_NETWORKS[name])
 
 
 def build_interrogator(models, engine_dir, target: str = "cpu", networks=None, force: bool = False, log=None) -> dict:
@@ -231,24 +212,19 @@ def build_interrogator(models, engine_dir, target: str = "cpu", networks=None, f
                 continue
             if entry is not None:
                 log(f"{name}: rebuilding: {check.reason}")
-            stage = _Stages(name, None)
-            with staging(engine_dir, name) as work:
-                path = work / f"{name}.onnx"
+
+            def make(path, stage, name=name):
                 with stage("export"):
                     export_graph(models, name, path)
                 if target == "cpu":
                     with stage("optimise"):
                         ort_offline_optimize(path)
-                with stage("save"):
-                    for p in files_of(path):
-                        os.replace(p, engine_dir / p.name)
-                    path = engine_dir / path.name
-                    files = [file_record(p) for p in files_of(path)]
+            path, files, seconds, _ = staged_onnx(engine_dir, name, make)
             manifest["networks"][name] = {
                 "file": path.name, "files": files, "key": key, "key_digest": key_digest(key),
-                "profile": {}, "build_seconds": stage.seconds, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "profile": {}, "build_seconds": seconds, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_manifest(engine_dir, manifest)
-            log(f"{name}: built in {sum(stage.seconds.values()):.1f} s")
+            log(f"{name}: built in {sum(seconds.values()):.1f} s")
         write_manifest(engine_dir, manifest)
         return manifest
 

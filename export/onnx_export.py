@@ -163,11 +163,15 @@ def smallest_inputs(dims, name: str, profile) -> dict:
 
 def export_onnx(components, name: str, path: Path, opset: int = OPSET) -> Path:
     """Export network ``name`` of ``components`` (float32 CPU modules) to ``path``."""
+    spec = network_specs(components.is_sdxl)[name]
+    return trace_to_onnx(graph_module(components, name).eval(), sample_inputs(components, spec), spec, path, opset)
+
+
+def trace_to_onnx(module: torch.nn.Module, args: tuple, spec: NetworkSpec, path: Path, opset: int = OPSET) -> Path:
+    """Trace ``module`` on ``args`` (TorchScript exporter) into ``path`` with ``spec``'s input and
+    output names and dynamic axes, its weights in one external data file."""
     import onnx
 
-    spec = network_specs(components.is_sdxl)[name]
-    module = graph_module(components, name).eval()
-    args = sample_inputs(components, spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:

@@ -48,9 +48,9 @@ def _interrogate(args) -> int:
     import time
 
     from .interrogator import InterrogateOptions, Interrogator
+    from .options import from_arguments
 
-    options = InterrogateOptions(num_beams=args.beams, min_length=args.min_length, max_length=args.max_length,
-                                 dict_limit=args.dict_limit, return_ranks=args.ranks)
+    options = from_arguments(InterrogateOptions, args)
     t0 = time.perf_counter()
     it = Interrogator.from_pretrained(args.model, clip=args.clip, blip=args.blip, backend=args.backend,
                                       device=args.device, engine_dir=args.engine_dir, lists=args.lists,
@@ -280,7 +280,8 @@ def _add_serve(sub) -> None:
 
 
 def _add_interrogate(sub) -> None:
-    from .interrogator import MODES
+    from .interrogator import MODES, InterrogateOptions
+    from .options import add_arguments
     i = sub.add_parser("interrogate", help="an image back to a prompt: BLIP's caption and CLIP's ranked terms")
     i.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s); one prompt per line on stdout")
     i.add_argument("--mode", default="classic", choices=MODES,
@@ -297,12 +298,7 @@ def _add_interrogate(sub) -> None:
     i.add_argument("--backend", default="torch", help="torch or onnxruntime")
     i.add_argument("--device", default="cpu")
     i.add_argument("--engine-dir", default=None, help="onnxruntime: the engine folder (default: in the cache)")
-    i.add_argument("--beams", type=int, default=1, help="BLIP's beams (the web UI's interrogate_clip_num_beams)")
-    i.add_argument("--min-length", type=int, default=24, help="shortest caption in tokens, its prompt included")
-    i.add_argument("--max-length", type=int, default=48, help="longest caption in tokens, its prompt included")
-    i.add_argument("--dict-limit", type=int, default=1500,
-                   help="classic: rank only each list's first N terms (the web UI's default; 0: all)")
-    i.add_argument("--ranks", action="store_true", help="classic: write (term:score) with the softmax score")
+    add_arguments(i, InterrogateOptions)        # --beams, --min-length, ..., from the options' declaration
     i.add_argument("-q", "--quiet", action="store_true", help="no timings on stderr")
     i.set_defaults(func=_interrogate)
 

@@ -179,6 +179,16 @@ def check_profile_windows(profile, engine_dir, windows: int) -> None:
                          f"{engine_dir} were built for {lo}..{hi} ({profile.describe()})")
 
 
+def require_onnxruntime() -> None:
+    """ValueError naming the packages when onnx or onnxruntime is missing (before any build)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"backend 'onnxruntime' needs the packages onnx and onnxruntime "
+                         f"(pip install -e '.[onnx]'): {e}") from None
+
+
 def create_backend(name: str, components, device, dtype, engine_dir=None) -> Backend:
     """The backend called ``name`` for a loaded model."""
     dev, dt = check_target(name, device, dtype)
@@ -186,12 +196,7 @@ def create_backend(name: str, components, device, dtype, engine_dir=None) -> Bac
         from .torch_backend import TorchBackend
         return TorchBackend(components, dev, dt)
     if name == "onnxruntime":
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"backend 'onnxruntime' needs the packages onnx and onnxruntime "
-                             f"(pip install -e '.[onnx]'): {e}") from None
+        require_onnxruntime()
         from .onnxruntime_backend import OnnxRuntimeBackend
         return OnnxRuntimeBackend(components, dev, dt, engine_dir)
     if name == "tensorrt":

@@ -15,6 +15,7 @@ lengths from the web UI's options). Rankings are exact top-k over cached feature
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import load_image
+from ..options import option
 from ..paths import cache_root
 from .decode import beam_search, greedy
 from .models import InterrogatorModels, load_models
@@ -39,26 +41,27 @@ from .towers import CachedDecoder, create_towers
 MODES = ("classic", "fast", "best", "negative")
 CAPTION_PROMPT = "a picture of "        # the web UI's BLIP prompt, cut from the caption
 MAX_TOKENS = 75                         # CLIP's text window without its start and end tokens
-# the web UI's option names -> InterrogateOptions fields
-WEBUI_OPTIONS = {"interrogate_clip_num_beams": "num_beams", "interrogate_clip_min_length": "min_length",
-                 "interrogate_clip_max_length": "max_length", "interrogate_clip_dict_limit": "dict_limit",
-                 "interrogate_return_ranks": "return_ranks", "interrogate_clip_skip_categories": "skip_categories"}
-
-
 @dataclass
 class InterrogateOptions:
-    """The web UI's interrogation options (their names in ``/sdapi/v1/options``) and
-    clip-interrogator's search sizes."""
+    """How an interrogation runs, declared once (``sdrt.options``): the web UI's interrogation
+    options (``webui``: their names in ``/sdapi/v1/options``), clip-interrogator's search sizes;
+    ``sdrt interrogate``'s flags are derived from the fields."""
 
-    num_beams: int = 1                       # interrogate_clip_num_beams
-    min_length: int = 24                     # interrogate_clip_min_length (tokens, the prompt's included)
-    max_length: int = 48                     # interrogate_clip_max_length
-    dict_limit: int = 1500                   # interrogate_clip_dict_limit (0: whole lists)
-    return_ranks: bool = False               # interrogate_return_ranks
-    skip_categories: tuple = ()              # interrogate_clip_skip_categories
-    flavor_intermediate_count: int = 2048    # clip-interrogator: candidates the chains search
-    min_flavors: int = 8
-    max_flavors: int = 32
+    num_beams: int = option(1, "BLIP's beams: 1 is greedy search", flags=("--beams",),
+                            webui="interrogate_clip_num_beams")
+    min_length: int = option(24, "shortest caption in tokens, the caption prompt's included",
+                             webui="interrogate_clip_min_length")
+    max_length: int = option(48, "longest caption in tokens, the caption prompt's included",
+                             webui="interrogate_clip_max_length")
+    dict_limit: int = option(1500, "classic: rank only each list's first N terms (0: whole lists)",
+                             webui="interrogate_clip_dict_limit")
+    return_ranks: bool = option(False, "classic: write (term:score) with the term's softmax score", flags=("--ranks",),
+                                webui="interrogate_return_ranks")
+    skip_categories: tuple = option((), "classic: the lists left out", cli=False,
+                                    webui="interrogate_clip_skip_categories")
+    flavor_intermediate_count: int = option(2048, "best, negative: the candidates the chains search")
+    min_flavors: int = option(8, "best: terms the chain adds before it may stop")
+    max_flavors: int = option(32, "fast, best, negative: the most terms added")
 
     def validate(self) -> "InterrogateOptions":
         checks = (("num_beams", 1, 16), ("min_length", 1, 512), ("max_length", 2, 512), ("dict_limit", 0, 10**7),
@@ -75,10 +78,15 @@ class InterrogateOptions:
             raise ValueError(f"interrogation min_length {self.min_length} exceeds max_length {self.max_length}")
         return self
 
+    def to_webui(self) -> dict:
+        """The web UI's options with these values (lists as JSON has them)."""
+        return {f.metadata["webui"]: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self) if "webui" in f.metadata}
+
     def with_webui(self, options: dict) -> "InterrogateOptions":
-        """A copy with the web UI's option values (unknown keys are ignored)."""
-        import dataclasses
-        changes = {WEBUI_OPTIONS[k]: v for k, v in options.items() if k in WEBUI_OPTIONS}
+        """A copy with the web UI's option values (other keys are ignored)."""
+        names = {f.metadata["webui"]: f.name for f in dataclasses.fields(self) if "webui" in f.metadata}
+        changes = {names[k]: v for k, v in options.items() if k in names}
         if isinstance(changes.get("skip_categories"), list):
             changes["skip_categories"] = tuple(changes["skip_categories"])
         return dataclasses.replace(self, **changes).validate()
@@ -117,11 +125,11 @@ class Interrogator:
         ``clip/`` and ``blip/`` (transformers' layout); ``clip``/``blip``: the folders apart.
         ``backend``: "torch" or "onnxruntime" (its graphs built into ``engine_dir`` once).
         ``lists``: a folder of ``*.txt`` term lists (default: the clip-interrogator package's)."""
-        term_lists = read_folder(lists if lists is not None else package_data())   # before loading weights
-        categories = None if lists is not None else WEBUI_CATEGORIES
+        # the lists are read (or found missing) before any weights load
+        term_lists = read_folder(lists) if lists is not None else read_folder(package_data())
         models = load_models(model, clip=clip, blip=blip)
         return cls(models, create_towers(backend, models, device, engine_dir), term_lists, cache_dir, options,
-                   categories=categories)
+                   categories=None if lists is not None else WEBUI_CATEGORIES)
 
     # ------------------------------------------------------------------ features
 
@@ -182,7 +190,6 @@ class Interrogator:
                 max_length: int | None = None) -> str:
         """BLIP's caption as the web UI makes it: the decoder starts from "a picture of ",
         which is cut from the result; greedy for one beam, else beam search."""
-        import dataclasses
         given = {"num_beams": num_beams, "min_length": min_length, "max_length": max_length}
         o = dataclasses.replace(self.options, **{k: v for k, v in given.items() if v is not None}).validate()
         num_beams, min_length, max_length = o.num_beams, o.min_length, o.max_length
@@ -204,13 +211,11 @@ class Interrogator:
 
     # ------------------------------------------------------------------ ranking
 
-    def rank(self, features: np.ndarray, table: FeatureTable, top: int = 1, limit: int = 0,
+    def rank(self, features: np.ndarray, table: FeatureTable, top: int = 1,
              reverse: bool = False) -> list[tuple[str, float]]:
-        """The ``top`` terms of ``table`` by cosine similarity to ``features`` (of its first
-        ``limit`` terms; 0: all), most similar first (``reverse``: least similar first), with
-        their similarities."""
-        feats = table.features[:limit] if limit else table.features
-        sims = feats @ features.astype(np.float32)
+        """The ``top`` terms of ``table`` by cosine similarity to ``features``, most similar first
+        (``reverse``: least similar first), with their similarities."""
+        sims = table.features @ features.astype(np.float32)
         order = top_k(-sims if reverse else sims, top)
         return [(table.labels[i], float(sims[i])) for i in order]
 

@@ -9,6 +9,7 @@ is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -93,16 +94,17 @@ class InterrogatorModels:
             size = (int(s * w / h), s)
         resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         top, left = int(round((size[1] - s) / 2.0)), int(round((size[0] - s) / 2.0))
-        return _normalise(resized.crop((left, top, left + s, top + s)), self.clip_mean, self.clip_std)
+        return _pixels(resized.crop((left, top, left + s, top + s)), self.clip_mean, self.clip_std)
 
     def blip_pixels(self, image: Image.Image) -> np.ndarray:
         """(1, 3, S, S) float32: the web UI's BLIP input (stretched to S x S, bicubic, CLIP's
         normalisation)."""
         s = self.blip_size
-        return _normalise(image.convert("RGB").resize((s, s), Image.Resampling.BICUBIC), CLIP_MEAN, CLIP_STD)
+        return _pixels(image.convert("RGB").resize((s, s), Image.Resampling.BICUBIC), CLIP_MEAN, CLIP_STD)
 
 
-def _normalise(image: Image.Image, mean, std) -> np.ndarray:
+def _pixels(image: Image.Image, mean, std) -> np.ndarray:
+    """(1, 3, H, W) float32 of an RGB image, scaled to [0, 1] and normalised per channel."""
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(np.moveaxis(x, 2, 0)[None])
@@ -214,9 +216,9 @@ def _load_blip(folder: Path):
 
     if not (folder / "config.json").is_file():
         raise ModelError(f"{str(folder)!r} is not a BLIP model in transformers' layout (no config.json)")
-    blip = _prepare(BlipForConditionalGeneration.from_pretrained(str(folder), local_files_only=True))
     if not _has_tokenizer(folder, ("vocab.txt",)):
         raise ModelError(f"{str(folder)!r}: BLIP's tokenizer files (tokenizer.json or vocab.txt) are missing")
+    blip = _prepare(BlipForConditionalGeneration.from_pretrained(str(folder), local_files_only=True))
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -228,21 +230,17 @@ def load_models(model: str | Path | None = "random:interrogator-tiny", clip: str
                 blip: str | Path | None = None) -> InterrogatorModels:
     """The interrogator's networks from ``model`` (``random:...`` or a folder with ``clip/`` and
     ``blip/``); ``clip``/``blip`` name the two folders apart (and override the model's)."""
-    if isinstance(model, str) and model.startswith("random:") and clip is None and blip is None:
-        return random_models(model[len("random:"):])
+    base = None
     if isinstance(model, str) and model.startswith("random:"):
         base = random_models(model[len("random:"):])
-    else:
-        base = None
-        if model is not None:
-            root = Path(model)
-            if not root.is_dir():
-                raise ModelError(f"interrogator model {str(model)!r} is neither a folder nor one of "
-                                 + ", ".join(f"random:{k}" for k in RANDOM_INTERROGATORS))
-            clip = clip or root / "clip"
-            blip = blip or root / "blip"
-        if clip is None or blip is None:
-            raise ModelError("give an interrogator model folder (with clip/ and blip/), or both clip and blip folders")
+    elif model is not None:
+        root = Path(model)
+        if not root.is_dir():
+            raise ModelError(f"interrogator model {str(model)!r} is neither a folder nor one of "
+                             + ", ".join(f"random:{k}" for k in RANDOM_INTERROGATORS))
+        clip, blip = clip or root / "clip", blip or root / "blip"
+    if base is None and (clip is None or blip is None):
+        raise ModelError("give an interrogator model folder (with clip/ and blip/), or both clip and blip folders")
     parts: dict[str, Any] = {}
     if clip is not None:
         c, tok, mean, std = _load_clip(Path(clip))
@@ -251,8 +249,6 @@ def load_models(model: str | Path | None = "random:interrogator-tiny", clip: str
         b, btok = _load_blip(Path(blip))
         parts.update(blip=b, blip_tokenizer=btok, blip_hash=_folder_hash(Path(blip)))
     if base is not None:
-        fields = dict(base.__dict__)
-        fields.update(parts)
-        return InterrogatorModels(**fields)
+        return dataclasses.replace(base, **parts)
     name = str(model) if model is not None else f"{Path(clip).name}+{Path(blip).name}"
     return InterrogatorModels(name=name, **parts)

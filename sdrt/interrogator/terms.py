@@ -13,6 +13,7 @@ never used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -37,8 +38,9 @@ class TermList:
     items: tuple[str, ...]
     topn: int = 1             # how many of its terms the web UI's classic format appends
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """The hash of the terms (the features' cache key), computed once per list."""
         return hashlib.sha256("\n".join(self.items).encode()).hexdigest()[:16]
 
 
@@ -147,12 +149,12 @@ class FeatureCache:
         path = self.path(terms)
         features = self._read(path, terms) if path.is_file() else None
         if features is None:
-            features = self.encode(terms.items)
+            half = self.encode(terms.items).astype(np.float16)
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, features=features.astype(np.float16), digest=np.array(terms.digest))
+            np.savez(tmp, features=half, digest=np.array(terms.digest))
             os.replace(tmp, path)
-            features = features.astype(np.float16).astype(np.float32)     # what a later process reads
+            features = half.astype(np.float32)          # what a later process reads
             self.built.append(terms.name)
             logger.info("%s: %d term features computed and saved to %s", terms.name, len(terms.items), path)
         return features

@@ -129,17 +129,12 @@ class CachedDecoder:
 
 
 def create_towers(backend: str, models, device, engine_dir=None):
-    from sdrt.backends import parse_device
+    from sdrt.backends import parse_device, require_onnxruntime
     dev = parse_device(device)
     if backend == "torch":
         return TorchTowers(models, dev)
     if backend == "onnxruntime":
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"backend 'onnxruntime' needs the packages onnx and onnxruntime "
-                             f"(pip install -e '.[onnx]'): {e}") from None
+        require_onnxruntime()
         return OnnxRuntimeTowers(models, dev, engine_dir)
     raise ValueError(f"interrogator backend {backend!r} is unknown; valid: {', '.join(BACKENDS)} "
                      "(TensorRT: the profiles are declared, the runtime is not written yet)")

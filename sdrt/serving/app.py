@@ -174,10 +174,8 @@ class ServerState:
                         **{k: _option_value(f.name, f.default) for k, f in OPTION_FIELDS.items()}}
         # web UI options outside the generation arguments: kept as set; the interrogator reads its own
         # (interrogate_*, with the web UI's defaults), the others have no effect
-        from ..interrogator.core import WEBUI_OPTIONS, InterrogateOptions
-        defaults = InterrogateOptions()
-        self.other_options: dict = {k: (list(v) if isinstance(v := getattr(defaults, f), tuple) else v)
-                                    for k, f in WEBUI_OPTIONS.items()}
+        from ..interrogator import InterrogateOptions
+        self.other_options: dict = InterrogateOptions().to_webui()
         self.http = {}            # (path, status) -> count
         self.started = time.time()
 
@@ -568,7 +566,7 @@ class Interrogation:
         try:
             image = load_image(data, "image", allow_path=False)
             opts = InterrogateOptions().with_webui(options)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             raise APIError(422, "ValueError", str(e)) from None
         with self.lock:
             if self.interrogator is None:
